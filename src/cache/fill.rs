@@ -1,0 +1,447 @@
+//! Fills: one verified upstream stream per digest, served to every waiting client from the
+//! growing file.
+//!
+//! A miss starts a fill, a task detached from the client, that streams the upstream body
+//! into a temp file while hashing it. The fill publishes its progress on a `watch` channel:
+//! how many bytes are on disk, then `Done` or `Failed`. Every client of that digest (the
+//! one that caused the miss and all that join while it runs) gets a [`Reader`] over the same
+//! file: it reads with `pread` at its own offset, up to the bytes written so far, and waits
+//! on the channel when it has caught up. So a joining client gets its first byte as soon as
+//! there is one on disk, a slow client slows nobody, and memory is a chunk per reader.
+//!
+//! The end is all or nothing. When the stream ends, length and digest are checked; only then
+//! is the file fsynced and renamed into `blobs/` (the inode is the same, so readers go on
+//! reading through their descriptor) and `Done` published. A mismatch, a short body, a stall
+//! or a disk error publishes `Failed`, which every reader turns into an error chunk (the
+//! client's connection is aborted, never cleanly ended), and deletes the temp file. The
+//! fill is then forgotten, so the next request starts a new one.
+//!
+//! Hashing and writing run on a blocking thread fed by a bounded channel, so the network
+//! read and the disk write overlap and neither blocks the runtime.
+
+use std::fs::File;
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{header, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::sync::{mpsc, watch};
+
+use super::Cache;
+use crate::error::{Error, ErrorCode, UpstreamError};
+use crate::reference::{Digest, DigestHasher};
+
+/// Largest chunk a reader takes from the file at once.
+const READ_CHUNK: usize = 256 << 10;
+/// Chunks queued between the network and the disk writer of one fill.
+const WRITE_QUEUE: usize = 64;
+
+/// Where a fill is, as every reader sees it.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// Waiting for the upstream's response headers.
+    Connecting,
+    /// `written` bytes are on disk; `size` is the upstream's `Content-Length`, if it sent one.
+    Streaming { size: Option<u64>, written: u64 },
+    /// Verified and committed: the file holds exactly `size` bytes.
+    Done { size: u64 },
+    /// The fill failed; the temp file is gone.
+    Failed(Error),
+}
+
+/// A fill under way, shared by the task that runs it and its readers.
+pub struct Fill {
+    /// The temp file, opened once; readers `pread` it, so they share no offset.
+    file: Arc<File>,
+    progress: watch::Receiver<Progress>,
+}
+
+impl Fill {
+    pub fn progress(&self) -> Progress {
+        self.progress.borrow().clone()
+    }
+}
+
+/// Why a fill failed, as counted in the metrics.
+fn reason(e: &Error) -> &'static str {
+    match e {
+        Error::Upstream { error, .. } => match error {
+            UpstreamError::DigestMismatch(_) => "digest_mismatch",
+            UpstreamError::Length(_) | UpstreamError::TooLarge(_) => "truncated",
+            UpstreamError::Stalled(_) | UpstreamError::Timeout => "stalled",
+            UpstreamError::Status { .. } => "upstream_status",
+            _ => "upstream",
+        },
+        Error::Internal(_) => "disk",
+        Error::Client { .. } => "upstream_status",
+    }
+}
+
+impl Cache {
+    /// Starts a fill of `digest` from the response `fetch` yields. Called with the fills
+    /// lock held, after a miss on disk; the caller records the returned fill.
+    pub(super) fn start_fill<F>(self: &Arc<Self>, digest: Digest, fetch: F) -> io::Result<Arc<Fill>>
+    where
+        F: Future<Output = Result<Response<Incoming>, Error>> + Send + 'static,
+    {
+        let (file, temp) = self.store.temp()?;
+        let file = Arc::new(file);
+        let (tx, rx) = watch::channel(Progress::Connecting);
+        let fill = Arc::new(Fill {
+            file: file.clone(),
+            progress: rx,
+        });
+        self.metrics.fills_in_flight.inc();
+        let cache = self.clone();
+        let handle = fill.clone();
+        tokio::spawn(async move {
+            let tx = Arc::new(tx);
+            let outcome = tokio::time::timeout(
+                cache.fill_deadline,
+                stream_to_file(
+                    fetch,
+                    &digest,
+                    file.clone(),
+                    tx.clone(),
+                    cache.stall_timeout,
+                ),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::upstream(
+                    "fill",
+                    UpstreamError::Stalled(cache.fill_deadline),
+                ))
+            });
+            let outcome = match outcome {
+                Ok(size) => cache.commit(&digest, file, temp.clone(), size).await,
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(size) => {
+                    cache.metrics.fills_completed.inc();
+                    tracing::info!(%digest, size, "fill committed");
+                    tx.send_replace(Progress::Done { size });
+                }
+                Err(e) => {
+                    let _ = tokio::fs::remove_file(&temp).await;
+                    cache.metrics.fill_failed(reason(&e));
+                    tracing::warn!(%digest, error = %e, "fill failed");
+                    tx.send_replace(Progress::Failed(e));
+                }
+            }
+            cache.metrics.fills_in_flight.dec();
+            let mut fills = cache.fills.lock().unwrap();
+            if fills.get(&digest).is_some_and(|f| Arc::ptr_eq(f, &handle)) {
+                fills.remove(&digest);
+            }
+        });
+        Ok(fill)
+    }
+
+    async fn commit(
+        &self,
+        digest: &Digest,
+        file: Arc<File>,
+        temp: PathBuf,
+        size: u64,
+    ) -> Result<u64, Error> {
+        let store = self.store.clone();
+        let d = digest.clone();
+        tokio::task::spawn_blocking(move || store.commit(&file, &temp, &d))
+            .await
+            .map_err(io::Error::other)??;
+        self.index.insert(digest.clone(), size);
+        Ok(size)
+    }
+}
+
+/// Streams the upstream body into `file`, hashing it, publishing progress; returns the
+/// verified length.
+async fn stream_to_file<F>(
+    fetch: F,
+    digest: &Digest,
+    file: Arc<File>,
+    progress: Arc<watch::Sender<Progress>>,
+    stall: Duration,
+) -> Result<u64, Error>
+where
+    F: Future<Output = Result<Response<Incoming>, Error>>,
+{
+    let upstream_err = |e| Error::upstream("blob", e);
+    let resp = fetch.await?;
+    match resp.status() {
+        StatusCode::OK => {}
+        StatusCode::NOT_FOUND => {
+            return Err(Error::client(
+                ErrorCode::BlobUnknown,
+                "blob unknown to the upstream",
+            ))
+        }
+        status => {
+            let retry_after = resp.headers().get(header::RETRY_AFTER).cloned();
+            return Err(upstream_err(UpstreamError::Status {
+                status,
+                retry_after,
+            }));
+        }
+    }
+    let size = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    progress.send_replace(Progress::Streaming { size, written: 0 });
+
+    let (chunks, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+    let writer = {
+        let progress = progress.clone();
+        let hasher = digest.hasher();
+        tokio::task::spawn_blocking(move || write_chunks(&file, rx, hasher, &progress))
+    };
+    let mut body = resp.into_body();
+    let mut received: u64 = 0;
+    let mut failure = None;
+    loop {
+        let frame = match tokio::time::timeout(stall, body.frame()).await {
+            Err(_) => {
+                failure = Some(UpstreamError::Stalled(stall));
+                break;
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                failure = Some(UpstreamError::Length(format!(
+                    "body cut after {received} bytes: {e}"
+                )));
+                break;
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        received += data.len() as u64;
+        if size.is_some_and(|s| received > s) {
+            failure = Some(UpstreamError::Length(format!(
+                "more than Content-Length {}",
+                size.unwrap()
+            )));
+            break;
+        }
+        if chunks.send(data).await.is_err() {
+            break; // the writer failed; its error is reported below
+        }
+    }
+    drop(chunks);
+    let (written, actual) = writer.await.map_err(io::Error::other)??;
+    if let Some(f) = failure {
+        return Err(upstream_err(f));
+    }
+    if let Some(expected) = size {
+        if written != expected {
+            return Err(upstream_err(UpstreamError::Length(format!(
+                "{written} bytes, Content-Length {expected}"
+            ))));
+        }
+    }
+    if &actual != digest {
+        return Err(upstream_err(UpstreamError::DigestMismatch(
+            digest.to_string(),
+        )));
+    }
+    Ok(written)
+}
+
+/// The blocking half of a fill: hash and write each chunk, then tell the readers.
+fn write_chunks(
+    file: &File,
+    mut chunks: mpsc::Receiver<Bytes>,
+    mut hasher: DigestHasher,
+    progress: &watch::Sender<Progress>,
+) -> io::Result<(u64, Digest)> {
+    let mut offset = 0u64;
+    while let Some(chunk) = chunks.blocking_recv() {
+        hasher.update(&chunk);
+        file.write_all_at(&chunk, offset)?;
+        offset += chunk.len() as u64;
+        progress.send_modify(|p| {
+            if let Progress::Streaming { written, .. } = p {
+                *written = offset;
+            }
+        });
+    }
+    Ok((offset, hasher.finalize()))
+}
+
+/// A blob to serve: a committed file, or the growing file of a fill.
+#[derive(Clone)]
+pub struct Source {
+    file: Arc<File>,
+    /// `None` for a committed file: every byte is there.
+    progress: Option<watch::Receiver<Progress>>,
+    /// Known size of a committed file.
+    size: Option<u64>,
+    /// The media type, when the blob is a manifest.
+    pub media_type: Option<String>,
+}
+
+impl Source {
+    pub fn committed(file: File, size: u64, media_type: Option<String>) -> Source {
+        Source {
+            file: Arc::new(file),
+            progress: None,
+            size: Some(size),
+            media_type,
+        }
+    }
+
+    pub fn filling(fill: &Fill) -> Source {
+        Source {
+            file: fill.file.clone(),
+            progress: Some(fill.progress.clone()),
+            size: None,
+            media_type: None,
+        }
+    }
+
+    /// Is this served from a fill (bytes coming from the upstream right now)?
+    pub fn is_fill(&self) -> bool {
+        self.progress.is_some()
+    }
+
+    /// The blob's size: at once for a committed file; for a fill, once the upstream has
+    /// announced it (or, without a `Content-Length`, once the fill is done). A fill that
+    /// fails first gives its error.
+    pub async fn size(&mut self) -> Result<u64, Error> {
+        if let Some(s) = self.size {
+            return Ok(s);
+        }
+        let rx = self
+            .progress
+            .as_mut()
+            .expect("a source without size is a fill");
+        loop {
+            match &*rx.borrow_and_update() {
+                Progress::Streaming { size: Some(s), .. } | Progress::Done { size: s } => {
+                    self.size = Some(*s);
+                    return Ok(*s);
+                }
+                Progress::Failed(e) => return Err(e.clone()),
+                Progress::Connecting | Progress::Streaming { size: None, .. } => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err(Error::from(io::Error::other("fill ended without a result")));
+            }
+        }
+    }
+
+    /// A reader of bytes `start..end` (exclusive).
+    pub fn reader(&self, start: u64, end: u64) -> Reader {
+        Reader {
+            file: self.file.clone(),
+            progress: self.progress.clone(),
+            pos: start,
+            end,
+        }
+    }
+}
+
+/// Reads a range of a blob at its own pace, waiting for a fill to write the bytes.
+pub struct Reader {
+    file: Arc<File>,
+    progress: Option<watch::Receiver<Progress>>,
+    pos: u64,
+    end: u64,
+}
+
+impl Reader {
+    /// The next chunk, `None` at the end, or an error if the fill failed.
+    pub async fn next_chunk(&mut self) -> Option<io::Result<Bytes>> {
+        if self.pos >= self.end {
+            return self.finish().await;
+        }
+        let available = match &mut self.progress {
+            None => self.end,
+            Some(rx) => loop {
+                let state = rx.borrow_and_update().clone();
+                let available = match state {
+                    Progress::Connecting => 0,
+                    Progress::Streaming { written, .. } => written,
+                    Progress::Done { size } if size < self.end => {
+                        return self.fail(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "blob is shorter than announced",
+                        ));
+                    }
+                    Progress::Done { size } => size,
+                    Progress::Failed(e) => return self.fail(io::Error::other(e.to_string())),
+                };
+                if available > self.pos {
+                    break available;
+                }
+                if rx.changed().await.is_err() {
+                    return self.fail(io::Error::other("fill ended without a result"));
+                }
+            },
+        };
+        let len = (available.min(self.end) - self.pos).min(READ_CHUNK as u64) as usize;
+        let file = self.file.clone();
+        let pos = self.pos;
+        let read = tokio::task::spawn_blocking(move || {
+            let mut buf = BytesMut::zeroed(len);
+            file.read_exact_at(&mut buf, pos)?;
+            Ok::<_, io::Error>(buf.freeze())
+        })
+        .await
+        .map_err(io::Error::other)
+        .and_then(|r| r);
+        match read {
+            Ok(chunk) => {
+                self.pos += len as u64;
+                Some(Ok(chunk))
+            }
+            Err(e) => self.fail(e),
+        }
+    }
+
+    /// Ends the reader with `e`: no chunk comes after an error.
+    fn fail(&mut self, e: io::Error) -> Option<io::Result<Bytes>> {
+        self.pos = self.end;
+        self.progress = None;
+        Some(Err(e))
+    }
+
+    /// The end of the range: for a fill, only once the whole blob is verified. Ending a
+    /// response cleanly before that could hand the client a wrong body as if it were right.
+    async fn finish(&mut self) -> Option<io::Result<Bytes>> {
+        let rx = self.progress.as_mut()?;
+        loop {
+            let state = rx.borrow_and_update().clone();
+            match state {
+                Progress::Done { .. } => {
+                    self.progress = None;
+                    return None;
+                }
+                Progress::Failed(e) => return self.fail(io::Error::other(e.to_string())),
+                Progress::Connecting | Progress::Streaming { .. } => {}
+            }
+            if rx.changed().await.is_err() {
+                return self.fail(io::Error::other("fill ended without a result"));
+            }
+        }
+    }
+
+    /// The reader as a stream of chunks.
+    pub fn into_stream(self) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send {
+        futures_util::stream::unfold(self, |mut r| async move {
+            let chunk = r.next_chunk().await?;
+            Some((chunk, r))
+        })
+    }
+}

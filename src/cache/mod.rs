@@ -1,0 +1,201 @@
+//! The blob cache: the content-addressed store on disk (`store`), the LRU index over it
+//! (`index`), and the fills that bring misses in from upstreams (`fill`).
+
+pub mod fill;
+pub mod index;
+pub mod store;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+
+use crate::config::CacheConfig;
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::reference::Digest;
+use fill::Fill;
+pub use fill::{Progress, Reader, Source};
+use index::Index;
+use store::Store;
+
+pub struct Cache {
+    pub store: Arc<Store>,
+    pub index: Index,
+    /// Fills under way, by digest. A std mutex: it is held for a map operation and the
+    /// creation of a temp file, never across an await.
+    fills: Mutex<HashMap<Digest, Arc<Fill>>>,
+    metrics: Arc<Metrics>,
+    stall_timeout: Duration,
+    fill_deadline: Duration,
+}
+
+impl Cache {
+    /// Opens the store, removes temp files left by a crash, and rebuilds the index from the
+    /// disk in recency order (evicting what no longer fits `max_size`).
+    pub fn open(cfg: &CacheConfig, metrics: Arc<Metrics>) -> io::Result<Arc<Cache>> {
+        Self::open_at(
+            &cfg.dir,
+            cfg.max_size.0,
+            cfg.stall_timeout.0,
+            cfg.fill_deadline.0,
+            metrics,
+        )
+    }
+
+    pub fn open_at(
+        dir: &Path,
+        max_size: u64,
+        stall_timeout: Duration,
+        fill_deadline: Duration,
+        metrics: Arc<Metrics>,
+    ) -> io::Result<Arc<Cache>> {
+        let store = Arc::new(Store::open(dir)?);
+        let index = Index::new(max_size, store.clone(), metrics.clone());
+        for entry in store.scan()? {
+            index.insert(entry.digest, entry.size);
+        }
+        Ok(Arc::new(Cache {
+            store,
+            index,
+            fills: Mutex::new(HashMap::new()),
+            metrics,
+            stall_timeout,
+            fill_deadline,
+        }))
+    }
+
+    /// A committed blob, with recency refreshed, or `None`.
+    pub async fn open_cached(&self, digest: &Digest) -> Result<Option<Source>, Error> {
+        let store = self.store.clone();
+        let d = digest.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            let Some((file, size)) = store.open_blob(&d)? else {
+                return Ok::<_, io::Error>(None);
+            };
+            store::touch(&file);
+            Ok(Some(Source::committed(file, size, store.media_type(&d))))
+        })
+        .await
+        .map_err(io::Error::other)??;
+        if found.is_some() {
+            if !self.index.contains(digest) {
+                // Written by another path (a manifest) or found late: index it now.
+                let size = self
+                    .store
+                    .blob_path(digest)
+                    .metadata()
+                    .map(|m| m.len())
+                    .unwrap_or(0);
+                self.index.insert(digest.clone(), size);
+            } else {
+                self.index.touch(digest);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Serves `digest` from the cache or from a fill: the one under way, or a new one fed by
+    /// `fetch` (which is only awaited when a new fill starts).
+    pub async fn open_or_fill<F>(
+        self: &Arc<Self>,
+        digest: &Digest,
+        fetch: F,
+    ) -> Result<Source, Error>
+    where
+        F: Future<Output = Result<hyper::Response<Incoming>, Error>> + Send + 'static,
+    {
+        if let Some(src) = self.open_cached(digest).await? {
+            self.metrics.hit("blob");
+            return Ok(src);
+        }
+        let fill = {
+            let mut fills = self.fills.lock().unwrap();
+            match fills.get(digest) {
+                Some(fill) => Some(fill.clone()),
+                // A fill may have committed since we looked: check under the lock.
+                None if self.store.blob_path(digest).exists() => None,
+                None => {
+                    let fill = self.start_fill(digest.clone(), fetch)?;
+                    fills.insert(digest.clone(), fill.clone());
+                    Some(fill)
+                }
+            }
+        };
+        let Some(fill) = fill else {
+            return match self.open_cached(digest).await? {
+                Some(src) => Ok(src),
+                None => Err(io::Error::other("blob vanished while opening it").into()),
+            };
+        };
+        self.metrics.miss("blob");
+        Ok(Source::filling(&fill))
+    }
+
+    /// The size of `digest` if it is cached or its fill knows it, without starting anything.
+    pub async fn peek_size(&self, digest: &Digest) -> Result<Option<(u64, Option<String>)>, Error> {
+        if let Some(mut src) = self.open_cached(digest).await? {
+            let size = src.size().await?;
+            return Ok(Some((size, src.media_type.clone())));
+        }
+        let fill = self.fills.lock().unwrap().get(digest).cloned();
+        Ok(match fill.map(|f| f.progress()) {
+            Some(Progress::Streaming { size: Some(s), .. }) | Some(Progress::Done { size: s }) => {
+                Some((s, None))
+            }
+            _ => None,
+        })
+    }
+
+    /// Fills under way (for shutdown and tests).
+    pub fn fills_in_flight(&self) -> usize {
+        self.fills.lock().unwrap().len()
+    }
+
+    /// Stores a verified manifest by digest (small: written whole).
+    pub async fn put_manifest(
+        &self,
+        digest: &Digest,
+        bytes: bytes::Bytes,
+        media_type: &str,
+    ) -> Result<(), Error> {
+        let store = self.store.clone();
+        let d = digest.clone();
+        let mt = media_type.to_string();
+        let len = bytes.len() as u64;
+        tokio::task::spawn_blocking(move || store.put_manifest(&d, &bytes, &mt))
+            .await
+            .map_err(io::Error::other)??;
+        self.index.insert(digest.clone(), len);
+        Ok(())
+    }
+
+    /// Reads a cached manifest whole: its bytes and media type.
+    pub async fn read_manifest(
+        &self,
+        digest: &Digest,
+    ) -> Result<Option<(bytes::Bytes, String)>, Error> {
+        let store = self.store.clone();
+        let d = digest.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            let Some(mt) = store.media_type(&d) else {
+                return Ok::<_, io::Error>(None);
+            };
+            match std::fs::read(store.blob_path(&d)) {
+                Ok(bytes) => Ok(Some((bytes::Bytes::from(bytes), mt))),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+        .map_err(io::Error::other)??;
+        if found.is_some() {
+            self.index.touch(digest);
+        }
+        Ok(found)
+    }
+}

@@ -1,0 +1,597 @@
+//! Configuration: built-in defaults, then a TOML file, then `OCICACHE_` environment variables
+//! (nested keys split on `__`, e.g. `OCICACHE_CACHE__DIR`).
+//!
+//! Every struct is `#[serde(default, deny_unknown_fields)]`: a key we do not know is an error
+//! that names it, never silently ignored (a typo in `max_size` must not give an unbounded
+//! cache). [`Config::load`] runs [`Config::validate`], whose messages name the key and value.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::{Deserialize, Deserializer};
+
+/// The whole configuration of one `ocicache` process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the proxy listens on.
+    pub listen: SocketAddr,
+    /// Never contact an upstream: serve what is cached (tags regardless of age), 404 otherwise.
+    pub offline: bool,
+    pub cache: CacheConfig,
+    pub limits: LimitsConfig,
+    pub log: LogConfig,
+    /// Serve clients over TLS when set.
+    pub tls: Option<TlsConfig>,
+    /// Require HTTP Basic authentication from clients when set.
+    pub auth: Option<AuthConfig>,
+    /// The registries this proxy mirrors. Only these are ever contacted.
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Root of the content-addressed store (`blobs/`, `tmp/`, `tags/`).
+    pub dir: PathBuf,
+    /// Bound of the LRU index over everything on disk.
+    pub max_size: ByteSize,
+    /// A fill that receives no byte for this long is failed (and its temp file deleted).
+    pub stall_timeout: HumanDuration,
+    /// A fill that has not completed after this long is failed, even if bytes still arrive.
+    pub fill_deadline: HumanDuration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest manifest accepted from an upstream.
+    pub max_manifest_size: ByteSize,
+    /// A client must send its request headers within this time (slowloris).
+    pub header_read_timeout: HumanDuration,
+    /// A keep-alive connection with no request for this long is closed.
+    pub idle_timeout: HumanDuration,
+    /// Connections served at once; further ones wait in the accept queue.
+    pub max_connections: usize,
+    /// Largest request header block accepted from a client.
+    pub max_header_size: ByteSize,
+    /// How long in-flight responses may run after SIGTERM before the process exits.
+    pub shutdown_timeout: HumanDuration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter (`info`, `ocicache=debug`); `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// An htpasswd file with bcrypt entries.
+    pub htpasswd: PathBuf,
+    /// Ask for credentials on `/metrics` too.
+    #[serde(default)]
+    pub protect_metrics: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// The registry host clients mean: matched against `?ns=` and the first path component.
+    pub name: String,
+    /// Base URL of the registry API (`https://registry-1.docker.io`).
+    pub url: String,
+    /// Serves requests that carry neither `ns` nor a prefix naming an upstream.
+    #[serde(default)]
+    pub default: bool,
+    /// How long a resolved tag is answered from the cache without asking the upstream.
+    #[serde(default = "default_tag_ttl")]
+    pub tag_ttl: HumanDuration,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// A file holding the password (trailing newline ignored), e.g. a mounted secret.
+    pub password_file: Option<PathBuf>,
+    /// An extra PEM CA bundle trusted for this upstream, besides the webpki roots.
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: HumanDuration,
+    /// Longest wait for response headers, and for each chunk of a manifest body.
+    #[serde(default = "default_read_timeout")]
+    pub read_timeout: HumanDuration,
+}
+
+fn default_tag_ttl() -> HumanDuration {
+    HumanDuration(Duration::from_secs(300))
+}
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+fn default_read_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 5000)),
+            offline: false,
+            cache: CacheConfig::default(),
+            limits: LimitsConfig::default(),
+            log: LogConfig::default(),
+            tls: None,
+            auth: None,
+            upstreams: vec![UpstreamConfig::docker_hub()],
+        }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        let dir = dirs::cache_dir()
+            .unwrap_or_else(std::env::temp_dir)
+            .join("ocicache");
+        CacheConfig {
+            dir,
+            max_size: ByteSize(20 << 30),
+            stall_timeout: HumanDuration(Duration::from_secs(30)),
+            fill_deadline: HumanDuration(Duration::from_secs(3600)),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_manifest_size: ByteSize(4 << 20),
+            header_read_timeout: HumanDuration(Duration::from_secs(10)),
+            idle_timeout: HumanDuration(Duration::from_secs(60)),
+            max_connections: 4096,
+            max_header_size: ByteSize(64 << 10),
+            shutdown_timeout: HumanDuration(Duration::from_secs(30)),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Human,
+            level: "info".into(),
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// Docker Hub, the upstream of a configuration without any.
+    pub fn docker_hub() -> Self {
+        UpstreamConfig::new("docker.io", "https://registry-1.docker.io", true)
+    }
+
+    /// An upstream with default timeouts and no credentials.
+    pub fn new(name: &str, url: &str, default: bool) -> Self {
+        UpstreamConfig {
+            name: name.into(),
+            url: url.into(),
+            default,
+            tag_ttl: default_tag_ttl(),
+            username: None,
+            password: None,
+            password_file: None,
+            ca_file: None,
+            connect_timeout: default_connect_timeout(),
+            read_timeout: default_read_timeout(),
+        }
+    }
+}
+
+/// A configuration that cannot be used, with the key and value at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Parse(Box<figment::Error>),
+    #[error("{key}: {message} (value: {value:?})")]
+    Invalid {
+        key: String,
+        value: String,
+        message: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, value: impl fmt::Display, message: &str) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        value: value.to_string(),
+        message: message.into(),
+    }
+}
+
+/// The keys of [`Config`], the only ones read from `OCICACHE_` variables.
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "listen",
+    "offline",
+    "cache",
+    "limits",
+    "log",
+    "tls",
+    "auth",
+    "upstreams",
+];
+
+impl Config {
+    /// Defaults, then `file` (if any), then `OCICACHE_*` variables; validated.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(invalid("--config", file.display(), "no such file"));
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        // Only variables naming a key of ours: Kubernetes injects OCICACHE_SERVICE_HOST,
+        // OCICACHE_PORT and others for a Service named ocicache.
+        figment = figment.merge(Env::prefixed("OCICACHE_").split("__").filter(|k| {
+            TOP_LEVEL_KEYS.contains(&k.as_str().split(['.', '_']).next().unwrap_or(""))
+        }));
+        let config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError::Parse(Box::new(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot: URLs, names, exclusive keys, files that must exist.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.cache.max_size.0 < 1 << 20 {
+            return Err(invalid(
+                "cache.max_size",
+                self.cache.max_size,
+                "must be at least 1MiB",
+            ));
+        }
+        if self.limits.max_connections == 0 {
+            return Err(invalid("limits.max_connections", 0, "must be at least 1"));
+        }
+        if self.limits.max_header_size.0 < 1024 {
+            return Err(invalid(
+                "limits.max_header_size",
+                self.limits.max_header_size,
+                "must be at least 1KiB",
+            ));
+        }
+        if self.cache.stall_timeout.0.is_zero() {
+            return Err(invalid("cache.stall_timeout", "0s", "must be above zero"));
+        }
+        if self.upstreams.is_empty() {
+            return Err(invalid(
+                "upstreams",
+                "[]",
+                "at least one upstream is needed",
+            ));
+        }
+        let mut defaults = 0;
+        for (i, up) in self.upstreams.iter().enumerate() {
+            let key = |k: &str| format!("upstreams[{i}].{k}");
+            if up.name.is_empty()
+                || up.name.len() > 253
+                || !up
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:_".contains(&b))
+            {
+                return Err(invalid(key("name"), &up.name, "not a registry host name"));
+            }
+            if self.upstreams[..i].iter().any(|o| o.name == up.name) {
+                return Err(invalid(key("name"), &up.name, "used by two upstreams"));
+            }
+            match url::Url::parse(&up.url) {
+                Ok(u)
+                    if (u.scheme() == "http" || u.scheme() == "https")
+                        && u.host_str().is_some()
+                        && (u.path() == "/" || u.path().is_empty())
+                        && u.query().is_none()
+                        && u.username().is_empty() => {}
+                _ => {
+                    return Err(invalid(
+                        key("url"),
+                        &up.url,
+                        "must be an http:// or https:// URL with a host and no path",
+                    ))
+                }
+            }
+            if up.default {
+                defaults += 1;
+            }
+            if let (Some(_), Some(file)) = (&up.password, &up.password_file) {
+                return Err(invalid(
+                    key("password_file"),
+                    file.display(),
+                    "password and password_file are exclusive",
+                ));
+            }
+            if (up.password.is_some() || up.password_file.is_some()) && up.username.is_none() {
+                return Err(invalid(key("username"), "", "a password needs a username"));
+            }
+            for (k, file) in [
+                ("password_file", &up.password_file),
+                ("ca_file", &up.ca_file),
+            ] {
+                if let Some(f) = file {
+                    if !f.is_file() {
+                        return Err(invalid(key(k), f.display(), "no such file"));
+                    }
+                }
+            }
+        }
+        if defaults > 1 {
+            return Err(invalid(
+                "upstreams.default",
+                defaults,
+                "at most one upstream can be the default",
+            ));
+        }
+        if let Some(tls) = &self.tls {
+            for (k, f) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+                if !f.is_file() {
+                    return Err(invalid(k, f.display(), "no such file"));
+                }
+            }
+        }
+        if let Some(auth) = &self.auth {
+            if !auth.htpasswd.is_file() {
+                return Err(invalid(
+                    "auth.htpasswd",
+                    auth.htpasswd.display(),
+                    "no such file",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl UpstreamConfig {
+    /// The password, from `password` or `password_file`.
+    pub fn password(&self) -> std::io::Result<Option<Secret>> {
+        if let Some(p) = &self.password {
+            return Ok(Some(p.clone()));
+        }
+        match &self.password_file {
+            Some(f) => {
+                let s = std::fs::read_to_string(f)?;
+                Ok(Some(Secret(s.trim_end_matches(['\r', '\n']).to_string())))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+/// A credential: its `Debug` never shows it, so it cannot reach a log by accident.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("REDACTED")
+    }
+}
+
+/// A size in bytes, written `"20GiB"`, `"512MB"`, `"4096"` or as a plain integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1000,
+            "kib" => 1 << 10,
+            "m" | "mb" => 1_000_000,
+            "mib" => 1 << 20,
+            "g" | "gb" => 1_000_000_000,
+            "gib" => 1 << 30,
+            "t" | "tb" => 1_000_000_000_000,
+            "tib" => 1 << 40,
+            _ => {
+                return Err(format!(
+                    "unknown size unit {unit:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+                ))
+            }
+        };
+        let value: f64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size such as \"20GiB\""))?;
+        let bytes = value * mult as f64;
+        if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+            return Err(format!("{s:?} is out of range"));
+        }
+        Ok(ByteSize(bytes as u64))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let units = [
+            (1u64 << 40, "TiB"),
+            (1 << 30, "GiB"),
+            (1 << 20, "MiB"),
+            (1 << 10, "KiB"),
+        ];
+        for (m, u) in units {
+            if self.0 >= m {
+                let v = self.0 as f64 / m as f64;
+                return if self.0 % m == 0 {
+                    write!(f, "{}{u}", self.0 / m)
+                } else {
+                    write!(f, "{v:.1}{u}")
+                };
+            }
+        }
+        write!(f, "{}B", self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A duration written `"5m"`, `"30s"`, `"1h 30m"`, `"0s"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map(HumanDuration)
+            .map_err(|e| {
+                serde::de::Error::custom(format!("{s:?} is not a duration such as \"5m\": {e}"))
+            })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn sizes_parse_in_every_unit() {
+        assert_eq!("20GiB".parse::<ByteSize>().unwrap().0, 20 << 30);
+        assert_eq!("512MB".parse::<ByteSize>().unwrap().0, 512_000_000);
+        assert_eq!("1.5 KiB".parse::<ByteSize>().unwrap().0, 1536);
+        assert_eq!("4096".parse::<ByteSize>().unwrap().0, 4096);
+        assert!("20 parsecs".parse::<ByteSize>().is_err());
+        assert!("".parse::<ByteSize>().is_err());
+        assert!("99999999999TiB".parse::<ByteSize>().is_err());
+        assert_eq!(ByteSize(20 << 30).to_string(), "20GiB");
+    }
+
+    #[test]
+    fn no_file_is_a_docker_hub_mirror() {
+        Jail::expect_with(|_| {
+            let c = Config::load(None).unwrap();
+            assert_eq!(c.listen.to_string(), "127.0.0.1:5000");
+            assert_eq!(c.upstreams.len(), 1);
+            assert_eq!(c.upstreams[0].name, "docker.io");
+            assert!(c.upstreams[0].default);
+            assert!(c.cache.dir.ends_with("ocicache"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn file_then_env_override() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "o.toml",
+                r#"
+                listen = "127.0.0.1:6000"
+                [cache]
+                dir = "/tmp/x"
+                max_size = "1GiB"
+                [[upstreams]]
+                name = "ghcr.io"
+                url = "https://ghcr.io"
+                tag_ttl = "0s"
+                "#,
+            )?;
+            jail.set_env("OCICACHE_CACHE__DIR", "/tmp/y");
+            jail.set_env("OCICACHE_OFFLINE", "true");
+            let c = Config::load(Some(Path::new("o.toml"))).unwrap();
+            assert_eq!(c.listen.port(), 6000);
+            assert_eq!(c.cache.dir, PathBuf::from("/tmp/y"));
+            assert_eq!(c.cache.max_size.0, 1 << 30);
+            assert!(c.offline);
+            assert_eq!(c.upstreams[0].tag_ttl.0, Duration::ZERO);
+            assert!(!c.upstreams[0].default);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        Jail::expect_with(|jail| {
+            jail.create_file("a.toml", "[cache]\nmax_sise = \"1GiB\"\n")?;
+            let e = Config::load(Some(Path::new("a.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("max_sise"), "{e}");
+
+            jail.create_file("b.toml", "[cache]\nmax_size = \"lots\"\n")?;
+            let e = Config::load(Some(Path::new("b.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("max_size") && e.contains("lots"), "{e}");
+
+            jail.create_file("c.toml", "[[upstreams]]\nname = \"x\"\nurl = \"ftp://x\"\n")?;
+            let e = Config::load(Some(Path::new("c.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("upstreams[0].url") && e.contains("ftp://x"),
+                "{e}"
+            );
+
+            jail.create_file(
+                "d.toml",
+                "[[upstreams]]\nname = \"x\"\nurl = \"http://x\"\ntag_ttl = \"soon\"\n",
+            )?;
+            let e = Config::load(Some(Path::new("d.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("tag_ttl") && e.contains("soon"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug() {
+        let mut up = UpstreamConfig::docker_hub();
+        up.username = Some("me".into());
+        up.password = Some(Secret("hunter2".into()));
+        assert!(!format!("{up:?}").contains("hunter2"));
+    }
+}

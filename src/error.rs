@@ -1,0 +1,232 @@
+//! One error type for the request path, classified by the side that caused it (client,
+//! upstream, us), and the one place that maps it to an HTTP status and the OCI error envelope
+//! `{"errors":[{"code","message","detail"}]}`.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::reference::ReferenceError;
+use crate::server::body::{self, Body};
+
+/// The error codes of the OCI distribution spec (plus `UNAVAILABLE`, as the CNCF registry
+/// uses it), each registered once with its status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    BlobUnknown,
+    DigestInvalid,
+    ManifestUnknown,
+    ManifestInvalid,
+    NameInvalid,
+    NameUnknown,
+    SizeInvalid,
+    Unauthorized,
+    Denied,
+    Unsupported,
+    TooManyRequests,
+    RangeInvalid,
+    Unavailable,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BlobUnknown => "BLOB_UNKNOWN",
+            ErrorCode::DigestInvalid => "DIGEST_INVALID",
+            ErrorCode::ManifestUnknown => "MANIFEST_UNKNOWN",
+            ErrorCode::ManifestInvalid => "MANIFEST_INVALID",
+            ErrorCode::NameInvalid => "NAME_INVALID",
+            ErrorCode::NameUnknown => "NAME_UNKNOWN",
+            ErrorCode::SizeInvalid => "SIZE_INVALID",
+            ErrorCode::Unauthorized => "UNAUTHORIZED",
+            ErrorCode::Denied => "DENIED",
+            ErrorCode::Unsupported => "UNSUPPORTED",
+            ErrorCode::TooManyRequests => "TOO_MANY_REQUESTS",
+            ErrorCode::RangeInvalid => "RANGE_INVALID",
+            ErrorCode::Unavailable => "UNAVAILABLE",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorCode::BlobUnknown | ErrorCode::ManifestUnknown | ErrorCode::NameUnknown => {
+                StatusCode::NOT_FOUND
+            }
+            ErrorCode::DigestInvalid
+            | ErrorCode::ManifestInvalid
+            | ErrorCode::NameInvalid
+            | ErrorCode::SizeInvalid => StatusCode::BAD_REQUEST,
+            ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::Denied => StatusCode::FORBIDDEN,
+            ErrorCode::Unsupported => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RangeInvalid => StatusCode::RANGE_NOT_SATISFIABLE,
+            ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+/// What went wrong talking to an upstream. Cloneable so that one coalesced upstream request
+/// can hand its failure to every waiter.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    #[error("timed out")]
+    Timeout,
+    #[error("answered {status}")]
+    Status {
+        status: StatusCode,
+        retry_after: Option<HeaderValue>,
+    },
+    #[error("token service failed: {0}")]
+    Token(String),
+    #[error("too many redirects")]
+    Redirects,
+    #[error("sent content that does not match digest {0}")]
+    DigestMismatch(String),
+    #[error("sent a body of the wrong length: {0}")]
+    Length(String),
+    #[error("sent a body larger than the limit of {0} bytes")]
+    TooLarge(u64),
+    #[error("stalled: no data for {0:?}")]
+    Stalled(std::time::Duration),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl UpstreamError {
+    /// Failures for which a stale cached answer is better than an error (stale-if-error).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            UpstreamError::Status { status, .. } => {
+                status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
+            }
+            UpstreamError::Connect(_)
+            | UpstreamError::Timeout
+            | UpstreamError::Token(_)
+            | UpstreamError::Stalled(_)
+            | UpstreamError::Protocol(_)
+            | UpstreamError::Redirects => true,
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// The client asked for something invalid or absent.
+    #[error("{message}")]
+    Client { code: ErrorCode, message: String },
+    /// The upstream failed or lied.
+    #[error("upstream {upstream}: {error}")]
+    Upstream {
+        upstream: String,
+        error: UpstreamError,
+    },
+    /// Our own failure (disk, a bug); the detail is logged, not sent.
+    #[error("internal error: {0}")]
+    Internal(Arc<std::io::Error>),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn client(code: ErrorCode, message: impl Into<String>) -> Error {
+        Error::Client {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn upstream(upstream: &str, error: UpstreamError) -> Error {
+        Error::Upstream {
+            upstream: upstream.to_string(),
+            error,
+        }
+    }
+
+    /// Status, code and message for the client.
+    fn parts(&self) -> (StatusCode, &'static str, String) {
+        match self {
+            Error::Client { code, message } => (code.status(), code.as_str(), message.clone()),
+            Error::Upstream { upstream, error } => {
+                let msg = format!("upstream {upstream} {error}");
+                let status = match error {
+                    UpstreamError::Status { status, .. }
+                        if *status == StatusCode::TOO_MANY_REQUESTS =>
+                    {
+                        return (*status, ErrorCode::TooManyRequests.as_str(), msg)
+                    }
+                    UpstreamError::Status { status, .. }
+                        if *status == StatusCode::UNAUTHORIZED
+                            || *status == StatusCode::FORBIDDEN =>
+                    {
+                        return (StatusCode::FORBIDDEN, ErrorCode::Denied.as_str(), msg)
+                    }
+                    UpstreamError::Status { status, .. } if status.is_server_error() => *status,
+                    UpstreamError::Timeout | UpstreamError::Stalled(_) => {
+                        StatusCode::GATEWAY_TIMEOUT
+                    }
+                    _ => StatusCode::BAD_GATEWAY,
+                };
+                (status, ErrorCode::Unavailable.as_str(), msg)
+            }
+            Error::Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "UNKNOWN",
+                "internal error".into(),
+            ),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.parts().0
+    }
+
+    /// The response in the spec's error envelope.
+    pub fn into_response(self) -> Response<Body> {
+        let (status, code, message) = self.parts();
+        let body = serde_json::json!({
+            "errors": [{ "code": code, "message": message, "detail": serde_json::Value::Null }]
+        });
+        let mut resp = Response::new(body::full(Bytes::from(body.to_string())));
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Error::Upstream {
+            error:
+                UpstreamError::Status {
+                    retry_after: Some(ra),
+                    ..
+                },
+            ..
+        } = &self
+        {
+            h.insert(header::RETRY_AFTER, ra.clone());
+        }
+        resp
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Internal(Arc::new(e))
+    }
+}
+
+impl From<ReferenceError> for Error {
+    fn from(e: ReferenceError) -> Self {
+        let code = match e {
+            ReferenceError::NameInvalid(_) => ErrorCode::NameInvalid,
+            ReferenceError::TagInvalid(_) => ErrorCode::ManifestInvalid,
+            ReferenceError::DigestInvalid(_) => ErrorCode::DigestInvalid,
+            ReferenceError::UnsupportedAlgorithm(_) => ErrorCode::DigestInvalid,
+        };
+        Error::client(code, e.to_string())
+    }
+}

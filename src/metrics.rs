@@ -1,0 +1,205 @@
+//! Prometheus metrics (prometheus-client), served at `/metrics` in the text format.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: &'static str,
+    pub method: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamStatusLabels {
+    pub upstream: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+/// Every metric of the process. Cheap to update from any task: atomics behind `Arc`s.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub hits: Family<KindLabels, Counter>,
+    pub misses: Family<KindLabels, Counter>,
+    pub bytes_served: Family<SourceLabels, Counter>,
+    pub upstream_requests: Family<UpstreamStatusLabels, Counter>,
+    pub fills_in_flight: Gauge,
+    pub fills_completed: Counter,
+    pub fills_failed: Family<ReasonLabels, Counter>,
+    pub evictions: Counter,
+    pub cache_bytes: Gauge,
+    pub cache_entries: Gauge,
+    pub stale_answers: Family<UpstreamLabels, Counter>,
+    pub token_fetches: Family<UpstreamStatusLabels, Counter>,
+    pub ratelimit_remaining: Family<UpstreamLabels, Gauge>,
+    pub ratelimit_limit: Family<UpstreamLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("ocicache");
+        let m = Metrics {
+            requests: Family::default(),
+            hits: Family::default(),
+            misses: Family::default(),
+            bytes_served: Family::default(),
+            upstream_requests: Family::default(),
+            fills_in_flight: Gauge::default(),
+            fills_completed: Counter::default(),
+            fills_failed: Family::default(),
+            evictions: Counter::default(),
+            cache_bytes: Gauge::default(),
+            cache_entries: Gauge::default(),
+            stale_answers: Family::default(),
+            token_fetches: Family::default(),
+            ratelimit_remaining: Family::default(),
+            ratelimit_limit: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "http_requests",
+            "Requests served, by route and status",
+            m.requests.clone(),
+        );
+        registry.register(
+            "cache_hits",
+            "Requests answered from the cache",
+            m.hits.clone(),
+        );
+        registry.register(
+            "cache_misses",
+            "Requests that needed the upstream",
+            m.misses.clone(),
+        );
+        registry.register(
+            "served_bytes",
+            "Body bytes sent to clients, by source",
+            m.bytes_served.clone(),
+        );
+        registry.register(
+            "upstream_requests",
+            "Requests sent to upstreams, by status",
+            m.upstream_requests.clone(),
+        );
+        registry.register(
+            "fills_in_flight",
+            "Blob fills under way",
+            m.fills_in_flight.clone(),
+        );
+        registry.register(
+            "fills_completed",
+            "Blob fills verified and committed",
+            m.fills_completed.clone(),
+        );
+        registry.register(
+            "fills_failed",
+            "Blob fills failed, by reason",
+            m.fills_failed.clone(),
+        );
+        registry.register(
+            "evictions",
+            "Blobs evicted by the LRU bound",
+            m.evictions.clone(),
+        );
+        registry.register(
+            "cache_size_bytes",
+            "Bytes in the cache index",
+            m.cache_bytes.clone(),
+        );
+        registry.register(
+            "cache_entries",
+            "Blobs in the cache index",
+            m.cache_entries.clone(),
+        );
+        registry.register(
+            "stale_answers",
+            "Cached answers served because the upstream failed",
+            m.stale_answers.clone(),
+        );
+        registry.register(
+            "token_fetches",
+            "Bearer token requests, by result",
+            m.token_fetches.clone(),
+        );
+        registry.register(
+            "upstream_ratelimit_remaining",
+            "The upstream's ratelimit-remaining",
+            m.ratelimit_remaining.clone(),
+        );
+        registry.register(
+            "upstream_ratelimit_limit",
+            "The upstream's ratelimit-limit",
+            m.ratelimit_limit.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+
+    pub fn fill_failed(&self, reason: &'static str) {
+        self.fills_failed
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    pub fn hit(&self, kind: &'static str) {
+        self.hits.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    pub fn miss(&self, kind: &'static str) {
+        self.misses.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    pub fn upstream_request(&self, upstream: &str, status: &str) {
+        self.upstream_requests
+            .get_or_create(&UpstreamStatusLabels {
+                upstream: upstream.to_string(),
+                status: status.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn stale(&self, upstream: &str) {
+        self.stale_answers
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_string(),
+            })
+            .inc();
+    }
+}

@@ -1,0 +1,313 @@
+//! The route parser: a request's path and query to an endpoint of the read API, and the
+//! upstream that serves it (`?ns=`, then a first path component naming an upstream, then the
+//! default upstream).
+//!
+//! Everything here runs before any disk or network I/O, on untrusted input: the path is taken
+//! as raw bytes (no percent-decoding: no valid name, tag or digest contains `%`, so an encoded
+//! `..` or `/` is simply invalid), split on `/`, and each part validated by `reference`.
+
+use crate::error::{Error, ErrorCode, Result};
+use crate::reference::{Digest, Name, Reference};
+
+/// An endpoint of the read API, with its repository name as the client wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/v2/`
+    Base,
+    Manifest {
+        name: String,
+        reference: String,
+    },
+    Blob {
+        name: String,
+        digest: String,
+    },
+    Tags {
+        name: String,
+    },
+    Referrers {
+        name: String,
+        digest: String,
+    },
+    /// `/v2/<name>/blobs/uploads/...`: only ever written to.
+    Upload,
+    /// `/metrics`, `/healthz`, `/readyz`
+    Metrics,
+    Healthz,
+    Readyz,
+}
+
+/// Splits the path into an endpoint; names and references are checked later, once the
+/// upstream (and with it the Docker Hub `library/` rule) is known.
+pub fn parse_path(path: &str) -> Result<Endpoint> {
+    match path {
+        "/v2" | "/v2/" => return Ok(Endpoint::Base),
+        "/metrics" => return Ok(Endpoint::Metrics),
+        "/healthz" => return Ok(Endpoint::Healthz),
+        "/readyz" => return Ok(Endpoint::Readyz),
+        _ => {}
+    }
+    let not_found = || Error::client(ErrorCode::NameUnknown, "no such endpoint");
+    let rest = path.strip_prefix("/v2/").ok_or_else(not_found)?;
+    if rest.len() > 1024 {
+        return Err(Error::client(ErrorCode::NameInvalid, "path too long"));
+    }
+    let parts: Vec<&str> = rest.split('/').collect();
+    let n = parts.len();
+    let name_of = |k: usize| -> Result<String> {
+        if k == 0 || parts[..k].iter().any(|p| p.is_empty()) {
+            return Err(Error::client(
+                ErrorCode::NameInvalid,
+                "invalid repository name",
+            ));
+        }
+        Ok(parts[..k].join("/"))
+    };
+    if n >= 3 && parts[n - 2] == "tags" && parts[n - 1] == "list" {
+        return Ok(Endpoint::Tags {
+            name: name_of(n - 2)?,
+        });
+    }
+    if let Some(i) = parts.iter().rposition(|p| *p == "uploads") {
+        if i >= 2 && parts[i - 1] == "blobs" {
+            return Ok(Endpoint::Upload);
+        }
+    }
+    if n >= 3 {
+        let last = parts[n - 1].to_string();
+        match parts[n - 2] {
+            "manifests" => {
+                return Ok(Endpoint::Manifest {
+                    name: name_of(n - 2)?,
+                    reference: last,
+                })
+            }
+            "blobs" => {
+                return Ok(Endpoint::Blob {
+                    name: name_of(n - 2)?,
+                    digest: last,
+                })
+            }
+            "referrers" => {
+                return Ok(Endpoint::Referrers {
+                    name: name_of(n - 2)?,
+                    digest: last,
+                })
+            }
+            _ => {}
+        }
+    }
+    Err(not_found())
+}
+
+/// The value of query parameter `key`, percent-decoded.
+pub fn query_param(query: Option<&str>, key: &str) -> Option<String> {
+    url::form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
+}
+
+/// Which upstream a request means, and the repository name to ask it for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Index into the configured upstreams.
+    pub upstream: usize,
+    /// The name on the upstream (`library/` added for Docker Hub one-component names).
+    pub name: Name,
+    /// The `ns` value to echo in `OCI-Namespace`, when the request was routed by it.
+    pub namespace: Option<String>,
+}
+
+/// What the router needs to know of an upstream.
+pub trait UpstreamNames {
+    fn count(&self) -> usize;
+    /// Does upstream `i` answer to registry host `host` (its name, or its URL's host)?
+    fn answers_to(&self, i: usize, host: &str) -> bool;
+    fn is_docker_hub(&self, i: usize) -> bool;
+    fn default_upstream(&self) -> Option<usize>;
+}
+
+/// Routes `name` (as in the path) with the `ns` parameter to a configured upstream.
+/// A registry that is not configured is `NAME_UNKNOWN`: it is never contacted.
+pub fn resolve(upstreams: &impl UpstreamNames, ns: Option<&str>, name: &str) -> Result<Target> {
+    let find = |host: &str| (0..upstreams.count()).find(|&i| upstreams.answers_to(i, host));
+    let (upstream, repo, namespace) = if let Some(ns) = ns {
+        let i = find(ns).ok_or_else(|| {
+            Error::client(
+                ErrorCode::NameUnknown,
+                format!("registry {ns:?} is not configured on this mirror"),
+            )
+        })?;
+        (i, name, Some(ns.to_string()))
+    } else {
+        match name
+            .split_once('/')
+            .and_then(|(first, rest)| Some((find(first)?, rest)))
+        {
+            Some((i, rest)) => (i, rest, None),
+            None => {
+                let i = upstreams.default_upstream().ok_or_else(|| {
+                    Error::client(
+                        ErrorCode::NameUnknown,
+                        "no default upstream: name a registry with ?ns= or a path prefix",
+                    )
+                })?;
+                (i, name, None)
+            }
+        }
+    };
+    let mut name = Name::parse(repo)?;
+    if upstreams.is_docker_hub(upstream) && !repo.contains('/') {
+        name = Name::parse(&format!("library/{repo}"))?;
+    }
+    Ok(Target {
+        upstream,
+        name,
+        namespace,
+    })
+}
+
+/// Parses a manifest reference (tag or digest) from the path.
+pub fn reference(s: &str) -> Result<Reference> {
+    Ok(Reference::parse(s)?)
+}
+
+/// Parses a digest from the path.
+pub fn digest(s: &str) -> Result<Digest> {
+    Ok(Digest::parse(s)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Ups(Vec<(&'static str, &'static str, bool)>);
+    impl UpstreamNames for Ups {
+        fn count(&self) -> usize {
+            self.0.len()
+        }
+        fn answers_to(&self, i: usize, host: &str) -> bool {
+            self.0[i].0 == host || self.0[i].1 == host
+        }
+        fn is_docker_hub(&self, i: usize) -> bool {
+            self.0[i].0 == "docker.io"
+        }
+        fn default_upstream(&self) -> Option<usize> {
+            self.0.iter().position(|u| u.2)
+        }
+    }
+    fn ups() -> Ups {
+        Ups(vec![
+            ("docker.io", "registry-1.docker.io", true),
+            ("ghcr.io", "ghcr.io", false),
+        ])
+    }
+
+    #[test]
+    fn endpoints() {
+        assert_eq!(parse_path("/v2/").unwrap(), Endpoint::Base);
+        assert_eq!(
+            parse_path("/v2/library/nginx/manifests/1.27").unwrap(),
+            Endpoint::Manifest {
+                name: "library/nginx".into(),
+                reference: "1.27".into()
+            }
+        );
+        assert_eq!(
+            parse_path("/v2/a/blobs/b/blobs/sha256:x").unwrap(),
+            Endpoint::Blob {
+                name: "a/blobs/b".into(),
+                digest: "sha256:x".into()
+            }
+        );
+        assert_eq!(
+            parse_path("/v2/a/b/tags/list").unwrap(),
+            Endpoint::Tags { name: "a/b".into() }
+        );
+        assert_eq!(
+            parse_path("/v2/a/referrers/sha256:x").unwrap(),
+            Endpoint::Referrers {
+                name: "a".into(),
+                digest: "sha256:x".into()
+            }
+        );
+        assert_eq!(
+            parse_path("/v2/a/blobs/uploads/").unwrap(),
+            Endpoint::Upload
+        );
+        assert_eq!(
+            parse_path("/v2/a/blobs/uploads/123").unwrap(),
+            Endpoint::Upload
+        );
+        for bad in [
+            "/v1/",
+            "/v2/manifests/x",
+            "/v2/a/b",
+            "/",
+            "/v2/a/tags",
+            "/v2//manifests/x",
+        ] {
+            assert!(parse_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn routing_order() {
+        let u = ups();
+        // ns first, even when the path starts with another upstream's name
+        let t = resolve(&u, Some("ghcr.io"), "docker.io/x").unwrap();
+        assert_eq!((t.upstream, t.name.as_str()), (1, "docker.io/x"));
+        assert_eq!(t.namespace.as_deref(), Some("ghcr.io"));
+        // docker.io and its API host both mean Docker Hub
+        let t = resolve(&u, Some("registry-1.docker.io"), "nginx").unwrap();
+        assert_eq!((t.upstream, t.name.as_str()), (0, "library/nginx"));
+        // a path prefix
+        let t = resolve(&u, None, "ghcr.io/owner/app").unwrap();
+        assert_eq!(
+            (t.upstream, t.name.as_str(), t.namespace),
+            (1, "owner/app", None)
+        );
+        let t = resolve(&u, None, "docker.io/nginx").unwrap();
+        assert_eq!((t.upstream, t.name.as_str()), (0, "library/nginx"));
+        // the default, with library/ for one component
+        let t = resolve(&u, None, "nginx").unwrap();
+        assert_eq!((t.upstream, t.name.as_str()), (0, "library/nginx"));
+        let t = resolve(&u, None, "bitnami/redis").unwrap();
+        assert_eq!((t.upstream, t.name.as_str()), (0, "bitnami/redis"));
+        // ghcr one-component names stay as they are
+        let t = resolve(&u, Some("ghcr.io"), "app").unwrap();
+        assert_eq!(t.name.as_str(), "app");
+    }
+
+    #[test]
+    fn unconfigured_registries_are_name_unknown() {
+        let e = resolve(&ups(), Some("evil.example"), "x").unwrap_err();
+        assert_eq!(e.status(), http::StatusCode::NOT_FOUND);
+        let no_default = Ups(vec![("ghcr.io", "ghcr.io", false)]);
+        let e = resolve(&no_default, None, "quay.io/x").unwrap_err();
+        assert_eq!(e.status(), http::StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn traversal_and_invalid_names_are_rejected() {
+        for bad in [
+            "..", "a/../b", "%2e%2e/x", "a%2fb", "A", "a//b", "a/", "ghcr.io/", "",
+        ] {
+            let e = resolve(&ups(), None, bad).unwrap_err();
+            assert!(e.status().is_client_error(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn query_params_are_decoded() {
+        assert_eq!(
+            query_param(Some("ns=docker.io&n=2"), "ns").as_deref(),
+            Some("docker.io")
+        );
+        assert_eq!(
+            query_param(Some("last=a%2Bb"), "last").as_deref(),
+            Some("a+b")
+        );
+        assert_eq!(query_param(None, "ns"), None);
+    }
+}

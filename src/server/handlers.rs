@@ -1,0 +1,557 @@
+//! Request handlers: route, validate, answer from the cache or through it, log one line.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use super::body::{self, Body};
+use super::State;
+use crate::error::{Error, ErrorCode, Result};
+use crate::range::{self, Multipart, RangeError};
+use crate::reference::{Digest, Reference};
+use crate::route::{self, Endpoint, Target};
+use crate::upstream::Upstream;
+
+/// How a request was answered, for the log line and the metrics.
+#[derive(Debug, Clone, Copy)]
+struct Outcome(&'static str);
+
+/// The upstream a request went to, for the log line.
+#[derive(Debug, Clone)]
+struct UpstreamName(String);
+
+pub async fn handle(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let endpoint = route::parse_path(&path);
+    let route_label = match &endpoint {
+        Ok(Endpoint::Base) => "base",
+        Ok(Endpoint::Manifest { .. }) => "manifest",
+        Ok(Endpoint::Blob { .. }) => "blob",
+        Ok(Endpoint::Tags { .. }) => "tags",
+        Ok(Endpoint::Referrers { .. }) => "referrers",
+        Ok(Endpoint::Upload) => "upload",
+        Ok(Endpoint::Metrics) => "metrics",
+        Ok(Endpoint::Healthz) => "healthz",
+        Ok(Endpoint::Readyz) => "readyz",
+        Err(_) => "unknown",
+    };
+    let mut resp = match endpoint {
+        Ok(e) => dispatch(&state, &req, e).await.unwrap_or_else(|e| {
+            if let Error::Internal(io) = &e {
+                tracing::error!(error = %io, %path, "internal error");
+            }
+            e.into_response()
+        }),
+        Err(e) if method != Method::GET && method != Method::HEAD => {
+            let _ = e;
+            unsupported()
+        }
+        Err(e) => e.into_response(),
+    };
+    resp.headers_mut().insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    let status = resp.status();
+    state
+        .metrics
+        .requests
+        .get_or_create(&crate::metrics::RequestLabels {
+            route: route_label,
+            method: method.as_str().to_string(),
+            status: status.as_u16(),
+        })
+        .inc();
+    let bytes = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
+    let outcome = resp
+        .extensions()
+        .get::<Outcome>()
+        .map(|o| o.0)
+        .unwrap_or("-");
+    let upstream = resp
+        .extensions()
+        .get::<UpstreamName>()
+        .map(|u| u.0.as_str())
+        .unwrap_or("-");
+    tracing::info!(
+        %peer,
+        method = %method,
+        path = %path,
+        status = status.as_u16(),
+        bytes = %bytes,
+        ms = started.elapsed().as_millis() as u64,
+        upstream,
+        cache = outcome,
+        "request"
+    );
+    resp
+}
+
+fn unsupported() -> Response<Body> {
+    let mut resp =
+        Error::client(ErrorCode::Unsupported, "this mirror is read-only").into_response();
+    resp.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+    resp
+}
+
+async fn dispatch(
+    state: &Arc<State>,
+    req: &Request<Incoming>,
+    endpoint: Endpoint,
+) -> Result<Response<Body>> {
+    let method = req.method();
+    if method != Method::GET && method != Method::HEAD {
+        return Ok(unsupported());
+    }
+    let query = req.uri().query();
+    let ns = route::query_param(query, "ns");
+    let target = |name: &str| route::resolve(&state.upstreams, ns.as_deref(), name);
+    let mut resp = match endpoint {
+        Endpoint::Base => json(StatusCode::OK, Bytes::from_static(b"{}")),
+        Endpoint::Healthz => text(StatusCode::OK, "ok\n"),
+        Endpoint::Readyz => readyz(state).await,
+        Endpoint::Metrics => metrics(state),
+        Endpoint::Upload => return Ok(unsupported()),
+        Endpoint::Manifest { name, reference } => {
+            let target = target(&name)?;
+            let reference = route::reference(&reference)?;
+            manifest(state, req, &target, &reference).await?
+        }
+        Endpoint::Blob { name, digest } => {
+            let target = target(&name)?;
+            let digest = route::digest(&digest)?;
+            blob(state, req, &target, &digest).await?
+        }
+        Endpoint::Tags { name } => {
+            let t = target(&name)?;
+            tags(state, query, &name, &t, ns.as_deref()).await?
+        }
+        Endpoint::Referrers { name, digest } => {
+            let t = target(&name)?;
+            let digest = route::digest(&digest)?;
+            let up = &state.upstreams.0[t.upstream];
+            let artifact_type = route::query_param(query, "artifactType");
+            let ans = state
+                .manifests
+                .referrers(up, &t.name, &digest, artifact_type.as_deref())
+                .await?;
+            let (bytes, ct) = &*ans.value;
+            let mut resp = Response::new(body::full(bytes.clone()));
+            let h = resp.headers_mut();
+            h.insert(header::CONTENT_TYPE, ct.clone());
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+            if artifact_type.is_some() {
+                h.insert(
+                    "oci-filters-applied",
+                    HeaderValue::from_static("artifactType"),
+                );
+            }
+            if ans.stale {
+                h.insert(header::WARNING, stale_warning());
+            }
+            with_target(&mut resp, state, &t);
+            resp
+        }
+    };
+    if method == Method::HEAD {
+        // Keep every header (Content-Length included) and send no body.
+        *resp.body_mut() = body::empty();
+    }
+    Ok(resp)
+}
+
+fn with_target(resp: &mut Response<Body>, state: &State, target: &Target) {
+    if let Some(ns) = &target.namespace {
+        if let Ok(v) = HeaderValue::from_str(ns) {
+            resp.headers_mut().insert("oci-namespace", v);
+        }
+    }
+    resp.extensions_mut().insert(UpstreamName(
+        state.upstreams.0[target.upstream].name.clone(),
+    ));
+}
+
+fn stale_warning() -> HeaderValue {
+    HeaderValue::from_static("110 - \"Response is Stale\"")
+}
+
+fn json(status: StatusCode, bytes: Bytes) -> Response<Body> {
+    let len = bytes.len();
+    let mut resp = Response::new(body::full(bytes));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    resp
+}
+
+fn text(status: StatusCode, s: &'static str) -> Response<Body> {
+    let mut resp = Response::new(body::full(s));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp
+}
+
+async fn readyz(state: &State) -> Response<Body> {
+    let store = state.cache.store.clone();
+    let writable = tokio::task::spawn_blocking(move || {
+        let (_, path) = store.temp()?;
+        std::fs::remove_file(path)
+    })
+    .await;
+    match writable {
+        Ok(Ok(())) => text(StatusCode::OK, "ready\n"),
+        _ => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "cache folder not writable\n",
+        ),
+    }
+}
+
+fn metrics(state: &State) -> Response<Body> {
+    let (bytes, entries) = state.cache.index.usage();
+    state.metrics.cache_bytes.set(bytes as i64);
+    state.metrics.cache_entries.set(entries as i64);
+    let mut resp = Response::new(body::full(state.metrics.encode()));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    resp
+}
+
+/// The client's `Accept` headers as one list.
+fn accept_list(headers: &HeaderMap) -> Option<String> {
+    let parts: Vec<&str> = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(", "))
+}
+
+async fn manifest(
+    state: &State,
+    req: &Request<Incoming>,
+    target: &Target,
+    reference: &Reference,
+) -> Result<Response<Body>> {
+    let up = &state.upstreams.0[target.upstream];
+    let accept = accept_list(req.headers());
+    let ans = state
+        .manifests
+        .get(up, &target.name, reference, accept.as_deref())
+        .await?;
+    let m = &ans.value;
+    let mut resp = Response::new(body::full(m.bytes.clone()));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(&m.media_type)
+            .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(m.bytes.len()));
+    let digest = digest_value(&m.digest);
+    h.insert(header::ETAG, etag(&m.digest));
+    h.insert("docker-content-digest", digest);
+    if ans.stale {
+        h.insert(header::WARNING, stale_warning());
+    }
+    resp.extensions_mut()
+        .insert(Outcome(if ans.stale { "stale" } else { "manifest" }));
+    with_target(&mut resp, state, target);
+    Ok(resp)
+}
+
+fn digest_value(d: &Digest) -> HeaderValue {
+    HeaderValue::from_str(&d.to_string()).expect("a digest is a header value")
+}
+
+fn etag(d: &Digest) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{d}\"")).expect("a digest is a header value")
+}
+
+async fn blob(
+    state: &State,
+    req: &Request<Incoming>,
+    target: &Target,
+    digest: &Digest,
+) -> Result<Response<Body>> {
+    let up = &state.upstreams.0[target.upstream];
+    let mut resp = if req.method() == Method::HEAD {
+        blob_head(state, up, target, digest).await?
+    } else {
+        blob_get(state, req, up, target, digest).await?
+    };
+    with_target(&mut resp, state, target);
+    Ok(resp)
+}
+
+/// `HEAD` of a blob: from the cache or a fill that knows the size, else asked upstream
+/// (without starting a fill: a `HEAD` must not cost a download).
+async fn blob_head(
+    state: &State,
+    up: &Arc<Upstream>,
+    target: &Target,
+    digest: &Digest,
+) -> Result<Response<Body>> {
+    if let Some((size, media_type)) = state.cache.peek_size(digest).await? {
+        return Ok(blob_headers(
+            StatusCode::OK,
+            size,
+            digest,
+            media_type.as_deref(),
+            "hit",
+        ));
+    }
+    if state.config.offline {
+        return Err(Error::client(
+            ErrorCode::BlobUnknown,
+            "blob not cached (offline)",
+        ));
+    }
+    let resp = up
+        .send(
+            Method::HEAD,
+            &blob_path(target, digest),
+            &target.name,
+            &HeaderMap::new(),
+        )
+        .await
+        .map_err(|e| Error::upstream(&up.name, e))?;
+    match resp.status() {
+        StatusCode::OK => {
+            let size = resp
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| {
+                    Error::upstream(
+                        &up.name,
+                        crate::error::UpstreamError::Protocol("HEAD without Content-Length".into()),
+                    )
+                })?;
+            Ok(blob_headers(StatusCode::OK, size, digest, None, "upstream"))
+        }
+        StatusCode::NOT_FOUND => Err(Error::client(
+            ErrorCode::BlobUnknown,
+            "blob unknown to the upstream",
+        )),
+        status => Err(Error::upstream(
+            &up.name,
+            crate::error::UpstreamError::Status {
+                status,
+                retry_after: resp.headers().get(header::RETRY_AFTER).cloned(),
+            },
+        )),
+    }
+}
+
+fn blob_path(target: &Target, digest: &Digest) -> String {
+    format!("/v2/{}/blobs/{digest}", target.name)
+}
+
+fn blob_headers(
+    status: StatusCode,
+    len: u64,
+    digest: &Digest,
+    media_type: Option<&str>,
+    outcome: &'static str,
+) -> Response<Body> {
+    let mut resp = Response::new(body::empty());
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(
+        header::CONTENT_TYPE,
+        media_type
+            .and_then(|m| HeaderValue::from_str(m).ok())
+            .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
+    h.insert("docker-content-digest", digest_value(digest));
+    h.insert(header::ETAG, etag(digest));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    resp.extensions_mut().insert(Outcome(outcome));
+    resp
+}
+
+async fn blob_get(
+    state: &State,
+    req: &Request<Incoming>,
+    up: &Arc<Upstream>,
+    target: &Target,
+    digest: &Digest,
+) -> Result<Response<Body>> {
+    let mut src = if state.config.offline {
+        state
+            .cache
+            .open_cached(digest)
+            .await?
+            .ok_or_else(|| Error::client(ErrorCode::BlobUnknown, "blob not cached (offline)"))?
+    } else {
+        let fetch = {
+            let up = up.clone();
+            let path = blob_path(target, digest);
+            let name = target.name.clone();
+            async move {
+                up.send(Method::GET, &path, &name, &HeaderMap::new())
+                    .await
+                    .map_err(|e| Error::upstream(&up.name, e))
+            }
+        };
+        state.cache.open_or_fill(digest, fetch).await?
+    };
+    let size = src.size().await?;
+    let outcome = if src.is_fill() { "fill" } else { "hit" };
+    let media_type = src.media_type.clone();
+    let source_label = if src.is_fill() { "upstream" } else { "cache" };
+    let served = state
+        .metrics
+        .bytes_served
+        .get_or_create(&crate::metrics::SourceLabels {
+            source: source_label,
+        })
+        .clone();
+    let count = move |chunk: &std::io::Result<Bytes>| {
+        if let Ok(c) = chunk {
+            served.inc_by(c.len() as u64);
+        }
+    };
+
+    let ranges = match req.headers().get(header::RANGE).map(|v| v.to_str()) {
+        None => None,
+        Some(Err(_)) => return Err(range_error(size)),
+        Some(Ok(v)) => match range::parse(v) {
+            Ok(None) => None,
+            Ok(Some(specs)) => Some(range::resolve(&specs, size).map_err(|_| range_error(size))?),
+            Err(RangeError::Malformed)
+            | Err(RangeError::TooMany)
+            | Err(RangeError::Unsatisfiable) => return Err(range_error(size)),
+        },
+    };
+    let mut resp = match ranges.as_deref() {
+        None => {
+            let mut resp =
+                blob_headers(StatusCode::OK, size, digest, media_type.as_deref(), outcome);
+            *resp.body_mut() = body::stream(src.reader(0, size).into_stream().inspect(count));
+            resp
+        }
+        Some([r]) => {
+            let mut resp = blob_headers(
+                StatusCode::PARTIAL_CONTENT,
+                r.len(),
+                digest,
+                media_type.as_deref(),
+                outcome,
+            );
+            resp.headers_mut().insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&r.content_range(size)).expect("ascii"),
+            );
+            *resp.body_mut() =
+                body::stream(src.reader(r.start, r.end + 1).into_stream().inspect(count));
+            resp
+        }
+        Some(many) => {
+            let ct = media_type.as_deref().unwrap_or("application/octet-stream");
+            let boundary = format!("ocicache-{}", &digest.hex()[..16]);
+            let mp = Multipart::new(many, size, ct, boundary);
+            let mut resp = blob_headers(
+                StatusCode::PARTIAL_CONTENT,
+                mp.content_length(),
+                digest,
+                None,
+                outcome,
+            );
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_str(&mp.content_type()).expect("ascii"),
+            );
+            let src = src.clone();
+            let parts = futures_util::stream::iter(mp.parts.clone()).flat_map(move |(head, r)| {
+                futures_util::stream::once(async move { Ok(head) })
+                    .chain(src.reader(r.start, r.end + 1).into_stream())
+            });
+            let closing = futures_util::stream::once(async move { Ok(mp.closing) });
+            *resp.body_mut() = body::stream(parts.chain(closing).inspect(count));
+            resp
+        }
+    };
+    let _ = &mut src;
+    resp.extensions_mut().insert(Outcome(outcome));
+    Ok(resp)
+}
+
+fn range_error(size: u64) -> Error {
+    let _ = size;
+    Error::client(ErrorCode::RangeInvalid, "range not satisfiable")
+}
+
+async fn tags(
+    state: &State,
+    query: Option<&str>,
+    client_name: &str,
+    target: &Target,
+    ns: Option<&str>,
+) -> Result<Response<Body>> {
+    let n = match route::query_param(query, "n") {
+        None => None,
+        Some(v) => Some(v.parse::<usize>().map_err(|_| {
+            Error::client(ErrorCode::SizeInvalid, format!("n={v:?} is not a number"))
+        })?),
+    };
+    let last = route::query_param(query, "last");
+    let up = &state.upstreams.0[target.upstream];
+    let ans = state.manifests.tag_list(up, &target.name).await?;
+    let all = &ans.value;
+    let start = match &last {
+        Some(l) => all.partition_point(|t| t.as_str() <= l.as_str()),
+        None => 0,
+    };
+    let rest = &all[start..];
+    let page: &[String] = match n {
+        Some(n) => &rest[..n.min(rest.len())],
+        None => rest,
+    };
+    let body = serde_json::json!({ "name": target.name.as_str(), "tags": page });
+    let mut resp = json(StatusCode::OK, Bytes::from(body.to_string()));
+    if let (Some(n), Some(last_tag)) = (n, page.last()) {
+        if page.len() < rest.len() {
+            let mut link = format!(
+                "</v2/{client_name}/tags/list?n={n}&last={}",
+                url::form_urlencoded::byte_serialize(last_tag.as_bytes()).collect::<String>()
+            );
+            if let Some(ns) = ns {
+                link.push_str("&ns=");
+                link.extend(url::form_urlencoded::byte_serialize(ns.as_bytes()));
+            }
+            link.push_str(">; rel=\"next\"");
+            if let Ok(v) = HeaderValue::from_str(&link) {
+                resp.headers_mut().insert(header::LINK, v);
+            }
+        }
+    }
+    if ans.stale {
+        resp.headers_mut().insert(header::WARNING, stale_warning());
+    }
+    with_target(&mut resp, state, target);
+    Ok(resp)
+}
