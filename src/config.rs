@@ -254,7 +254,8 @@ impl Config {
         // Only variables naming a key of ours: Kubernetes injects OCICACHE_SERVICE_HOST,
         // OCICACHE_PORT and others for a Service named ocicache.
         figment = figment.merge(Env::prefixed("OCICACHE_").split("__").filter(|k| {
-            TOP_LEVEL_KEYS.contains(&k.as_str().split(['.', '_']).next().unwrap_or(""))
+            let top = k.as_str().split(['.', '_']).next().unwrap_or("");
+            TOP_LEVEL_KEYS.iter().any(|t| t.eq_ignore_ascii_case(top))
         }));
         let config: Config = figment
             .extract()
