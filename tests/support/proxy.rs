@@ -1,0 +1,119 @@
+//! Runs ocicache in-process on 127.0.0.1:0, on a thread with its own runtime, for blocking
+//! tests. Stopped (gracefully) on drop.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ocicache::config::{Config, UpstreamConfig};
+use ocicache::server::State;
+
+use super::registry::{http_request, HttpResponse};
+
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub state: Arc<State>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A configuration for tests: the cache in `dir`, these upstreams (name, url, default),
+/// short timeouts.
+pub fn config(dir: &Path, upstreams: &[(&str, &str, bool)]) -> Config {
+    let mut c = Config::default();
+    c.cache.dir = dir.to_path_buf();
+    c.cache.stall_timeout.0 = Duration::from_secs(2);
+    c.limits.shutdown_timeout.0 = Duration::from_secs(2);
+    c.upstreams = upstreams
+        .iter()
+        .map(|(name, url, default)| {
+            let mut u = UpstreamConfig::new(name, url, *default);
+            u.read_timeout.0 = Duration::from_secs(3);
+            u.connect_timeout.0 = Duration::from_secs(2);
+            u
+        })
+        .collect();
+    c
+}
+
+impl Proxy {
+    pub fn start(mut config: Config) -> Proxy {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                config.listen = listener.local_addr().unwrap();
+                let state = State::new(config).expect("proxy state");
+                ready_tx.send((listener.local_addr().unwrap(), state.clone())).unwrap();
+                ocicache::server::run(listener, state, async {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap();
+            });
+        });
+        let (addr, state) = ready_rx.recv().expect("proxy started");
+        Proxy {
+            addr,
+            state,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn cache_dir(&self) -> PathBuf {
+        self.state.config.cache.dir.clone()
+    }
+
+    pub fn get(&self, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
+        http_request("GET", &format!("{}{path}", self.url()), headers, b"")
+    }
+
+    pub fn head(&self, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
+        http_request("HEAD", &format!("{}{path}", self.url()), headers, b"")
+    }
+
+    /// The value of a metric line starting with `prefix` (summed over matching lines).
+    pub fn metric(&self, prefix: &str) -> f64 {
+        let (_, _, body) = self.get("/metrics", &[]);
+        String::from_utf8(body)
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Stops the proxy and waits for it.
+    pub fn stop(mut self) {
+        self.shutdown_now();
+    }
+
+    fn shutdown_now(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shutdown_now();
+    }
+}
