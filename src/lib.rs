@@ -17,6 +17,7 @@
 //! - [`manifests`]: manifests by digest, tags with their TTL, stale-if-error, tag lists,
 //!   referrers.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`prefetch`]: `ocicache prefetch`, warming a cache through an ocicache.
 //! - [`server`]: the listener loop (`server::run`) and the request handlers.
 //!
 //! `main.rs` is glue: it parses the command line and calls into these.
@@ -26,6 +27,7 @@ pub mod config;
 pub mod error;
 pub mod manifests;
 pub mod metrics;
+pub mod prefetch;
 pub mod range;
 pub mod reference;
 pub mod route;

@@ -31,6 +31,45 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Warm the cache with images (every platform of an index unless --platform is given),
+    /// through a running ocicache (--server) or straight into a cache folder (--config).
+    Prefetch {
+        /// Images: `nginx:1.27`, `ghcr.io/owner/app@sha256:...`.
+        images: Vec<String>,
+        /// Base URL of a running ocicache.
+        #[arg(long, conflicts_with = "config")]
+        server: Option<String>,
+        /// Fill the cache of this configuration (no running server needed).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Only these platforms of an index, `os/arch[/variant]`; repeatable.
+        #[arg(long)]
+        platform: Vec<String>,
+        /// Read images from this file, one per line (`#` comments).
+        #[arg(long)]
+        from_file: Option<PathBuf>,
+    },
+    /// Inspect and maintain a cache folder.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+        #[arg(long, short, global = true, env = "OCICACHE_CONFIG_FILE")]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Size, entries, oldest and newest blob.
+    Stats,
+    /// Rehash every blob; remove those that do not match their digest.
+    Verify,
+    /// Delete least recently used blobs down to cache.max_size (or --size).
+    Gc {
+        /// Target size, e.g. "10GiB".
+        #[arg(long)]
+        size: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -103,7 +142,181 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Prefetch {
+            images,
+            server,
+            config,
+            platform,
+            from_file,
+        } => {
+            let mut images = images;
+            if let Some(f) = from_file {
+                match std::fs::read_to_string(&f) {
+                    Ok(text) => images.extend(
+                        text.lines()
+                            .map(|l| l.split('#').next().unwrap_or("").trim())
+                            .filter(|l| !l.is_empty())
+                            .map(String::from),
+                    ),
+                    Err(e) => {
+                        eprintln!("ocicache: --from-file {}: {e}", f.display());
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            if images.is_empty() {
+                eprintln!("ocicache: prefetch needs at least one image (or --from-file)");
+                return ExitCode::from(2);
+            }
+            let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+            match runtime.block_on(prefetch(images, server, config, platform)) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("ocicache: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Cache { command, config } => {
+            let config = match load(config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match cache_command(command, &config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("ocicache: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
+}
+
+fn cache_command(command: CacheCommand, config: &Config) -> anyhow::Result<()> {
+    use ocicache::cache::admin;
+    use ocicache::config::ByteSize;
+    let dir = &config.cache.dir;
+    let time = |t: Option<std::time::SystemTime>| {
+        t.map(|t| humantime::format_rfc3339_seconds(t).to_string())
+            .unwrap_or_else(|| "-".into())
+    };
+    match command {
+        CacheCommand::Stats => {
+            let s = admin::stats(dir)?;
+            println!("dir:      {}", dir.display());
+            println!(
+                "size:     {} ({} bytes) of max {}",
+                ByteSize(s.bytes),
+                s.bytes,
+                config.cache.max_size
+            );
+            println!("entries:  {}", s.entries);
+            println!("oldest:   {}", time(s.oldest));
+            println!("newest:   {}", time(s.newest));
+        }
+        CacheCommand::Verify => {
+            let r = admin::verify(dir, |done, total| {
+                if done % 100 == 0 || done == total {
+                    eprintln!("verified {done}/{total}");
+                }
+            })?;
+            for d in &r.removed {
+                println!("removed {d}: content does not match the digest");
+            }
+            println!(
+                "checked {} blobs ({}), {} corrupt and removed",
+                r.checked,
+                ByteSize(r.bytes),
+                r.removed.len()
+            );
+            if !r.removed.is_empty() {
+                anyhow::bail!("{} corrupt blobs found (removed)", r.removed.len());
+            }
+        }
+        CacheCommand::Gc { size } => {
+            let target = match size {
+                Some(s) => s
+                    .parse::<ByteSize>()
+                    .map_err(|e| anyhow::anyhow!("--size: {e}"))?,
+                None => config.cache.max_size,
+            };
+            let r = admin::gc(dir, target.0)?;
+            println!(
+                "removed {} blobs ({}), {} remain (target {})",
+                r.removed,
+                ByteSize(r.freed),
+                ByteSize(r.remaining),
+                target
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn prefetch(
+    images: Vec<String>,
+    server: Option<String>,
+    config: Option<PathBuf>,
+    platforms: Vec<String>,
+) -> anyhow::Result<ExitCode> {
+    use ocicache::prefetch::{human, ImageRef, Prefetcher};
+    use std::io::IsTerminal;
+    let refs = images
+        .iter()
+        .map(|i| ImageRef::parse(i))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // Without --server: an ocicache of our own on a loopback port, over the config's cache.
+    let mut local = None;
+    let server = match server {
+        Some(s) => s,
+        None => {
+            let mut config = Config::load(config.as_deref())?;
+            config.offline = false;
+            config.tls = None;
+            config.auth = None;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = listener.local_addr()?;
+            let state = ocicache::server::State::new(config)?;
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(ocicache::server::run(listener, state, async {
+                let _ = rx.await;
+            }));
+            local = Some((tx, task));
+            format!("http://{addr}")
+        }
+    };
+    let mut p = Prefetcher::new(&server, platforms, std::io::stderr().is_terminal());
+    let mut failed = 0;
+    for (name, image) in images.iter().zip(&refs) {
+        if let Err(e) = p.image(image).await {
+            eprintln!("failed {name}: {e:#}");
+            failed += 1;
+        }
+    }
+    if let Some((tx, task)) = local {
+        let _ = tx.send(());
+        let _ = tokio::time::timeout(ocicache::prefetch::SHUTDOWN, task).await;
+    }
+    let s = &p.summary;
+    println!(
+        "{} images, {} manifests, {} blobs: {} fetched, {} already cached{}",
+        images.len() - failed,
+        s.manifests,
+        s.blobs,
+        human(s.fetched_bytes),
+        human(s.cached_bytes),
+        if failed > 0 {
+            format!(", {failed} failed")
+        } else {
+            String::new()
+        }
+    );
+    Ok(if failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

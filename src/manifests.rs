@@ -41,6 +41,32 @@ pub struct Manifest {
 pub struct Answer<T> {
     pub value: T,
     pub stale: bool,
+    /// How it was answered: `hit`, `revalidated` (a HEAD confirmed it), `miss`, `stale`.
+    pub outcome: &'static str,
+}
+
+impl<T> Answer<T> {
+    fn hit(value: T) -> Self {
+        Answer {
+            value,
+            stale: false,
+            outcome: "hit",
+        }
+    }
+    fn miss(value: T) -> Self {
+        Answer {
+            value,
+            stale: false,
+            outcome: "miss",
+        }
+    }
+    fn stale(value: T) -> Self {
+        Answer {
+            value,
+            stale: true,
+            outcome: "stale",
+        }
+    }
 }
 
 /// A tag's record, also kept on disk so that a restart (or `offline`) still knows it.
@@ -157,10 +183,7 @@ impl Manifests {
         accept: Option<&str>,
     ) -> Result<Answer<Arc<Manifest>>, Error> {
         match reference {
-            Reference::Digest(d) => Ok(Answer {
-                value: self.by_digest(up, name, d, accept).await?,
-                stale: false,
-            }),
+            Reference::Digest(d) => self.by_digest(up, name, d, accept).await,
             Reference::Tag(t) => self.by_tag(up, name, t, accept).await,
         }
     }
@@ -194,10 +217,10 @@ impl Manifests {
         name: &Name,
         digest: &Digest,
         accept: Option<&str>,
-    ) -> Result<Arc<Manifest>, Error> {
+    ) -> Result<Answer<Arc<Manifest>>, Error> {
         if let Some(m) = self.cached(digest).await? {
             self.metrics.hit("manifest");
-            return Ok(m);
+            return Ok(Answer::hit(m));
         }
         if self.offline {
             return Err(unknown_offline());
@@ -211,6 +234,7 @@ impl Manifests {
                 Ok(m)
             })
             .await
+            .map(Answer::miss)
     }
 
     async fn by_tag(
@@ -230,10 +254,7 @@ impl Manifests {
         };
         if self.offline {
             return match usable {
-                Some((_, m)) => Ok(Answer {
-                    value: m,
-                    stale: false,
-                }),
+                Some((_, m)) => Ok(Answer::hit(m)),
                 None => Err(unknown_offline()),
             };
         }
@@ -243,10 +264,7 @@ impl Manifests {
                 .unwrap_or(Duration::MAX);
             if age < up.tag_ttl {
                 self.metrics.hit("tag");
-                return Ok(Answer {
-                    value: m.clone(),
-                    stale: false,
-                });
+                return Ok(Answer::hit(m.clone()));
             }
         }
         self.metrics.miss("tag");
@@ -287,13 +305,13 @@ impl Manifests {
                             .and_then(|v| Digest::parse(v).ok());
                         if moved_to.as_ref() == Some(&record.digest) {
                             self.record_tag(&key, cached).await;
-                            return Ok(cached.clone());
+                            return Ok((cached.clone(), "revalidated"));
                         }
                         if let Some(d) = moved_to {
                             if let Some(m) = self.cached(&d).await? {
                                 if accepts(accept, &m.media_type) {
                                     self.record_tag(&key, &m).await;
-                                    return Ok(m);
+                                    return Ok((m, "revalidated"));
                                 }
                             }
                         }
@@ -304,23 +322,21 @@ impl Manifests {
             }
             let m = self.fetch(up, name, &reference, accept).await?;
             self.record_tag(&key, &m).await;
-            Ok(m)
+            Ok((m, "miss"))
         }
         .await;
         match result {
-            Ok(m) => Ok(Answer {
-                value: m,
+            Ok((value, outcome)) => Ok(Answer {
+                value,
                 stale: false,
+                outcome,
             }),
             Err(Error::Upstream { upstream, error })
                 if error.is_unavailable() && usable.is_some() =>
             {
                 tracing::warn!(upstream = %upstream, name = %name, tag = %tag, %error, "upstream failed: serving the cached tag stale");
                 self.metrics.stale(&upstream);
-                Ok(Answer {
-                    value: usable.expect("checked").1,
-                    stale: true,
-                })
+                Ok(Answer::stale(usable.expect("checked").1))
             }
             Err(e) => Err(e),
         }
@@ -477,10 +493,7 @@ impl Manifests {
         };
         if self.offline {
             return match last_good().await {
-                Some(l) => Ok(Answer {
-                    value: l,
-                    stale: false,
-                }),
+                Some(l) => Ok(Answer::hit(l)),
                 None => Err(Error::client(
                     ErrorCode::NameUnknown,
                     "repository not cached (offline)",
@@ -497,13 +510,13 @@ impl Manifests {
                         let store = self.cache.store.clone();
                         let bytes = serde_json::to_vec(&*list).expect("a list serializes");
                         let _ = tokio::task::spawn_blocking(move || store.write_atomic(&path, &bytes)).await;
-                        Ok(Answer { value: list, stale: false })
+                        Ok(Answer::miss(list))
                     }
                     Err(Error::Upstream { upstream, error }) if error.is_unavailable() => match last_good().await {
                         Some(l) => {
                             tracing::warn!(%upstream, %name, %error, "upstream failed: serving the last tag list");
                             self.metrics.stale(&upstream);
-                            Ok(Answer { value: l, stale: true })
+                            Ok(Answer::stale(l))
                         }
                         None => Err(Error::Upstream { upstream, error }),
                     },
@@ -579,17 +592,11 @@ impl Manifests {
         }
         let key = format!("{}\0{path}", up.name);
         if let Some(hit) = self.referrers_fresh.get(&key) {
-            return Ok(Answer {
-                value: hit,
-                stale: false,
-            });
+            return Ok(Answer::hit(hit));
         }
         if self.offline {
             return match self.referrers_last.get(&key) {
-                Some(v) => Ok(Answer {
-                    value: v,
-                    stale: false,
-                }),
+                Some(v) => Ok(Answer::hit(v)),
                 None => Err(unknown_offline()),
             };
         }
@@ -619,19 +626,13 @@ impl Manifests {
             Ok(v) => {
                 self.referrers_fresh.insert(key.clone(), v.clone());
                 self.referrers_last.insert(key, v.clone());
-                Ok(Answer {
-                    value: v,
-                    stale: false,
-                })
+                Ok(Answer::miss(v))
             }
             Err(Error::Upstream { upstream, error }) if error.is_unavailable() => {
                 match self.referrers_last.get(&key) {
                     Some(v) => {
                         self.metrics.stale(&upstream);
-                        Ok(Answer {
-                            value: v,
-                            stale: true,
-                        })
+                        Ok(Answer::stale(v))
                     }
                     None => Err(Error::Upstream { upstream, error }),
                 }

@@ -1,6 +1,7 @@
 //! The blob cache: the content-addressed store on disk (`store`), the LRU index over it
 //! (`index`), and the fills that bring misses in from upstreams (`fill`).
 
+pub mod admin;
 pub mod fill;
 pub mod index;
 pub mod store;

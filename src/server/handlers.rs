@@ -42,7 +42,17 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr)
         Ok(Endpoint::Readyz) => "readyz",
         Err(_) => "unknown",
     };
+    let needs_auth = match &endpoint {
+        Ok(Endpoint::Healthz | Endpoint::Readyz) => false,
+        Ok(Endpoint::Metrics) => state.auth.as_ref().is_some_and(|a| a.protect_metrics),
+        _ => state.auth.is_some(),
+    };
+    let denied = match (&state.auth, needs_auth) {
+        (Some(auth), true) => !auth.check(req.headers()).await,
+        _ => false,
+    };
     let mut resp = match endpoint {
+        _ if denied => super::auth::challenge(),
         Ok(e) => dispatch(&state, &req, e).await.unwrap_or_else(|e| {
             if let Error::Internal(io) = &e {
                 tracing::error!(error = %io, %path, "internal error");
@@ -274,8 +284,7 @@ async fn manifest(
     if ans.stale {
         h.insert(header::WARNING, stale_warning());
     }
-    resp.extensions_mut()
-        .insert(Outcome(if ans.stale { "stale" } else { "manifest" }));
+    resp.extensions_mut().insert(Outcome(ans.outcome));
     with_target(&mut resp, state, target);
     Ok(resp)
 }

@@ -1,8 +1,10 @@
 //! The HTTP server: accepts connections on a bound listener (HTTP/1.1 and HTTP/2), applies
 //! the connection limits, and hands each request to `handlers`.
 
+pub mod auth;
 pub mod body;
 pub mod handlers;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -26,6 +28,10 @@ pub struct State {
     pub cache: Arc<Cache>,
     pub manifests: Manifests,
     pub metrics: Arc<Metrics>,
+    /// Client authentication, when `[auth]` is configured.
+    pub auth: Option<auth::ClientAuth>,
+    /// TLS for clients, when `[tls]` is configured.
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl State {
@@ -49,7 +55,17 @@ impl State {
             config.offline,
             config.limits.max_manifest_size.0,
         );
+        let auth = match &config.auth {
+            Some(a) => Some(auth::ClientAuth::load(&a.htpasswd, a.protect_metrics)?),
+            None => None,
+        };
+        let tls = match &config.tls {
+            Some(t) => Some(tls::acceptor(&t.cert, &t.key)?),
+            None => None,
+        };
         Ok(Arc::new(State {
+            auth,
+            tls,
             config,
             upstreams: Upstreams(upstreams),
             cache,
@@ -103,17 +119,24 @@ pub async fn run(
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
-        let service = service_fn(move |req| {
-            let state = state.clone();
-            async move { Ok::<_, std::convert::Infallible>(handlers::handle(state, req, peer).await) }
-        });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let handshake_timeout = limits.header_read_timeout.0;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            match state.tls.clone() {
+                None => {
+                    serve_connection(&builder, TokioIo::new(stream), state, peer, watcher).await
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            serve_connection(&builder, TokioIo::new(tls), state, peer, watcher)
+                                .await
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
             }
             drop(permit);
         });
@@ -127,4 +150,24 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+/// Serves one connection (plain or TLS) until it ends or shutdown drains it.
+async fn serve_connection<I>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: TokioIo<I>,
+    state: Arc<State>,
+    peer: std::net::SocketAddr,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, std::convert::Infallible>(handlers::handle(state, req, peer).await) }
+    });
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    if let Err(e) = watcher.watch(conn.into_owned()).await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
 }

@@ -1,12 +1,18 @@
 //! Against the real CNCF registry, with real clients: skopeo and containerd pull through
 //! ocicache and every digest is checked.
 
-use crate::support::clients::{assert_success, skopeo_available, skopeo_copy, verify_dir_copy, Containerd};
+use crate::support::clients::{
+    assert_success, skopeo_available, skopeo_copy, verify_dir_copy, Containerd,
+};
 use crate::support::proxy::{config, Proxy};
 use crate::support::registry::{header, random_bytes, Registry};
 
 fn layers(seed: u64, sizes: &[usize]) -> Vec<Vec<u8>> {
-    sizes.iter().enumerate().map(|(i, s)| random_bytes(*s, seed + i as u64)).collect()
+    sizes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| random_bytes(*s, seed + i as u64))
+        .collect()
 }
 
 #[test]
@@ -22,7 +28,10 @@ fn skopeo_pulls_through_the_proxy_and_the_second_pull_is_served_from_cache() {
     // Through the default upstream, with Docker Hub's library/ rule (`hello` = `library/hello`).
     let out = tempfile::tempdir().unwrap();
     let dest = out.path().join("a");
-    assert_success("skopeo copy", &skopeo_copy(&format!("{}/hello:1.0", proxy.addr), &dest));
+    assert_success(
+        "skopeo copy",
+        &skopeo_copy(&format!("{}/hello:1.0", proxy.addr), &dest),
+    );
     let mut got = verify_dir_copy(&dest);
     let mut want = img.all_digests();
     want.retain(|d| d != &img.manifest_digest);
@@ -37,17 +46,26 @@ fn skopeo_pulls_through_the_proxy_and_the_second_pull_is_served_from_cache() {
     let dest = out.path().join("b");
     assert_success(
         "skopeo copy",
-        &skopeo_copy(&format!("{}/docker.io/library/hello:1.0", proxy.addr), &dest),
+        &skopeo_copy(
+            &format!("{}/docker.io/library/hello:1.0", proxy.addr),
+            &dest,
+        ),
     );
     assert_eq!(verify_dir_copy(&dest).len(), got.len());
     std::thread::sleep(std::time::Duration::from_millis(300));
-    assert_eq!(reg.count_requests("GET", "/blobs/"), 3, "the second pull makes no upstream blob request");
+    assert_eq!(
+        reg.count_requests("GET", "/blobs/"),
+        3,
+        "the second pull makes no upstream blob request"
+    );
 }
 
 #[test]
 fn containerd_pulls_through_the_proxy_with_ns_and_every_digest_arrives() {
     let Some(reg) = Registry::start() else { return };
-    let Some(ctrd) = Containerd::start() else { return };
+    let Some(ctrd) = Containerd::start() else {
+        return;
+    };
     let img = reg.push_image("library/web", "2", &layers(10, &[200_000, 50_000, 1_000]));
     let dir = tempfile::tempdir().unwrap();
     let proxy = Proxy::start(config(dir.path(), &[("docker.io", &reg.url(), true)]));
@@ -56,16 +74,26 @@ fn containerd_pulls_through_the_proxy_with_ns_and_every_digest_arrives() {
     assert_success("ctr pull", &out);
     let have = ctrd.content_digests();
     for d in img.all_digests() {
-        assert!(have.contains(&d), "{d} missing from containerd's content store");
+        assert!(
+            have.contains(&d),
+            "{d} missing from containerd's content store"
+        );
     }
     let blob_gets = reg.wait_for_requests("GET", "/blobs/sha256:", 4);
     assert_eq!(blob_gets, 4, "config and three layers, once each");
 
     // Pull again after removing the image: containerd fetches everything again, from us.
     assert_success("ctr rm", &ctrd.remove_image("docker.io/library/web:2"));
-    assert_success("ctr pull", &ctrd.pull_via_mirror(proxy.addr, "docker.io/library/web:2"));
+    assert_success(
+        "ctr pull",
+        &ctrd.pull_via_mirror(proxy.addr, "docker.io/library/web:2"),
+    );
     std::thread::sleep(std::time::Duration::from_millis(300));
-    assert_eq!(reg.count_requests("GET", "/blobs/"), 4, "no upstream blob request on the second pull");
+    assert_eq!(
+        reg.count_requests("GET", "/blobs/"),
+        4,
+        "no upstream blob request on the second pull"
+    );
     assert!(proxy.metric("ocicache_cache_hits_total{kind=\"blob\"}") >= 4.0);
 }
 
@@ -79,28 +107,50 @@ fn manifests_are_byte_exact_with_the_upstream_content_type_and_head_headers() {
     for path in [
         "/v2/team/app/manifests/v1?ns=registry.local".to_string(),
         "/v2/registry.local/team/app/manifests/v1".to_string(),
-        format!("/v2/registry.local/team/app/manifests/{}", img.manifest_digest),
+        format!(
+            "/v2/registry.local/team/app/manifests/{}",
+            img.manifest_digest
+        ),
     ] {
         let (status, headers, body) = proxy.get(&path, &[]);
         assert_eq!(status, 200, "{path}");
         assert_eq!(body, img.manifest, "byte-exact manifest for {path}");
-        assert_eq!(header(&headers, "content-type"), Some(img.media_type.as_str()));
-        assert_eq!(header(&headers, "docker-content-digest"), Some(img.manifest_digest.as_str()));
+        assert_eq!(
+            header(&headers, "content-type"),
+            Some(img.media_type.as_str())
+        );
+        assert_eq!(
+            header(&headers, "docker-content-digest"),
+            Some(img.manifest_digest.as_str())
+        );
         let (status, headers, body) = proxy.head(&path, &[]);
         assert_eq!(status, 200);
         assert!(body.is_empty());
-        assert_eq!(header(&headers, "docker-content-digest"), Some(img.manifest_digest.as_str()));
-        assert_eq!(header(&headers, "content-length"), Some(img.manifest.len().to_string().as_str()));
+        assert_eq!(
+            header(&headers, "docker-content-digest"),
+            Some(img.manifest_digest.as_str())
+        );
+        assert_eq!(
+            header(&headers, "content-length"),
+            Some(img.manifest.len().to_string().as_str())
+        );
     }
     let (_, headers, _) = proxy.get("/v2/team/app/manifests/v1?ns=registry.local", &[]);
     assert_eq!(header(&headers, "oci-namespace"), Some("registry.local"));
 
     // Blob HEAD carries the length and digest, and a blob GET is exact.
     let layer = &img.layer_digests[0];
-    let (status, headers, _) = proxy.head(&format!("/v2/registry.local/team/app/blobs/{layer}"), &[]);
+    let (status, headers, _) =
+        proxy.head(&format!("/v2/registry.local/team/app/blobs/{layer}"), &[]);
     assert_eq!(status, 200);
-    assert_eq!(header(&headers, "docker-content-digest"), Some(layer.as_str()));
-    assert_eq!(header(&headers, "content-length"), Some(img.layer_blobs[0].len().to_string().as_str()));
+    assert_eq!(
+        header(&headers, "docker-content-digest"),
+        Some(layer.as_str())
+    );
+    assert_eq!(
+        header(&headers, "content-length"),
+        Some(img.layer_blobs[0].len().to_string().as_str())
+    );
     let (status, _, body) = proxy.get(&format!("/v2/registry.local/team/app/blobs/{layer}"), &[]);
     assert_eq!(status, 200);
     assert_eq!(body, img.layer_blobs[0]);

@@ -67,7 +67,11 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
             format!("\n[test harness] killed after {timeout:?} timeout: {cmd:?}\n").as_bytes(),
         );
     }
-    Output { status, stdout, stderr }
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
 }
 
 /// Render an `Output` for assertion messages.
@@ -100,7 +104,9 @@ fn hash_file(p: &Path) -> String {
 }
 
 fn is_hex64(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 // ---------------------------------------------------------------------------
@@ -123,7 +129,10 @@ pub fn skopeo_available() -> bool {
 /// `REGISTRY_AUTH_FILE` = a missing file.
 pub fn skopeo(args: &[&str]) -> Output {
     let bin = find_binary("skopeo").expect("skopeo not installed (check skopeo_available() first)");
-    let tmp = tempfile::Builder::new().prefix("ocicache-skopeo-").tempdir().unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("ocicache-skopeo-")
+        .tempdir()
+        .unwrap();
     let t = tmp.path();
     let home = t.join("home");
     let run = t.join("run");
@@ -138,11 +147,19 @@ pub fn skopeo(args: &[&str]) -> Output {
     // replace both system locations, so nothing can add mirrors/rewrites.
     let user_conf_dir = home.join(".config").join("containers");
     fs::create_dir_all(user_conf_dir.join("registries.conf.d")).unwrap();
-    fs::write(user_conf_dir.join("registries.conf"), "unqualified-search-registries = []\n").unwrap();
+    fs::write(
+        user_conf_dir.join("registries.conf"),
+        "unqualified-search-registries = []\n",
+    )
+    .unwrap();
     let containers_conf = t.join("containers.conf");
     fs::write(&containers_conf, "").unwrap();
     let policy = t.join("policy.json");
-    fs::write(&policy, r#"{"default":[{"type":"insecureAcceptAnything"}]}"#).unwrap();
+    fs::write(
+        &policy,
+        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+    )
+    .unwrap();
 
     let mut cmd = Command::new(bin);
     cmd.env_clear()
@@ -181,7 +198,13 @@ pub fn skopeo_copy(image: &str, dest: &Path) -> Output {
 pub fn skopeo_copy_with(image: &str, dest: &Path, extra: &[&str]) -> Output {
     let src = format!("docker://{image}");
     let dst = format!("dir:{}", dest.display());
-    let mut args = vec!["copy", "--retry-times", "0", "--src-tls-verify=false", "--src-no-creds"];
+    let mut args = vec![
+        "copy",
+        "--retry-times",
+        "0",
+        "--src-tls-verify=false",
+        "--src-no-creds",
+    ];
     args.extend_from_slice(extra);
     args.push(&src);
     args.push(&dst);
@@ -213,7 +236,12 @@ pub fn verify_dir_copy(dest: &Path) -> Vec<String> {
         }
         let expected = format!("sha256:{hex_name}");
         let actual = hash_file(&entry.path());
-        assert_eq!(actual, expected, "skopeo wrote {} whose content does not match its digest", entry.path().display());
+        assert_eq!(
+            actual,
+            expected,
+            "skopeo wrote {} whose content does not match its digest",
+            entry.path().display()
+        );
         verified.push(expected);
     }
     let manifest: serde_json::Value = serde_json::from_slice(&dir_manifest(dest))
@@ -224,7 +252,10 @@ pub fn verify_dir_copy(dest: &Path) -> Vec<String> {
     }
     for key in ["layers", "manifests"] {
         if let Some(arr) = manifest[key].as_array() {
-            referenced.extend(arr.iter().filter_map(|l| l["digest"].as_str().map(str::to_string)));
+            referenced.extend(
+                arr.iter()
+                    .filter_map(|l| l["digest"].as_str().map(str::to_string)),
+            );
         }
     }
     for d in &referenced {
@@ -264,8 +295,15 @@ impl Containerd {
         let ctr_bin = require_binary("ctr", "containerd")?;
         // Unix socket paths are limited to 107 bytes: keep the dir short.
         let base = std::env::temp_dir();
-        let base = if base.as_os_str().len() > 40 { PathBuf::from("/tmp") } else { base };
-        let dir = tempfile::Builder::new().prefix("ocictd-").tempdir_in(base).unwrap();
+        let base = if base.as_os_str().len() > 40 {
+            PathBuf::from("/tmp")
+        } else {
+            base
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("ocictd-")
+            .tempdir_in(base)
+            .unwrap();
         let root = dir.path().join("root");
         let state = dir.path().join("state");
         let hosts_dir = dir.path().join("hosts");
@@ -327,18 +365,36 @@ disabled_plugins = [
             .stderr(Stdio::from(log))
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
-        let mut c = Containerd { socket, root, hosts_dir, log_path, ctr_bin, child: Some(child), dir };
+        let mut c = Containerd {
+            socket,
+            root,
+            hosts_dir,
+            log_path,
+            ctr_bin,
+            child: Some(child),
+            dir,
+        };
         let deadline = Instant::now() + CONTAINERD_READY_TIMEOUT;
         loop {
             if let Some(status) = c.child.as_mut().unwrap().try_wait().unwrap() {
                 c.child = None;
-                panic!("containerd exited during start-up with {status}; log:\n{}", c.log());
+                panic!(
+                    "containerd exited during start-up with {status}; log:\n{}",
+                    c.log()
+                );
             }
-            if c.socket.exists() && c.ctr_timeout(&["version"], Duration::from_secs(5)).status.success() {
+            if c.socket.exists()
+                && c.ctr_timeout(&["version"], Duration::from_secs(5))
+                    .status
+                    .success()
+            {
                 return Some(c);
             }
             if Instant::now() > deadline {
-                panic!("containerd did not answer within {CONTAINERD_READY_TIMEOUT:?}; log:\n{}", c.log());
+                panic!(
+                    "containerd did not answer within {CONTAINERD_READY_TIMEOUT:?}; log:\n{}",
+                    c.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -379,10 +435,24 @@ disabled_plugins = [
     /// `https://registry_host` (`registry-1.docker.io` for docker.io). If the
     /// mirror fails, containerd falls back to that server, which has no
     /// network here and fails fast with a DNS error.
-    pub fn pull_via_mirror_ns(&self, mirror: SocketAddr, registry_host: &str, image: &str) -> Output {
+    pub fn pull_via_mirror_ns(
+        &self,
+        mirror: SocketAddr,
+        registry_host: &str,
+        image: &str,
+    ) -> Output {
         self.write_hosts_toml(mirror, registry_host);
         let hosts = self.hosts_dir.display().to_string();
-        self.ctr(&["images", "pull", "--plain-http", "--hosts-dir", &hosts, "--snapshotter", "native", image])
+        self.ctr(&[
+            "images",
+            "pull",
+            "--plain-http",
+            "--hosts-dir",
+            &hosts,
+            "--snapshotter",
+            "native",
+            image,
+        ])
     }
 
     /// Write `HOSTS/<registry_host>/hosts.toml` pointing at `mirror`.
@@ -428,7 +498,11 @@ disabled_plugins = [
     pub fn images(&self) -> Vec<String> {
         let o = self.ctr(&["images", "ls", "--quiet"]);
         assert_success("ctr images ls", &o);
-        String::from_utf8_lossy(&o.stdout).lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect()
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect()
     }
 
     /// `ctr images rm --sync IMAGE`: removes the image and (synchronous GC)
@@ -440,7 +514,10 @@ disabled_plugins = [
     /// Paths of `rel` (e.g. `"data/layer0.bin"`) inside every unpacked
     /// native snapshot: non-empty means a layer was really unpacked.
     pub fn find_unpacked_file(&self, rel: &str) -> Vec<PathBuf> {
-        let snaps = self.root.join("io.containerd.snapshotter.v1.native").join("snapshots");
+        let snaps = self
+            .root
+            .join("io.containerd.snapshotter.v1.native")
+            .join("snapshots");
         let mut found = Vec::new();
         if let Ok(rd) = fs::read_dir(&snaps) {
             for e in rd.flatten() {

@@ -53,7 +53,9 @@ impl Proxy {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 config.listen = listener.local_addr().unwrap();
                 let state = State::new(config).expect("proxy state");
-                ready_tx.send((listener.local_addr().unwrap(), state.clone())).unwrap();
+                ready_tx
+                    .send((listener.local_addr().unwrap(), state.clone()))
+                    .unwrap();
                 ocicache::server::run(listener, state, async {
                     let _ = rx.await;
                 })

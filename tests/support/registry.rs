@@ -62,7 +62,14 @@ pub fn find_binary(name: &str) -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect())
         .unwrap_or_default();
-    for extra in ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"] {
+    for extra in [
+        "/usr/local/sbin",
+        "/usr/local/bin",
+        "/usr/sbin",
+        "/usr/bin",
+        "/sbin",
+        "/bin",
+    ] {
         dirs.push(PathBuf::from(extra));
     }
     dirs.into_iter().map(|d| d.join(name)).find(|p| is_exec(p))
@@ -144,7 +151,10 @@ pub fn layer_file_path(index: usize) -> String {
 
 fn tar_header(path: &str, size: u64, mode: u32, typeflag: u8) -> [u8; 512] {
     let mut h = [0u8; 512];
-    assert!(path.len() < 100, "tar path too long for this tiny writer: {path}");
+    assert!(
+        path.len() < 100,
+        "tar path too long for this tiny writer: {path}"
+    );
     h[..path.len()].copy_from_slice(path.as_bytes());
     fn octal(field: &mut [u8], value: u64) {
         // width-1 octal digits, NUL terminated
@@ -192,9 +202,10 @@ pub fn make_tar(path: &str, content: &[u8]) -> Vec<u8> {
 
 /// Deterministic gzip (mtime 0, no file name) of `data`.
 pub fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut enc = flate2::GzBuilder::new()
-        .mtime(0)
-        .write(Vec::with_capacity(data.len() / 2 + 64), flate2::Compression::fast());
+    let mut enc = flate2::GzBuilder::new().mtime(0).write(
+        Vec::with_capacity(data.len() / 2 + 64),
+        flate2::Compression::fast(),
+    );
     enc.write_all(data).unwrap();
     enc.finish().unwrap()
 }
@@ -406,7 +417,10 @@ impl Registry {
     pub fn restart(&mut self) {
         self.kill();
         if let Err(log) = self.spawn_and_wait() {
-            panic!("docker-registry did not restart on {}; log:\n{log}", self.addr);
+            panic!(
+                "docker-registry did not restart on {}; log:\n{log}",
+                self.addr
+            );
         }
     }
 
@@ -434,9 +448,7 @@ impl Registry {
             .iter()
             .filter(|l| {
                 l.split_once(&prefix)
-                    .map(|(_, rest)| {
-                        rest.split(' ').next().unwrap_or("").contains(path_contains)
-                    })
+                    .map(|(_, rest)| rest.split(' ').next().unwrap_or("").contains(path_contains))
                     .unwrap_or(false)
             })
             .count()
@@ -473,7 +485,12 @@ impl Registry {
             &[("Content-Type", "application/octet-stream")],
             data,
         );
-        assert_eq!(st, 201, "PUT blob {digest} to {repo}: {}", String::from_utf8_lossy(&body));
+        assert_eq!(
+            st,
+            201,
+            "PUT blob {digest} to {repo}: {}",
+            String::from_utf8_lossy(&body)
+        );
         if let Some(d) = header(&h, "docker-content-digest") {
             assert_eq!(d, digest, "registry computed a different blob digest");
         }
@@ -481,7 +498,13 @@ impl Registry {
     }
 
     /// PUT a manifest (or index) under `reference` (tag or digest).
-    pub fn push_manifest(&self, repo: &str, reference: &str, media_type: &str, bytes: &[u8]) -> String {
+    pub fn push_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> String {
         let digest = sha256_digest(bytes);
         let url = format!("{}/v2/{repo}/manifests/{reference}", self.url());
         let (st, h, body) = http_request("PUT", &url, &[("Content-Type", media_type)], bytes);
@@ -501,7 +524,13 @@ impl Registry {
     }
 
     /// Like `push_image` but for the given platform (`"arm64"`, `"arm/v7"`).
-    pub fn push_image_for_arch(&self, repo: &str, tag: &str, layers: &[Vec<u8>], arch: &str) -> PushedImage {
+    pub fn push_image_for_arch(
+        &self,
+        repo: &str,
+        tag: &str,
+        layers: &[Vec<u8>],
+        arch: &str,
+    ) -> PushedImage {
         let (architecture, variant) = split_platform(arch);
         let mut layer_digests = Vec::new();
         let mut layer_blobs = Vec::new();
@@ -571,12 +600,18 @@ impl Registry {
     /// Push an OCI image index under `tag` in `repo`. Each image must already
     /// be in `repo` (the registry checks). `arch` is `"amd64"`, `"arm64"`,
     /// `"arm/v7"`, ...; os is always linux.
-    pub fn push_index(&self, repo: &str, tag: &str, manifests: &[(&PushedImage, &str)]) -> (String, Vec<u8>) {
+    pub fn push_index(
+        &self,
+        repo: &str,
+        tag: &str,
+        manifests: &[(&PushedImage, &str)],
+    ) -> (String, Vec<u8>) {
         let entries: Vec<serde_json::Value> = manifests
             .iter()
             .map(|(img, arch)| {
                 let (architecture, variant) = split_platform(arch);
-                let mut platform = serde_json::json!({ "architecture": architecture, "os": "linux" });
+                let mut platform =
+                    serde_json::json!({ "architecture": architecture, "os": "linux" });
                 if let Some(v) = variant {
                     platform["variant"] = serde_json::Value::String(v);
                 }
@@ -670,9 +705,13 @@ pub fn http_get(url: &str, headers: &[(&str, &str)]) -> HttpResponse {
 /// Any method (`HEAD` responses have an empty body). Redirects are NOT
 /// followed. Sends `Connection: close` unless a Connection header is given.
 /// Panics on a connection/IO error.
-pub fn http_request(method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]) -> HttpResponse {
-    try_http_request(method, url, headers, body)
-        .unwrap_or_else(|e| panic!("{method} {url}: {e}"))
+pub fn http_request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpResponse {
+    try_http_request(method, url, headers, body).unwrap_or_else(|e| panic!("{method} {url}: {e}"))
 }
 
 /// Like `http_request` but returns IO errors (connection refused, timeout,
@@ -712,9 +751,14 @@ fn split_url(url: &str) -> std::io::Result<(String, String, u16, String)> {
         None => (rest, "/".to_string()),
     };
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (h, after) = v6.split_once(']').ok_or_else(|| bad("bad IPv6 authority"))?;
+        let (h, after) = v6
+            .split_once(']')
+            .ok_or_else(|| bad("bad IPv6 authority"))?;
         let port = after.strip_prefix(':').map(|p| p.parse()).transpose();
-        (h.to_string(), port.map_err(|_| bad("bad port"))?.unwrap_or(80))
+        (
+            h.to_string(),
+            port.map_err(|_| bad("bad port"))?.unwrap_or(80),
+        )
     } else {
         match authority.rsplit_once(':') {
             Some((h, p)) => (h.to_string(), p.parse().map_err(|_| bad("bad port"))?),

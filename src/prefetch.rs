@@ -1,0 +1,323 @@
+//! `ocicache prefetch`: warms a cache by pulling images through an ocicache, every platform
+//! of an index or those asked for. With `--server` it talks to a running ocicache; with
+//! `--config` the caller starts one in-process on a loopback port first, so both modes share
+//! this one path (and every byte is verified by the proxy as on any pull, and here again).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde::Deserialize;
+
+use crate::reference::{Digest, DigestHasher, Name, Reference};
+use crate::upstream::MANIFEST_TYPES;
+
+/// An image as users write it: `nginx`, `nginx:1.27`, `ghcr.io/owner/app@sha256:...`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef {
+    pub registry: String,
+    pub name: Name,
+    pub reference: Reference,
+}
+
+impl ImageRef {
+    pub fn parse(s: &str) -> anyhow::Result<ImageRef> {
+        let s = s.trim();
+        let (rest, reference) = match s.split_once('@') {
+            Some((n, d)) => (n, d.to_string()),
+            None => match s.rsplit_once(':') {
+                Some((n, t)) if !t.contains('/') => (n, t.to_string()),
+                _ => (s, "latest".to_string()),
+            },
+        };
+        let (registry, repo) = match rest.split_once('/') {
+            Some((first, repo))
+                if first.contains('.') || first.contains(':') || first == "localhost" =>
+            {
+                (first.to_string(), repo.to_string())
+            }
+            _ => ("docker.io".to_string(), rest.to_string()),
+        };
+        let repo = if registry == "docker.io" && !repo.contains('/') {
+            format!("library/{repo}")
+        } else {
+            repo
+        };
+        Ok(ImageRef {
+            name: Name::parse(&repo).map_err(|e| anyhow::anyhow!("{s}: {e}"))?,
+            reference: Reference::parse(&reference).map_err(|e| anyhow::anyhow!("{s}: {e}"))?,
+            registry,
+        })
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Summary {
+    pub manifests: u64,
+    pub blobs: u64,
+    /// Bytes the proxy fetched from upstreams for us.
+    pub fetched_bytes: u64,
+    /// Bytes it already had.
+    pub cached_bytes: u64,
+}
+
+#[derive(Deserialize)]
+struct Descriptor {
+    digest: String,
+    #[serde(default)]
+    size: u64,
+    #[serde(default)]
+    platform: Option<Platform>,
+}
+
+#[derive(Deserialize)]
+struct Platform {
+    os: String,
+    architecture: String,
+    #[serde(default)]
+    variant: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ManifestDoc {
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+    #[serde(default)]
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+}
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
+
+pub struct Prefetcher {
+    server: String,
+    platforms: Vec<String>,
+    client: HttpClient,
+    bars: Option<MultiProgress>,
+    pub summary: Summary,
+}
+
+impl Prefetcher {
+    /// `server`: base URL of an ocicache (`http://127.0.0.1:5000`). `platforms`:
+    /// `os/arch[/variant]`, empty for all. `progress`: draw bars (on a terminal).
+    pub fn new(server: &str, platforms: Vec<String>, progress: bool) -> Prefetcher {
+        Prefetcher {
+            server: server.trim_end_matches('/').to_string(),
+            platforms,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            bars: progress.then(MultiProgress::new),
+            summary: Summary::default(),
+        }
+    }
+
+    fn say(&self, line: String) {
+        match &self.bars {
+            Some(b) => {
+                let _ = b.println(line);
+            }
+            None => eprintln!("{line}"),
+        }
+    }
+
+    /// Pulls one image (all its platforms' manifests and blobs) through the server.
+    pub async fn image(&mut self, image: &ImageRef) -> anyhow::Result<()> {
+        let (bytes, media_type) = self.manifest(image, &image.reference).await?;
+        let doc: ManifestDoc = serde_json::from_slice(&bytes)?;
+        if media_type.contains("index")
+            || media_type.contains("manifest.list")
+            || !doc.manifests.is_empty()
+        {
+            for m in &doc.manifests {
+                if !self.wanted(m.platform.as_ref()) {
+                    continue;
+                }
+                let d = Reference::parse(&m.digest)?;
+                let (child, _) = self.manifest(image, &d).await?;
+                let child: ManifestDoc = serde_json::from_slice(&child)?;
+                self.blobs(image, &child).await?;
+            }
+        } else {
+            self.blobs(image, &doc).await?;
+        }
+        Ok(())
+    }
+
+    fn wanted(&self, platform: Option<&Platform>) -> bool {
+        if self.platforms.is_empty() {
+            return true;
+        }
+        let Some(p) = platform else { return false };
+        let full = match &p.variant {
+            Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
+            None => format!("{}/{}", p.os, p.architecture),
+        };
+        self.platforms
+            .iter()
+            .any(|w| *w == full || *w == format!("{}/{}", p.os, p.architecture))
+    }
+
+    fn url(&self, image: &ImageRef, kind: &str, reference: &str) -> String {
+        format!(
+            "{}/v2/{}/{kind}/{reference}?ns={}",
+            self.server, image.name, image.registry
+        )
+    }
+
+    async fn manifest(
+        &mut self,
+        image: &ImageRef,
+        reference: &Reference,
+    ) -> anyhow::Result<(Bytes, String)> {
+        let url = self.url(image, "manifests", &reference.to_string());
+        let req = Request::get(&url)
+            .header(header::ACCEPT, HeaderValue::from_static(MANIFEST_TYPES))
+            .body(Empty::new())?;
+        let resp = self.client.request(req).await?;
+        let status = resp.status();
+        let media_type = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let body = resp.into_body().collect().await?.to_bytes();
+        if status != StatusCode::OK {
+            anyhow::bail!("{url}: {status}: {}", String::from_utf8_lossy(&body));
+        }
+        if let Reference::Digest(d) = reference {
+            verify(d, &body)?;
+        }
+        self.summary.manifests += 1;
+        Ok((body, media_type))
+    }
+
+    async fn blobs(&mut self, image: &ImageRef, doc: &ManifestDoc) -> anyhow::Result<()> {
+        for d in doc.config.iter().chain(doc.layers.iter()) {
+            self.blob(image, d).await?;
+        }
+        Ok(())
+    }
+
+    async fn blob(&mut self, image: &ImageRef, d: &Descriptor) -> anyhow::Result<()> {
+        let digest = Digest::parse(&d.digest)?;
+        let url = self.url(image, "blobs", &d.digest);
+        let resp = self
+            .client
+            .request(Request::get(&url).body(Empty::new())?)
+            .await?;
+        if resp.status() != StatusCode::OK {
+            anyhow::bail!("{url}: {}", resp.status());
+        }
+        let hit = resp.headers().get("x-cache").is_some_and(|v| v == "HIT");
+        let bar = self.bars.as_ref().map(|b| {
+            let bar = b.add(ProgressBar::new(d.size));
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{msg:24} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+                )
+                .expect("a valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_message(digest.hex()[..12].to_string());
+            bar
+        });
+        let mut hasher = DigestHasher::new(digest.algorithm());
+        let mut len = 0u64;
+        let mut body = resp.into_body();
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                hasher.update(&data);
+                len += data.len() as u64;
+                if let Some(b) = &bar {
+                    b.set_position(len);
+                }
+            }
+        }
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        if hasher.finalize() != digest {
+            anyhow::bail!("{digest}: the content does not match its digest");
+        }
+        self.summary.blobs += 1;
+        if hit {
+            self.summary.cached_bytes += len;
+        } else {
+            self.summary.fetched_bytes += len;
+        }
+        self.say(format!(
+            "{} {digest} {} ({})",
+            if hit { "cached " } else { "fetched" },
+            human(len),
+            image.name
+        ));
+        Ok(())
+    }
+}
+
+fn verify(d: &Digest, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut h = DigestHasher::new(d.algorithm());
+    h.update(bytes);
+    if &h.finalize() != d {
+        anyhow::bail!("{d}: the manifest does not match its digest");
+    }
+    Ok(())
+}
+
+/// `12.3 MiB`.
+pub fn human(bytes: u64) -> String {
+    crate::config::ByteSize(bytes).to_string()
+}
+
+/// How long the in-process server gets to finish after the prefetch.
+pub const SHUTDOWN: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_references_normalize_like_docker() {
+        let r = ImageRef::parse("nginx").unwrap();
+        assert_eq!(
+            (
+                r.registry.as_str(),
+                r.name.as_str(),
+                r.reference.to_string().as_str()
+            ),
+            ("docker.io", "library/nginx", "latest")
+        );
+        let r = ImageRef::parse("bitnami/redis:7").unwrap();
+        assert_eq!(
+            (
+                r.registry.as_str(),
+                r.name.as_str(),
+                r.reference.to_string().as_str()
+            ),
+            ("docker.io", "bitnami/redis", "7")
+        );
+        let r = ImageRef::parse("ghcr.io/owner/app:v1").unwrap();
+        assert_eq!(
+            (r.registry.as_str(), r.name.as_str()),
+            ("ghcr.io", "owner/app")
+        );
+        let r = ImageRef::parse("localhost:5000/app").unwrap();
+        assert_eq!(
+            (
+                r.registry.as_str(),
+                r.name.as_str(),
+                r.reference.to_string().as_str()
+            ),
+            ("localhost:5000", "app", "latest")
+        );
+        let d = format!("sha256:{}", "a".repeat(64));
+        let r = ImageRef::parse(&format!("quay.io/x/y@{d}")).unwrap();
+        assert_eq!(r.reference.to_string(), d);
+        assert!(ImageRef::parse("UPPER/case").is_err());
+    }
+}
