@@ -123,24 +123,29 @@ impl Cache {
                 Ok(size) => cache.commit(&digest, file, temp.clone(), size).await,
                 Err(e) => Err(e),
             };
-            match outcome {
+            let last = match outcome {
                 Ok(size) => {
                     cache.metrics.fills_completed.inc();
                     tracing::info!(%digest, size, "fill committed");
-                    tx.send_replace(Progress::Done { size });
+                    Progress::Done { size }
                 }
                 Err(e) => {
                     let _ = tokio::fs::remove_file(&temp).await;
                     cache.metrics.fill_failed(reason(&e));
                     tracing::warn!(%digest, error = %e, "fill failed");
-                    tx.send_replace(Progress::Failed(e));
+                    Progress::Failed(e)
+                }
+            };
+            cache.metrics.fills_in_flight.dec();
+            // Forget the fill before telling its readers: from here a new request finds the
+            // committed blob on disk, or starts a new fill after a failure.
+            {
+                let mut fills = cache.fills.lock().unwrap();
+                if fills.get(&digest).is_some_and(|f| Arc::ptr_eq(f, &handle)) {
+                    fills.remove(&digest);
                 }
             }
-            cache.metrics.fills_in_flight.dec();
-            let mut fills = cache.fills.lock().unwrap();
-            if fills.get(&digest).is_some_and(|f| Arc::ptr_eq(f, &handle)) {
-                fills.remove(&digest);
-            }
+            tx.send_replace(last);
         });
         Ok(fill)
     }

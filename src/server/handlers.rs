@@ -90,6 +90,14 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr)
         .get::<Outcome>()
         .map(|o| o.0)
         .unwrap_or("-");
+    if outcome != "-" {
+        let x_cache = match outcome {
+            "miss" | "fill" | "upstream" => "MISS",
+            _ => "HIT",
+        };
+        resp.headers_mut()
+            .insert("x-cache", HeaderValue::from_static(x_cache));
+    }
     let upstream = resp
         .extensions()
         .get::<UpstreamName>()
