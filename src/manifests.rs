@@ -136,7 +136,7 @@ pub struct Manifests {
     tag_lists: moka::sync::Cache<(String, Name), Arc<Vec<String>>>,
     list_flights: ListFlights,
     /// Referrers answers: fresh ones (briefly) and the last good one (for errors).
-    referrers_fresh: moka::sync::Cache<String, Arc<(Bytes, HeaderValue)>>,
+    referrers_fresh: moka::sync::Cache<String, (Arc<(Bytes, HeaderValue)>, std::time::Instant)>,
     referrers_last: moka::sync::Cache<String, Arc<(Bytes, HeaderValue)>>,
 }
 
@@ -591,7 +591,13 @@ impl Manifests {
             path.extend(url::form_urlencoded::byte_serialize(t.as_bytes()));
         }
         let key = format!("{}\0{path}", up.name);
-        if let Some(hit) = self.referrers_fresh.get(&key) {
+        // Briefly: a minute at most, and never longer than the upstream's tag TTL.
+        let fresh_for = REFERRERS_TTL.min(up.tag_ttl);
+        if let Some((hit, _)) = self
+            .referrers_fresh
+            .get(&key)
+            .filter(|(_, at)| at.elapsed() < fresh_for)
+        {
             return Ok(Answer::hit(hit));
         }
         if self.offline {
@@ -624,7 +630,8 @@ impl Manifests {
         .await;
         match fetched {
             Ok(v) => {
-                self.referrers_fresh.insert(key.clone(), v.clone());
+                self.referrers_fresh
+                    .insert(key.clone(), (v.clone(), std::time::Instant::now()));
                 self.referrers_last.insert(key, v.clone());
                 Ok(Answer::miss(v))
             }

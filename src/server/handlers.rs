@@ -453,15 +453,19 @@ async fn blob_get(
         }
     };
 
-    let ranges = match req.headers().get(header::RANGE).map(|v| v.to_str()) {
+    let ranges = match req.headers().get(header::RANGE) {
         None => None,
-        Some(Err(_)) => return Err(range_error(size)),
-        Some(Ok(v)) => match range::parse(v) {
+        Some(v) => match v
+            .to_str()
+            .map_err(|_| RangeError::Malformed)
+            .and_then(range::parse)
+        {
             Ok(None) => None,
-            Ok(Some(specs)) => Some(range::resolve(&specs, size).map_err(|_| range_error(size))?),
-            Err(RangeError::Malformed)
-            | Err(RangeError::TooMany)
-            | Err(RangeError::Unsatisfiable) => return Err(range_error(size)),
+            Ok(Some(specs)) => match range::resolve(&specs, size) {
+                Ok(r) => Some(r),
+                Err(e) => return Ok(range_error(e, size)),
+            },
+            Err(e) => return Ok(range_error(e, size)),
         },
     };
     let mut resp = match ranges.as_deref() {
@@ -512,14 +516,20 @@ async fn blob_get(
             resp
         }
     };
-    let _ = &mut src;
     resp.extensions_mut().insert(Outcome(outcome));
     Ok(resp)
 }
 
-fn range_error(size: u64) -> Error {
-    let _ = size;
-    Error::client(ErrorCode::RangeInvalid, "range not satisfiable")
+/// `416` with `Content-Range: bytes */SIZE`, in the spec's envelope.
+fn range_error(e: RangeError, size: u64) -> Response<Body> {
+    let mut resp = Error::client(ErrorCode::RangeInvalid, e.to_string()).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_RANGE,
+        HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    resp
 }
 
 async fn tags(
