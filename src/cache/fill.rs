@@ -86,7 +86,12 @@ fn reason(e: &Error) -> &'static str {
 impl Cache {
     /// Starts a fill of `digest` from the response `fetch` yields. Called with the fills
     /// lock held, after a miss on disk; the caller records the returned fill.
-    pub(super) fn start_fill<F>(self: &Arc<Self>, digest: Digest, fetch: F) -> io::Result<Arc<Fill>>
+    pub(super) fn start_fill<F>(
+        self: &Arc<Self>,
+        digest: Digest,
+        upstream: String,
+        fetch: F,
+    ) -> io::Result<Arc<Fill>>
     where
         F: Future<Output = Result<Response<Incoming>, Error>> + Send + 'static,
     {
@@ -106,6 +111,7 @@ impl Cache {
                 cache.fill_deadline,
                 stream_to_file(
                     fetch,
+                    &upstream,
                     &digest,
                     file.clone(),
                     tx.clone(),
@@ -115,7 +121,7 @@ impl Cache {
             .await
             .unwrap_or_else(|_| {
                 Err(Error::upstream(
-                    "fill",
+                    &upstream,
                     UpstreamError::Stalled(cache.fill_deadline),
                 ))
             });
@@ -171,6 +177,7 @@ impl Cache {
 /// verified length.
 async fn stream_to_file<F>(
     fetch: F,
+    upstream: &str,
     digest: &Digest,
     file: Arc<File>,
     progress: Arc<watch::Sender<Progress>>,
@@ -179,7 +186,7 @@ async fn stream_to_file<F>(
 where
     F: Future<Output = Result<Response<Incoming>, Error>>,
 {
-    let upstream_err = |e| Error::upstream("blob", e);
+    let upstream_err = |e| Error::upstream(upstream, e);
     let resp = fetch.await?;
     match resp.status() {
         StatusCode::OK => {}

@@ -105,6 +105,7 @@ impl Cache {
     pub async fn open_or_fill<F>(
         self: &Arc<Self>,
         digest: &Digest,
+        upstream: &str,
         fetch: F,
     ) -> Result<Source, Error>
     where
@@ -121,7 +122,7 @@ impl Cache {
                 // A fill may have committed since we looked: check under the lock.
                 None if self.store.blob_path(digest).exists() => None,
                 None => {
-                    let fill = self.start_fill(digest.clone(), fetch)?;
+                    let fill = self.start_fill(digest.clone(), upstream.to_string(), fetch)?;
                     fills.insert(digest.clone(), fill.clone());
                     Some(fill)
                 }
@@ -155,6 +156,22 @@ impl Cache {
     /// Fills under way (for shutdown and tests).
     pub fn fills_in_flight(&self) -> usize {
         self.fills.lock().unwrap().len()
+    }
+
+    /// At shutdown: waits up to `deadline` for the fills under way (so the cache keeps what
+    /// was being pulled), then deletes the temp files of those still running.
+    pub async fn drain_fills(&self, deadline: Duration) {
+        let start = tokio::time::Instant::now();
+        while self.fills_in_flight() > 0 && start.elapsed() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left = self.fills_in_flight();
+        if left > 0 {
+            tracing::warn!(fills = left, "abandoning unfinished fills at shutdown");
+        }
+        if let Err(e) = self.store.clear_tmp() {
+            tracing::warn!(error = %e, "could not clear the temp folder");
+        }
     }
 
     /// Stores a verified manifest by digest (small: written whole).

@@ -39,14 +39,20 @@ impl Store {
         for sub in ["blobs", "types", "tags", "tmp"] {
             fs::create_dir_all(root.join(sub))?;
         }
-        for entry in fs::read_dir(root.join("tmp"))? {
-            let entry = entry?;
-            let _ = fs::remove_file(entry.path());
-        }
-        Ok(Store {
+        let store = Store {
             root: root.to_path_buf(),
             next_tmp: AtomicU64::new(0),
-        })
+        };
+        store.clear_tmp()?;
+        Ok(store)
+    }
+
+    /// Removes every temp file: at start (a crash's leftovers) and at shutdown.
+    pub fn clear_tmp(&self) -> io::Result<()> {
+        for entry in fs::read_dir(self.root.join("tmp"))? {
+            let _ = fs::remove_file(entry?.path());
+        }
+        Ok(())
     }
 
     pub fn root(&self) -> &Path {

@@ -434,7 +434,7 @@ async fn blob_get(
                     .map_err(|e| Error::upstream(&up.name, e))
             }
         };
-        state.cache.open_or_fill(digest, fetch).await?
+        state.cache.open_or_fill(digest, &up.name, fetch).await?
     };
     let size = src.size().await?;
     let outcome = if src.is_fill() { "fill" } else { "hit" };

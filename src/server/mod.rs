@@ -149,6 +149,7 @@ pub async fn run(
             tracing::warn!("shutdown deadline reached with responses still in flight");
         }
     }
+    state.cache.drain_fills(limits.shutdown_timeout.0).await;
     Ok(())
 }
 
