@@ -11,7 +11,8 @@
 //!
 //! The end is all or nothing. When the stream ends, length and digest are checked; only then
 //! is the file fsynced and renamed into `blobs/` (the inode is the same, so readers go on
-//! reading through their descriptor) and `Done` published. A mismatch, a short body, a stall
+//! reading through their descriptor) and `Done` published. Until `Done`, every reader holds
+//! back the last byte of its range: a client can never hold a complete body that is wrong. A mismatch, a short body, a stall
 //! or a disk error publishes `Failed`, which every reader turns into an error chunk (the
 //! client's connection is aborted, never cleanly ended), and deletes the temp file. The
 //! fill is then forgotten, so the next request starts a new one.
@@ -384,7 +385,9 @@ impl Reader {
                 let state = rx.borrow_and_update().clone();
                 let available = match state {
                     Progress::Connecting => 0,
-                    Progress::Streaming { written, .. } => written,
+                    // The last byte of the range waits for the verdict: a client must never
+                    // hold a complete body that later proves wrong (it could not tell).
+                    Progress::Streaming { written, .. } => written.min(self.end - 1),
                     Progress::Done { size } if size < self.end => {
                         return self.fail(io::Error::new(
                             io::ErrorKind::UnexpectedEof,
@@ -403,6 +406,7 @@ impl Reader {
             },
         };
         let len = (available.min(self.end) - self.pos).min(READ_CHUNK as u64) as usize;
+        debug_assert!(len > 0);
         let file = self.file.clone();
         let pos = self.pos;
         let read = tokio::task::spawn_blocking(move || {
@@ -429,8 +433,8 @@ impl Reader {
         Some(Err(e))
     }
 
-    /// The end of the range: for a fill, only once the whole blob is verified. Ending a
-    /// response cleanly before that could hand the client a wrong body as if it were right.
+    /// The end of the range: for a fill, only once the whole blob is verified (the last byte
+    /// was held back until then, see above).
     async fn finish(&mut self) -> Option<io::Result<Bytes>> {
         let rx = self.progress.as_mut()?;
         loop {

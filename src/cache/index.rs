@@ -70,3 +70,35 @@ impl Index {
         (bytes, self.entries.entry_count())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn evicts_the_least_recently_used_beyond_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let index = Index::new(1 << 20, store.clone(), Arc::new(Metrics::new()));
+        let put = |n: u8| {
+            let data = vec![n; 400 << 10];
+            let d = Digest::sha256_of(&data);
+            let (mut f, tmp) = store.temp().unwrap();
+            f.write_all(&data).unwrap();
+            store.commit(&f, &tmp, &d).unwrap();
+            index.insert(d.clone(), data.len() as u64);
+            d
+        };
+        let a = put(1);
+        let b = put(2);
+        index.touch(&a);
+        let c = put(3);
+        assert!(
+            !store.blob_path(&b).exists(),
+            "b was the least recently used"
+        );
+        assert!(store.blob_path(&a).exists() && store.blob_path(&c).exists());
+        assert!(!index.contains(&b));
+    }
+}

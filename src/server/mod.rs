@@ -123,6 +123,16 @@ pub async fn run(
         let watcher = graceful.watcher();
         let handshake_timeout = limits.header_read_timeout.0;
         tokio::spawn(async move {
+            // A client that connects and says nothing is dropped: hyper's header timeout
+            // starts only with the first byte.
+            let mut first = [0u8; 1];
+            if !matches!(
+                tokio::time::timeout(handshake_timeout, stream.peek(&mut first)).await,
+                Ok(Ok(1))
+            ) {
+                tracing::debug!(%peer, "connection closed: nothing received");
+                return;
+            }
             match state.tls.clone() {
                 None => {
                     serve_connection(&builder, TokioIo::new(stream), state, peer, watcher).await

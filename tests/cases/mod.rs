@@ -1,2 +1,6 @@
+mod abuse;
+mod blobs;
+mod faults;
+mod manifests;
 mod ops;
 mod real;
