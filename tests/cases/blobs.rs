@@ -472,3 +472,81 @@ fn sigkill_mid_fill_then_restart_serves_only_verified_blobs() {
         (200, &b"a small blob, committed before the kill"[..])
     );
 }
+
+/// A tmpfs of `size` mounted on a fresh folder, unmounted on drop. `None` (said loudly)
+/// where mounting is not allowed, unless under CI, where that is a failure.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            assert!(
+                !crate::support::registry::under_ci(),
+                "cannot mount a tmpfs under CI (run as root)"
+            );
+            eprintln!("SKIPPED: cannot mount a tmpfs here (not root?)");
+            return None;
+        }
+        Some(SmallDisk { dir })
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_the_fill_cleanly_and_the_cache_keeps_serving() {
+    let Some(disk) = SmallDisk::mount("2m") else {
+        return;
+    };
+    let fake = Fake::start();
+    let small = random_bytes(200_000, 20);
+    let d_small = fake.add_blob(&small);
+    let big = random_bytes(4 << 20, 21);
+    let d_big = fake.add_blob(&big);
+    let cache = disk.dir.path().join("cache");
+    let proxy = Proxy::start(config(&cache, &[("docker.io", &fake.url(), true)]));
+    assert_eq!(proxy.get(&format!("/v2/x/blobs/{d_small}"), &[]).2, small);
+
+    match try_http_request(
+        "GET",
+        &format!("{}/v2/x/blobs/{d_big}", proxy.url()),
+        &[],
+        b"",
+    ) {
+        Err(_) => {}
+        Ok((s, _, body)) => assert!(
+            s >= 500 || body != big,
+            "a full disk cannot give a complete blob"
+        ),
+    }
+    wait_until(
+        "the failed fill to clean up",
+        Duration::from_secs(10),
+        || tmp_files(&cache) == 0,
+    );
+    assert!(!blob_file(&cache, &d_big).exists());
+    assert!(proxy.metric("ocicache_fills_failed_total{reason=\"disk\"}") >= 1.0);
+    // What was cached is still served, and small new blobs still fit.
+    let (s, h, body) = proxy.get(&format!("/v2/x/blobs/{d_small}"), &[]);
+    assert_eq!((s, header(&h, "x-cache"), body), (200, Some("HIT"), small));
+    let tiny = fake.add_blob(b"still room for this");
+    assert_eq!(
+        proxy.get(&format!("/v2/x/blobs/{tiny}"), &[]).2,
+        b"still room for this"
+    );
+    drop(proxy);
+}

@@ -356,3 +356,88 @@ fn cache_verify_finds_a_blob_corrupted_on_disk() {
     assert_success("cache stats", &out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("entries:"));
 }
+
+#[test]
+fn sigterm_during_a_fill_leaves_no_temp_file() {
+    use crate::support::fake::{Fake, Fault};
+    let fake = Fake::start();
+    let data = random_bytes(4 << 20, 90);
+    let d = fake.add_blob(&data);
+    fake.fault(
+        "/blobs/",
+        Fault::Slow {
+            chunk: 16 << 10,
+            delay: Duration::from_millis(50),
+        },
+        None,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let cfg = dir.path().join("c.toml");
+    let port = crate::support::registry::free_port();
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\n[limits]\nshutdown_timeout = \"1s\"\n[cache]\ndir = \"{}\"\n[[upstreams]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\n",
+            cache.display(),
+            fake.url()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let start = Instant::now();
+    while crate::support::registry::try_http_request("GET", &format!("{base}/v2/"), &[], b"")
+        .is_err()
+    {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let url = format!("{base}/v2/x/blobs/{d}");
+    let client = std::thread::spawn(move || {
+        crate::support::registry::try_http_request("GET", &url, &[], b"")
+    });
+    while std::fs::read_dir(cache.join("tmp"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "a clean exit on SIGTERM: {:?}",
+        out.status
+    );
+    assert_eq!(
+        std::fs::read_dir(cache.join("tmp")).unwrap().count(),
+        0,
+        "no temp file left"
+    );
+    let hex = d.strip_prefix("sha256:").unwrap();
+    assert!(
+        !cache
+            .join("blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .exists(),
+        "the unfinished blob is not committed"
+    );
+    // The client saw an aborted response, not a clean wrong one.
+    match client.join().unwrap() {
+        Err(_) => {}
+        Ok((s, _, body)) => assert!(s != 200 || body.len() < data.len()),
+    }
+}
