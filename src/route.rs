@@ -310,4 +310,34 @@ mod tests {
         );
         assert_eq!(query_param(None, "ns"), None);
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any path: no panic; whatever resolves names a valid repository on a configured
+            /// upstream, and a name that resolves contains no traversal.
+            #[test]
+            fn any_path_routes_safely(path in "/v2/[a-zA-Z0-9./%_:-]{0,60}(/(manifests|blobs|tags|referrers)/[a-zA-Z0-9.:_-]{0,70})?", ns in proptest::option::of("[a-z0-9.:-]{0,20}")) {
+                if let Ok(Endpoint::Manifest { name, .. } | Endpoint::Blob { name, .. } | Endpoint::Tags { name } | Endpoint::Referrers { name, .. }) = parse_path(&path) {
+                    if let Ok(t) = resolve(&ups(), ns.as_deref(), &name) {
+                        prop_assert!(t.upstream < 2);
+                        prop_assert!(Name::parse(t.name.as_str()).is_ok());
+                        prop_assert!(!t.name.as_str().split('/').any(|c| c == ".." || c == "." || c.is_empty()));
+                        prop_assert!(!t.name.as_str().contains('%'));
+                    }
+                }
+            }
+
+            /// Valid names route back to themselves (with `library/` for Docker Hub).
+            #[test]
+            fn valid_names_round_trip(name in "[a-z0-9]{1,8}(/[a-z0-9]{1,8}){0,3}") {
+                let t = resolve(&ups(), Some("ghcr.io"), &name).unwrap();
+                prop_assert_eq!(t.name.as_str(), name.as_str());
+                let path = format!("/v2/{name}/manifests/latest");
+                prop_assert_eq!(parse_path(&path).unwrap(), Endpoint::Manifest { name: name.clone(), reference: "latest".into() });
+            }
+        }
+    }
 }
