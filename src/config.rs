@@ -52,9 +52,11 @@ pub struct CacheConfig {
 pub struct LimitsConfig {
     /// Largest manifest accepted from an upstream.
     pub max_manifest_size: ByteSize,
-    /// A client must send its request headers within this time (slowloris).
+    /// A client must send its request headers within this time (slowloris). A connection
+    /// that sends nothing, or an HTTP/1.1 keep-alive connection idle between requests, is
+    /// closed after it.
     pub header_read_timeout: HumanDuration,
-    /// A keep-alive connection with no request for this long is closed.
+    /// HTTP/2 keep-alive ping interval on idle connections.
     pub idle_timeout: HumanDuration,
     /// Connections served at once; further ones wait in the accept queue.
     pub max_connections: usize,

@@ -75,7 +75,11 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr)
         .requests
         .get_or_create(&crate::metrics::RequestLabels {
             route: route_label,
-            method: method.as_str().to_string(),
+            method: match method {
+                Method::GET => "GET",
+                Method::HEAD => "HEAD",
+                _ => "other",
+            },
             status: status.as_u16(),
         })
         .inc();
