@@ -81,16 +81,23 @@ enum ConfigCommand {
     },
 }
 
-fn init_logging(config: &Config) {
+/// Logs go to stderr through a background writer: a request's log line costs the worker a
+/// formatted line in memory, not a write system call. The guard flushes at exit.
+fn init_logging(config: &Config) -> tracing_appender::non_blocking::WorkerGuard {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Human => builder.init(),
     }
+    guard
 }
 
 fn load(config: Option<&std::path::Path>) -> Result<Config, ExitCode> {
@@ -108,7 +115,7 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            init_logging(&config);
+            let _logs = init_logging(&config);
             let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
             match runtime.block_on(serve(config)) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -33,6 +33,30 @@ pub struct Manifest {
     pub digest: Digest,
     pub media_type: String,
     pub bytes: Bytes,
+    /// The response headers, made once: a cached manifest is the hottest answer there is.
+    pub headers: HeaderMap,
+}
+
+impl Manifest {
+    pub fn new(digest: Digest, media_type: String, bytes: Bytes) -> Manifest {
+        let mut headers = HeaderMap::with_capacity(4);
+        let text = |s: &str| HeaderValue::from_str(s).ok();
+        headers.insert(
+            header::CONTENT_TYPE,
+            text(&media_type).unwrap_or(HeaderValue::from_static("application/octet-stream")),
+        );
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        if let (Some(d), Some(e)) = (text(&digest.to_string()), text(&format!("\"{digest}\""))) {
+            headers.insert("docker-content-digest", d);
+            headers.insert(header::ETAG, e);
+        }
+        Manifest {
+            digest,
+            media_type,
+            bytes,
+            headers,
+        }
+    }
 }
 
 /// A manifest as answered, and whether it is a stale answer given because the upstream
@@ -129,7 +153,7 @@ pub struct Manifests {
     /// Verified manifests by digest, in memory, bounded by bytes: the hot path of a mirror.
     hot: moka::sync::Cache<Digest, Arc<Manifest>>,
     /// Tag records loaded from disk or written since.
-    tags: moka::sync::Cache<TagKey, TagRecord>,
+    tags: moka::sync::Cache<TagKey, Arc<TagRecord>>,
     tag_flights: TagFlights,
     digest_flights: Coalesce<Digest, Result<Arc<Manifest>, Error>>,
     /// Last good tag list per (upstream, name), for stale and offline answers.
@@ -202,11 +226,7 @@ impl Manifests {
             self.cache.index.forget(digest);
             return Ok(None);
         }
-        let m = Arc::new(Manifest {
-            digest: digest.clone(),
-            media_type,
-            bytes,
-        });
+        let m = Arc::new(Manifest::new(digest.clone(), media_type, bytes));
         self.hot.insert(digest.clone(), m.clone());
         Ok(Some(m))
     }
@@ -279,7 +299,7 @@ impl Manifests {
         &self,
         up: &Arc<Upstream>,
         key: TagKey,
-        usable: Option<(TagRecord, Arc<Manifest>)>,
+        usable: Option<(Arc<TagRecord>, Arc<Manifest>)>,
         accept: Option<&str>,
     ) -> Result<Answer<Arc<Manifest>>, Error> {
         let (_, name, tag) = &key;
@@ -411,22 +431,18 @@ impl Manifests {
         self.cache
             .put_manifest(&digest, bytes.clone(), &media_type)
             .await?;
-        let m = Arc::new(Manifest {
-            digest: digest.clone(),
-            media_type,
-            bytes,
-        });
+        let m = Arc::new(Manifest::new(digest.clone(), media_type, bytes));
         self.hot.insert(digest, m.clone());
         Ok(m)
     }
 
-    async fn tag_record(&self, key: &TagKey) -> Option<TagRecord> {
+    async fn tag_record(&self, key: &TagKey) -> Option<Arc<TagRecord>> {
         if let Some(r) = self.tags.get(key) {
             return Some(r);
         }
         let path = self.tag_path(key);
         let bytes = tokio::fs::read(&path).await.ok()?;
-        let record: TagRecord = serde_json::from_slice(&bytes).ok()?;
+        let record: Arc<TagRecord> = Arc::new(serde_json::from_slice(&bytes).ok()?);
         if (&record.upstream, &record.name, &record.tag) != (&key.0, &key.1, &key.2) {
             return None;
         }
@@ -443,10 +459,10 @@ impl Manifests {
             media_type: m.media_type.clone(),
             confirmed: SystemTime::now(),
         };
-        self.tags.insert(key.clone(), record.clone());
+        let bytes = serde_json::to_vec(&record).expect("a record serializes");
+        self.tags.insert(key.clone(), Arc::new(record));
         let path = self.tag_path(key);
         let store = self.cache.store.clone();
-        let bytes = serde_json::to_vec(&record).expect("a record serializes");
         let written = tokio::task::spawn_blocking(move || store.write_atomic(&path, &bytes)).await;
         if !matches!(written, Ok(Ok(()))) {
             tracing::warn!(tag = %key.2, "could not persist a tag record");

@@ -26,7 +26,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::{header, Response, StatusCode};
@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::Cache;
 use crate::error::{Error, ErrorCode, UpstreamError};
-use crate::reference::{Digest, DigestHasher};
+use crate::reference::{Algorithm, Digest, DigestHasher};
 
 /// Largest chunk a reader takes from the file at once.
 const READ_CHUNK: usize = 256 << 10;
@@ -212,12 +212,7 @@ where
         .and_then(|v| v.parse::<u64>().ok());
     progress.send_replace(Progress::Streaming { size, written: 0 });
 
-    let (chunks, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
-    let writer = {
-        let progress = progress.clone();
-        let hasher = digest.hasher();
-        tokio::task::spawn_blocking(move || write_chunks(&file, rx, hasher, &progress))
-    };
+    let sink = Sink::start(file, digest.algorithm(), progress.clone());
     let mut body = resp.into_body();
     let mut received: u64 = 0;
     let mut failure = None;
@@ -247,12 +242,11 @@ where
             )));
             break;
         }
-        if chunks.send(data).await.is_err() {
+        if !sink.push(data).await {
             break; // the writer failed; its error is reported below
         }
     }
-    drop(chunks);
-    let (written, actual) = writer.await.map_err(io::Error::other)??;
+    let (written, actual) = sink.finish().await?;
     if let Some(f) = failure {
         return Err(upstream_err(f));
     }
@@ -271,25 +265,81 @@ where
     Ok(written)
 }
 
-/// The blocking half of a fill: hash and write each chunk, then tell the readers.
-fn write_chunks(
-    file: &File,
-    mut chunks: mpsc::Receiver<Bytes>,
-    mut hasher: DigestHasher,
-    progress: &watch::Sender<Progress>,
-) -> io::Result<(u64, Digest)> {
-    let mut offset = 0u64;
-    while let Some(chunk) = chunks.blocking_recv() {
-        hasher.update(&chunk);
-        file.write_all_at(&chunk, offset)?;
-        offset += chunk.len() as u64;
-        progress.send_modify(|p| {
-            if let Progress::Streaming { written, .. } = p {
-                *written = offset;
+/// The disk half of a fill: one blocking thread writes the chunks and tells the readers,
+/// another hashes the same chunks (`Bytes` are shared, not copied). Running the two side by
+/// side makes a fill cost about what hashing alone costs, and readers see bytes as soon as
+/// they are written, not after they are hashed.
+pub struct Sink {
+    writer: (
+        mpsc::Sender<Bytes>,
+        tokio::task::JoinHandle<io::Result<u64>>,
+    ),
+    hasher: (mpsc::Sender<Bytes>, tokio::task::JoinHandle<Digest>),
+}
+
+/// Readers are woken when this much has been written since they last were (or at once when
+/// the last wake is older than `NOTIFY_AFTER`): waking every reader for every small network
+/// frame would make them chase the writer in tiny reads.
+const NOTIFY_BYTES: u64 = 64 << 10;
+const NOTIFY_AFTER: Duration = Duration::from_millis(2);
+
+impl Sink {
+    /// Starts the writer and hasher threads for `file`, publishing `written` on `progress`.
+    pub fn start(
+        file: Arc<File>,
+        algorithm: Algorithm,
+        progress: Arc<watch::Sender<Progress>>,
+    ) -> Sink {
+        let (wtx, mut wrx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut offset = 0u64;
+            let mut notified = (0u64, Instant::now());
+            let publish = |offset: u64| {
+                progress.send_modify(|p| {
+                    if let Progress::Streaming { written, .. } = p {
+                        *written = offset;
+                    }
+                })
+            };
+            while let Some(chunk) = wrx.blocking_recv() {
+                file.write_all_at(&chunk, offset)?;
+                offset += chunk.len() as u64;
+                if offset - notified.0 >= NOTIFY_BYTES || notified.1.elapsed() >= NOTIFY_AFTER {
+                    publish(offset);
+                    notified = (offset, Instant::now());
+                }
             }
+            publish(offset);
+            Ok(offset)
         });
+        let (htx, mut hrx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+        let hasher = tokio::task::spawn_blocking(move || {
+            let mut hasher = DigestHasher::new(algorithm);
+            while let Some(chunk) = hrx.blocking_recv() {
+                hasher.update(&chunk);
+            }
+            hasher.finalize()
+        });
+        Sink {
+            writer: (wtx, writer),
+            hasher: (htx, hasher),
+        }
     }
-    Ok((offset, hasher.finalize()))
+
+    /// Queues a chunk; `false` when the writer has failed (its error comes from `finish`).
+    pub async fn push(&self, chunk: Bytes) -> bool {
+        self.hasher.0.send(chunk.clone()).await.is_ok() && self.writer.0.send(chunk).await.is_ok()
+    }
+
+    /// Waits for both threads: the bytes written and their digest.
+    pub async fn finish(self) -> io::Result<(u64, Digest)> {
+        let (wtx, writer) = self.writer;
+        let (htx, hasher) = self.hasher;
+        drop((wtx, htx));
+        let written = writer.await.map_err(io::Error::other)??;
+        let digest = hasher.await.map_err(io::Error::other)?;
+        Ok((written, digest))
+    }
 }
 
 /// A blob to serve: a committed file, or the growing file of a fill.

@@ -284,15 +284,7 @@ async fn manifest(
     let m = &ans.value;
     let mut resp = Response::new(body::full(m.bytes.clone()));
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_str(&m.media_type)
-            .unwrap_or(HeaderValue::from_static("application/octet-stream")),
-    );
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(m.bytes.len()));
-    let digest = digest_value(&m.digest);
-    h.insert(header::ETAG, etag(&m.digest));
-    h.insert("docker-content-digest", digest);
+    h.extend(m.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
     if ans.stale {
         h.insert(header::WARNING, stale_warning());
     }
