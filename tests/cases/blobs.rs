@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest as _, Sha256};
 
 use crate::support::fake::{Fake, Fault};
-use crate::support::proxy::{config, Proxy};
+use crate::support::proxy::{config, toml_for, ChildProxy, Proxy};
 use crate::support::registry::{header, random_bytes, try_http_request, try_http_request_timeout};
 
 fn sha(data: &[u8]) -> String {
@@ -420,28 +420,12 @@ fn sigkill_mid_fill_then_restart_serves_only_verified_blobs() {
         None,
     );
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("c.toml");
     let cache = dir.path().join("cache");
-    let port = crate::support::registry::free_port();
-    std::fs::write(
-        &cfg,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\n[cache]\ndir = \"{}\"\n[[upstreams]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\n",
-            cache.display(),
-            fake.url()
-        ),
-    )
-    .unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ocicache"))
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    wait_until("the child to listen", Duration::from_secs(10), || {
-        try_http_request("GET", &format!("{base}/v2/"), &[], b"").is_ok()
-    });
+    let ChildProxy { base, mut child } = ChildProxy::start(
+        dir.path(),
+        &toml_for(&cache, &fake.url(), ""),
+        std::process::Stdio::null(),
+    );
     assert_eq!(
         try_http_request("GET", &format!("{base}/v2/x/blobs/{done}"), &[], b"")
             .unwrap()

@@ -2,12 +2,12 @@
 //! client a clear error in the spec's format, caches nothing wrong, leaks no credential, and
 //! leaves the proxy serving.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use crate::support::fake::{Auth, Fake, Fault};
-use crate::support::proxy::{config, Proxy};
-use crate::support::registry::{free_port, header, random_bytes, try_http_request};
+use crate::support::proxy::{config, toml_for, ChildProxy, Proxy};
+use crate::support::registry::{header, random_bytes, try_http_request};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
@@ -222,31 +222,16 @@ fn credentials_and_tokens_never_appear_in_logs_or_error_bodies() {
     let dir = tempfile::tempdir().unwrap();
     let pwfile = dir.path().join("pw");
     std::fs::write(&pwfile, "hunter2-pw\n").unwrap();
-    let cfg = dir.path().join("c.toml");
-    let port = free_port();
-    std::fs::write(
-        &cfg,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\n[log]\nlevel = \"trace\"\n[cache]\ndir = \"{}\"\n[[upstreams]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\nusername = \"user1\"\npassword_file = \"{}\"\n",
-            dir.path().join("cache").display(),
-            fake.url(),
-            pwfile.display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_ocicache"))
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .env_remove("RUST_LOG")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    let start = std::time::Instant::now();
-    while try_http_request("GET", &format!("{base}/v2/"), &[], b"").is_err() {
-        assert!(start.elapsed() < Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let upstream_creds = format!(
+        "username = \"user1\"\npassword_file = \"{}\"\n",
+        pwfile.display()
+    );
+    let toml = format!(
+        "[log]\nlevel = \"trace\"\n{}",
+        toml_for(&dir.path().join("cache"), &fake.url(), &upstream_creds)
+    );
+    let child = ChildProxy::start(dir.path(), &toml, Stdio::piped());
+    let base = child.base.clone();
     let (s, _, body1) =
         try_http_request("GET", &format!("{base}/v2/a/blobs/{d}"), &[], b"").unwrap();
     assert_eq!(s, 200);
@@ -262,10 +247,7 @@ fn credentials_and_tokens_never_appear_in_logs_or_error_bodies() {
         b"",
     )
     .unwrap();
-    unsafe {
-        libc_kill(child.id() as i32, 15);
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = child.terminate();
     let logs = String::from_utf8_lossy(&out.stderr);
     assert!(logs.contains("request"), "logs were captured: {logs}");
     let tokens: Vec<String> = fake
@@ -290,9 +272,4 @@ fn credentials_and_tokens_never_appear_in_logs_or_error_bodies() {
     for r in cdn.requests() {
         assert!(r.header("authorization").is_none());
     }
-}
-
-extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
 }

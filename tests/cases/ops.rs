@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::support::clients::assert_success;
-use crate::support::proxy::{config, Proxy};
+use crate::support::proxy::{config, toml_for, ChildProxy, Proxy};
 use crate::support::registry::{header, random_bytes, Registry};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ocicache");
@@ -383,31 +383,13 @@ fn sigterm_during_a_fill_leaves_no_temp_file() {
     );
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
-    let cfg = dir.path().join("c.toml");
-    let port = crate::support::registry::free_port();
-    std::fs::write(
-        &cfg,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\n[limits]\nshutdown_timeout = \"1s\"\n[cache]\ndir = \"{}\"\n[[upstreams]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\n",
-            cache.display(),
-            fake.url()
-        ),
-    )
-    .unwrap();
-    let child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
+    let toml = format!(
+        "[limits]\nshutdown_timeout = \"1s\"\n{}",
+        toml_for(&cache, &fake.url(), "")
+    );
+    let child = ChildProxy::start(dir.path(), &toml, std::process::Stdio::null());
+    let base = child.base.clone();
     let start = Instant::now();
-    while crate::support::registry::try_http_request("GET", &format!("{base}/v2/"), &[], b"")
-        .is_err()
-    {
-        assert!(start.elapsed() < Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(50));
-    }
     let url = format!("{base}/v2/x/blobs/{d}");
     let client = std::thread::spawn(move || {
         crate::support::registry::try_http_request("GET", &url, &[], b"")
@@ -420,12 +402,7 @@ fn sigterm_during_a_fill_leaves_no_temp_file() {
         assert!(start.elapsed() < Duration::from_secs(10));
         std::thread::sleep(Duration::from_millis(20));
     }
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let out = child.wait_with_output().unwrap();
+    let out = child.terminate();
     assert!(
         out.status.success(),
         "a clean exit on SIGTERM: {:?}",

@@ -119,3 +119,53 @@ impl Drop for Proxy {
         self.shutdown_now();
     }
 }
+
+/// `ocicache serve` as a child process (for signals and kills), listening on a free port.
+pub struct ChildProxy {
+    pub base: String,
+    pub child: std::process::Child,
+}
+
+/// The TOML of a cache in `cache` with one default upstream `docker.io` at `url`.
+pub fn toml_for(cache: &Path, url: &str, upstream_extra: &str) -> String {
+    format!(
+        "[cache]\ndir = \"{}\"\n[[upstreams]]\nname = \"docker.io\"\nurl = \"{url}\"\ndefault = true\n{upstream_extra}",
+        cache.display()
+    )
+}
+
+impl ChildProxy {
+    /// Writes `listen` plus `toml` to `dir/c.toml`, starts the binary, waits until it answers.
+    pub fn start(dir: &Path, toml: &str, stderr: std::process::Stdio) -> ChildProxy {
+        let port = super::registry::free_port();
+        let cfg = dir.join("c.toml");
+        std::fs::write(&cfg, format!("listen = \"127.0.0.1:{port}\"\n{toml}")).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_ocicache"))
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .env_remove("RUST_LOG")
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let base = format!("http://127.0.0.1:{port}");
+        let start = std::time::Instant::now();
+        while super::registry::try_http_request("GET", &format!("{base}/v2/"), &[], b"").is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the child did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        ChildProxy { base, child }
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns the process output.
+    pub fn terminate(self) -> std::process::Output {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        self.child.wait_with_output().unwrap()
+    }
+}
