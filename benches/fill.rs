@@ -111,6 +111,33 @@ fn write_chunks(data: &Bytes, file: &File) -> ocicache::reference::Digest {
     })
 }
 
+/// What overlapping the two would give: the hash on this thread, the writes on another
+/// (fed the same `Bytes`, no copy), both going at once. Not what `write_chunks` does today.
+fn hash_then_pwrite_pipelined(data: &Bytes, file: &File) -> ocicache::reference::Digest {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(QUEUE);
+    std::thread::scope(|s| {
+        let writer = s.spawn(move || {
+            let mut offset = 0u64;
+            for chunk in rx {
+                file.write_all_at(&chunk, offset).unwrap();
+                offset += chunk.len() as u64;
+            }
+        });
+        let mut h = DigestHasher::new(Algorithm::Sha256);
+        let mut at = 0;
+        while at < data.len() {
+            let end = (at + CHUNK).min(data.len());
+            let chunk = data.slice(at..end);
+            h.update(&chunk);
+            tx.send(chunk).unwrap();
+            at = end;
+        }
+        drop(tx);
+        writer.join().unwrap();
+        h.finalize()
+    })
+}
+
 /// A temp file in `dir`, removed on drop.
 struct TempFile {
     file: File,
@@ -196,6 +223,13 @@ fn benches(c: &mut Criterion, data: &Bytes) {
         g.bench_function(format!("write_chunks/{name}"), |b| {
             b.iter_custom(|n| timed(n, &file, |f| drop(black_box(write_chunks(data, f)))))
         });
+        g.bench_function(format!("pipelined/{name}"), |b| {
+            b.iter_custom(|n| {
+                timed(n, &file, |f| {
+                    drop(black_box(hash_then_pwrite_pipelined(data, f)))
+                })
+            })
+        });
     }
     g.finish();
 }
@@ -205,35 +239,108 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-/// The goal, measured again with alternated runs so that both sides see the same machine.
+/// CPU time of this process so far (user + system, all threads, the exited ones included),
+/// from `/proc/self/stat`. The kernel scales these ticks from its precise run-time
+/// accounting, so a sum of deltas over many runs is accurate to a tick per run.
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after_comm = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // After the command: state is field 3, utime 14 and stime 15 (USER_HZ is 100).
+    Duration::from_millis((tick(11) + tick(12)) * 10)
+}
+
+/// One run's wall time and the process's CPU time over it.
+fn run(file: Option<&TempFile>, f: impl FnOnce(Option<&File>)) -> (Duration, Duration) {
+    if let Some(t) = file {
+        t.reset();
+    }
+    let cpu = process_cpu();
+    let start = Instant::now();
+    f(file.map(|t| &t.file));
+    (start.elapsed(), process_cpu() - cpu)
+}
+
+/// The goal, measured again with alternated runs so that every variant sees the same
+/// machine: wall time (median) and CPU time (total over the runs, all threads). The verdict
+/// is on CPU time, what hashing and writing cost; wall time also moves with whatever else
+/// the machine runs.
 fn summary(data: &Bytes) {
     const ROUNDS: usize = 15;
     let mib_s = |d: Duration| TOTAL as f64 / (1 << 20) as f64 / d.as_secs_f64();
     println!(
-        "\nsummary: {} MiB in {} KiB chunks, median of {ROUNDS} alternated runs",
+        "\nsummary: {} MiB in {} KiB chunks, {ROUNDS} alternated runs each; load average {}",
         TOTAL >> 20,
-        CHUNK >> 10
+        CHUNK >> 10,
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     );
+    type Variant = fn(&Bytes, &File);
+    let variants: [(&str, Variant, bool); 3] = [
+        (
+            "hash+pwrite",
+            |d, f| drop(black_box(hash_pwrite(d, f))),
+            true,
+        ),
+        (
+            "write_chunks",
+            |d, f| drop(black_box(write_chunks(d, f))),
+            true,
+        ),
+        // What hashing and writing on two threads would give: not the fill path today.
+        (
+            "pipelined (2 threads)",
+            |d, f| drop(black_box(hash_then_pwrite_pipelined(d, f))),
+            false,
+        ),
+    ];
     for (name, dir) in dirs() {
         let file = TempFile::new(&dir);
-        let (mut hash, mut both, mut chunks) = (Vec::new(), Vec::new(), Vec::new());
+        let mut hash = (Vec::new(), Duration::ZERO);
+        let mut results = vec![(Vec::new(), Duration::ZERO); variants.len()];
         for _ in 0..ROUNDS {
-            let start = Instant::now();
-            black_box(sha256(black_box(data)));
-            hash.push(start.elapsed());
-            both.push(timed(1, &file, |f| drop(black_box(hash_pwrite(data, f)))));
-            chunks.push(timed(1, &file, |f| drop(black_box(write_chunks(data, f)))));
+            let (w, c) = run(None, |_| {
+                black_box(sha256(black_box(data)));
+            });
+            hash.0.push(w);
+            hash.1 += c;
+            for (i, (_, f, _)) in variants.iter().enumerate() {
+                let (w, c) = run(Some(&file), |file| f(data, file.unwrap()));
+                results[i].0.push(w);
+                results[i].1 += c;
+            }
         }
-        let (h, b, w) = (median(hash), median(both), median(chunks));
-        for (label, d) in [("hash+pwrite", b), ("write_chunks", w)] {
-            let ratio = d.as_secs_f64() / h.as_secs_f64();
+        let (hw, hc) = (median(hash.0), hash.1 / ROUNDS as u32);
+        println!(
+            "  sha256 alone: {:.1} ms wall ({:.0} MiB/s), {:.1} ms CPU",
+            hw.as_secs_f64() * 1e3,
+            mib_s(hw),
+            hc.as_secs_f64() * 1e3
+        );
+        for ((label, _, goal), (walls, cpu)) in variants.iter().zip(results) {
+            let (w, c) = (median(walls), cpu / ROUNDS as u32);
+            let cpu_ratio = c.as_secs_f64() / hc.as_secs_f64();
+            let verdict = match (goal, cpu_ratio <= 1.2) {
+                (false, _) => "info",
+                (true, true) => "PASS",
+                (true, false) => "FAIL",
+            };
             println!(
-                "  {} {label}/{name}: {:.1} ms ({:.0} MiB/s) vs sha256 {:.1} ms ({:.0} MiB/s) = {ratio:.2}x (goal <= 1.20x)",
-                if ratio <= 1.2 { "PASS" } else { "FAIL" },
-                d.as_secs_f64() * 1e3,
-                mib_s(d),
-                h.as_secs_f64() * 1e3,
-                mib_s(h),
+                "  {verdict} {label}/{name}: {:.1} ms wall ({:.0} MiB/s) = {:.2}x, {:.1} ms CPU = {cpu_ratio:.2}x sha256 alone (goal: CPU <= 1.20x)",
+                w.as_secs_f64() * 1e3,
+                mib_s(w),
+                w.as_secs_f64() / hw.as_secs_f64(),
+                c.as_secs_f64() * 1e3,
             );
         }
     }

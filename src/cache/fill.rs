@@ -40,8 +40,10 @@ use crate::reference::{Algorithm, Digest, DigestHasher};
 
 /// Largest chunk a reader takes from the file at once.
 const READ_CHUNK: usize = 256 << 10;
-/// Chunks queued between the network and the disk writer of one fill.
-const WRITE_QUEUE: usize = 64;
+/// Chunks queued between the network and each disk thread of one fill. A chunk is a network
+/// frame (up to a few hundred KiB on a fast link), so this bounds a fill's memory to a few
+/// MiB when the disk or the hasher falls behind.
+const WRITE_QUEUE: usize = 16;
 
 /// Where a fill is, as every reader sees it.
 #[derive(Debug, Clone)]
