@@ -40,6 +40,9 @@ use crate::reference::{Algorithm, Digest, DigestHasher};
 
 /// Largest chunk a reader takes from the file at once.
 const READ_CHUNK: usize = 256 << 10;
+/// Chunk size and chunks read ahead of the client for a committed file, per response.
+const COMMITTED_CHUNK: usize = 512 << 10;
+const READ_AHEAD: usize = 2;
 /// Chunks queued between the network and each disk thread of one fill. A chunk is a network
 /// frame (up to a few hundred KiB on a fast link), so this bounds a fill's memory to a few
 /// MiB when the disk or the hasher falls behind.
@@ -459,16 +462,7 @@ impl Reader {
         };
         let len = (available.min(self.end) - self.pos).min(READ_CHUNK as u64) as usize;
         debug_assert!(len > 0);
-        let file = self.file.clone();
-        let pos = self.pos;
-        let read = tokio::task::spawn_blocking(move || {
-            let mut buf = BytesMut::zeroed(len);
-            file.read_exact_at(&mut buf, pos)?;
-            Ok::<_, io::Error>(buf.freeze())
-        })
-        .await
-        .map_err(io::Error::other)
-        .and_then(|r| r);
+        let read = read_at(self.file.clone(), self.pos, len).await;
         match read {
             Ok(chunk) => {
                 self.pos += len as u64;
@@ -505,11 +499,36 @@ impl Reader {
         }
     }
 
-    /// The reader as a stream of chunks.
-    pub fn into_stream(self) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send {
+    /// The reader as a stream of chunks. A committed file is read ahead: the next chunk is
+    /// copied from the page cache on a blocking thread while hyper writes the current one to
+    /// the socket, so the two copies overlap (at most `READ_AHEAD` chunks per client).
+    pub fn into_stream(self) -> futures_util::stream::BoxStream<'static, io::Result<Bytes>> {
+        use futures_util::StreamExt;
+        if self.progress.is_none() {
+            let Reader { file, pos, end, .. } = self;
+            let chunks = (pos..end)
+                .step_by(COMMITTED_CHUNK)
+                .map(move |at| (at, (end - at).min(COMMITTED_CHUNK as u64) as usize));
+            return futures_util::stream::iter(chunks)
+                .map(move |(at, len)| read_at(file.clone(), at, len))
+                .buffered(READ_AHEAD)
+                .boxed();
+        }
         futures_util::stream::unfold(self, |mut r| async move {
             let chunk = r.next_chunk().await?;
             Some((chunk, r))
         })
+        .boxed()
     }
+}
+
+/// Reads `len` bytes at `at` on a blocking thread.
+async fn read_at(file: Arc<File>, at: u64, len: usize) -> io::Result<Bytes> {
+    tokio::task::spawn_blocking(move || {
+        let mut buf = BytesMut::zeroed(len);
+        file.read_exact_at(&mut buf, at)?;
+        Ok(buf.freeze())
+    })
+    .await
+    .map_err(io::Error::other)?
 }
