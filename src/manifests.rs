@@ -584,7 +584,11 @@ impl Manifests {
             );
             match next {
                 // Only a path on the same registry: never a link to elsewhere.
-                Some(n) if n.starts_with(&format!("/v2/{name}/tags/list")) => path = n,
+                Some(n)
+                    if n.split('?').next() == Some(format!("/v2/{name}/tags/list").as_str()) =>
+                {
+                    path = n
+                }
                 _ => break,
             }
         }
@@ -685,8 +689,16 @@ pub fn accepts(accept: Option<&str>, media_type: &str) -> bool {
         return true;
     };
     accept.split(',').any(|item| {
-        let t = item.split(';').next().unwrap_or("").trim();
-        t == "*/*" || t.eq_ignore_ascii_case(media_type) || t == "application/*"
+        let mut parts = item.split(';');
+        let t = parts.next().unwrap_or("").trim();
+        // `q=0` means "not acceptable" (RFC 9110 §12.4.2).
+        let refused = parts.any(|p| {
+            let p = p.trim();
+            p.strip_prefix("q=")
+                .and_then(|q| q.parse::<f32>().ok())
+                .is_some_and(|q| q == 0.0)
+        });
+        !refused && (t == "*/*" || t.eq_ignore_ascii_case(media_type) || t == "application/*")
     })
 }
 
@@ -756,6 +768,8 @@ mod tests {
             Some("application/vnd.docker.distribution.manifest.v2+json"),
             oci
         ));
+        assert!(!accepts(Some(&format!("{oci};q=0")), oci), "q=0 refuses");
+        assert!(accepts(Some(&format!("{oci};q=0.5")), oci));
     }
 
     #[test]

@@ -42,6 +42,13 @@ impl ImageRef {
             }
             _ => ("docker.io".to_string(), rest.to_string()),
         };
+        let host_ok = !registry.is_empty()
+            && registry
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
+        if !host_ok {
+            anyhow::bail!("{s}: {registry:?} is not a registry host[:port]");
+        }
         let repo = if registry == "docker.io" && !repo.contains('/') {
             format!("library/{repo}")
         } else {
@@ -162,9 +169,10 @@ impl Prefetcher {
     }
 
     fn url(&self, image: &ImageRef, kind: &str, reference: &str) -> String {
+        let ns: String = url::form_urlencoded::byte_serialize(image.registry.as_bytes()).collect();
         format!(
-            "{}/v2/{}/{kind}/{reference}?ns={}",
-            self.server, image.name, image.registry
+            "{}/v2/{}/{kind}/{reference}?ns={ns}",
+            self.server, image.name
         )
     }
 
@@ -319,5 +327,8 @@ mod tests {
         let r = ImageRef::parse(&format!("quay.io/x/y@{d}")).unwrap();
         assert_eq!(r.reference.to_string(), d);
         assert!(ImageRef::parse("UPPER/case").is_err());
+        for bad in ["a.b#x/c", "a.b&ns=docker.io/c", "exa mple.com/c"] {
+            assert!(ImageRef::parse(bad).is_err(), "{bad}");
+        }
     }
 }
