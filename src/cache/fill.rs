@@ -144,7 +144,11 @@ impl Cache {
                 Err(e) => {
                     let _ = tokio::fs::remove_file(&temp).await;
                     cache.metrics.fill_failed(reason(&e));
-                    tracing::warn!(%digest, error = %e, "fill failed");
+                    match &e {
+                        // The upstream does not have it: the client's mistake, not a fault.
+                        Error::Client { .. } => tracing::debug!(%digest, error = %e, "fill failed"),
+                        _ => tracing::warn!(%digest, error = %e, "fill failed"),
+                    }
                     Progress::Failed(e)
                 }
             };
