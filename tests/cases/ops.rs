@@ -289,6 +289,33 @@ fn prefetch_fills_a_cache_folder_that_an_offline_serve_then_serves_completely() 
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("4 blobs"), "{stdout}");
 
+    // Only one platform, into another cache: its two blobs.
+    let only_arm = dir.path().join("arm.toml");
+    std::fs::write(
+        &only_arm,
+        std::fs::read_to_string(&cfg).unwrap().replace(
+            cache.to_str().unwrap(),
+            dir.path().join("arm").to_str().unwrap(),
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["prefetch", "--platform", "linux/arm64", "--config"])
+        .arg(&only_arm)
+        .arg("multi:1")
+        .output()
+        .unwrap();
+    assert_success("prefetch --platform", &out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("2 manifests, 2 blobs"), "{stdout}");
+    let hex = arm.layer_digests[0].strip_prefix("sha256:").unwrap();
+    assert!(dir
+        .path()
+        .join("arm/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .exists());
+
     // Again: everything is already cached.
     let out = Command::new(BIN)
         .args(["prefetch", "--config"])
