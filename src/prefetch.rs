@@ -72,31 +72,33 @@ pub struct Summary {
     pub cached_bytes: u64,
 }
 
-#[derive(Deserialize)]
-struct Descriptor {
-    digest: String,
+/// A content descriptor, as far as prefetch reads it.
+#[derive(Debug, Deserialize)]
+pub struct Descriptor {
+    pub digest: String,
     #[serde(default)]
-    size: u64,
+    pub size: u64,
     #[serde(default)]
-    platform: Option<Platform>,
+    pub platform: Option<Platform>,
 }
 
-#[derive(Deserialize)]
-struct Platform {
-    os: String,
-    architecture: String,
+#[derive(Debug, Deserialize)]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
     #[serde(default)]
-    variant: Option<String>,
+    pub variant: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct ManifestDoc {
+/// An image manifest or an index, as far as prefetch reads it (untrusted JSON: fuzzed).
+#[derive(Debug, Deserialize)]
+pub struct ManifestDoc {
     #[serde(default)]
-    manifests: Vec<Descriptor>,
+    pub manifests: Vec<Descriptor>,
     #[serde(default)]
-    config: Option<Descriptor>,
+    pub config: Option<Descriptor>,
     #[serde(default)]
-    layers: Vec<Descriptor>,
+    pub layers: Vec<Descriptor>,
 }
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;

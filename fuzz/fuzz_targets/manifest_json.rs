@@ -1,43 +1,15 @@
 //! The JSON that ocicache reads from upstreams and from its own cache folder, deserialized into
-//! structs shaped like the private ones in `src/prefetch.rs` (`ManifestDoc`, `Descriptor`,
-//! `Platform`) and `src/manifests.rs` (`media_type_in`'s struct, the tag list `Page`, the
+//! `ocicache::prefetch::ManifestDoc` (with its `Descriptor` and `Platform`) and structs shaped
+//! like the private ones in `src/manifests.rs` (`media_type_in`'s struct, the tag list `Page`, the
 //! referrers answer as a `serde_json::Value`), followed by what the code then does with the
 //! strings: `Reference::parse`/`Digest::parse` of descriptor digests, `Tag::parse` of tags.
 //! Bounded input (64 KiB), as the code bounds bodies by `max_size`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use ocicache::prefetch::ManifestDoc;
 use ocicache::reference::{Digest, Reference, Tag};
 use serde::Deserialize;
-
-#[allow(dead_code)]
-#[derive(Deserialize)]
-struct Descriptor {
-    digest: String,
-    #[serde(default)]
-    size: u64,
-    #[serde(default)]
-    platform: Option<Platform>,
-}
-
-#[allow(dead_code)]
-#[derive(Deserialize)]
-struct Platform {
-    os: String,
-    architecture: String,
-    #[serde(default)]
-    variant: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct ManifestDoc {
-    #[serde(default)]
-    manifests: Vec<Descriptor>,
-    #[serde(default)]
-    config: Option<Descriptor>,
-    #[serde(default)]
-    layers: Vec<Descriptor>,
-}
 
 #[derive(Deserialize)]
 struct MediaType {
