@@ -41,24 +41,41 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 
-    // accepts: no list, an empty list or a wildcard admit everything; an exact item admits.
+    // accepts: no list, an empty list or a wildcard admit everything; an exact item admits,
+    // unless it says `q=0` (RFC 9110 §12.4.2: "not acceptable").
     let a = accepts(accept, media_type);
     match accept {
         None => assert!(a),
         Some(acc) if acc.trim().is_empty() => assert!(a),
         Some(acc) => {
-            let items: Vec<&str> = acc
+            // (type, has a q of zero by the RFC's qvalue grammar: "0" [ "." 0*3("0") ])
+            let items: Vec<(&str, bool)> = acc
                 .split(',')
-                .map(|i| i.split(';').next().unwrap_or("").trim())
+                .map(|i| {
+                    let mut parts = i.split(';');
+                    let t = parts.next().unwrap_or("").trim();
+                    let zero = parts.any(|p| {
+                        p.trim().strip_prefix("q=").is_some_and(|q| {
+                            let frac = q.strip_prefix("0").and_then(|r| {
+                                if r.is_empty() { Some("") } else { r.strip_prefix('.') }
+                            });
+                            frac.is_some_and(|f| f.len() <= 3 && f.bytes().all(|b| b == b'0'))
+                        })
+                    });
+                    (t, zero)
+                })
                 .collect();
-            if items.iter().any(|i| *i == "*/*" || i.eq_ignore_ascii_case(media_type)) {
+            let matches = |t: &str| t == "*/*" || t.eq_ignore_ascii_case(media_type);
+            // An item with no parameter at all that names the type (or */*) admits it.
+            if acc.split(',').any(|i| !i.contains(';') && matches(i.trim())) {
                 assert!(a, "{acc:?} should admit {media_type:?}");
             }
+            // Admitted only through a matching item (or application/*) that is not q=0.
             if a {
                 assert!(
-                    items.iter().any(|i| *i == "*/*"
-                        || *i == "application/*"
-                        || i.eq_ignore_ascii_case(media_type)),
+                    items
+                        .iter()
+                        .any(|(t, zero)| !zero && (matches(t) || *t == "application/*")),
                     "{acc:?} admitted {media_type:?}"
                 );
             }
