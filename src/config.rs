@@ -45,6 +45,87 @@ pub struct CacheConfig {
     pub stall_timeout: HumanDuration,
     /// A fill that has not completed after this long is failed, even if bytes still arrive.
     pub fill_deadline: HumanDuration,
+    /// A shared tier on an S3-compatible bucket, for several replicas. With it, the local
+    /// `dir` is a bounded tier in front of the bucket.
+    pub s3: Option<S3Config>,
+}
+
+/// `[cache.s3]`: the shared tier. Credentials come from `access_key_id` and
+/// `secret_access_key` (or their `_file` forms), else from the usual `AWS_*` variables.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// The store's URL, e.g. `http://garage:3900`; none for AWS S3 itself.
+    pub endpoint: Option<String>,
+    pub bucket: String,
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Key prefix of every object ocicache writes, e.g. `mirror/` (empty: the bucket root).
+    #[serde(default)]
+    pub prefix: String,
+    pub access_key_id: Option<String>,
+    pub access_key_id_file: Option<PathBuf>,
+    pub secret_access_key: Option<Secret>,
+    pub secret_access_key_file: Option<PathBuf>,
+    /// `https://endpoint/bucket/key` (what MinIO, Garage and Ceph expect) rather than
+    /// `https://bucket.endpoint/key`.
+    #[serde(default = "default_true")]
+    pub path_style: bool,
+    /// Bound of the bucket's content, kept by a GC that every replica runs.
+    #[serde(default = "default_s3_max_size")]
+    pub max_size: ByteSize,
+    /// How often each replica runs the bucket's GC.
+    #[serde(default = "default_gc_interval")]
+    pub gc_interval: HumanDuration,
+    /// How long a replica waits for another one's fill of the same blob (announced by a
+    /// lease object) before it fetches the blob itself.
+    #[serde(default = "default_lease_wait")]
+    pub lease_wait: HumanDuration,
+    /// Bound of one request to the store (a streamed GET: of each read).
+    #[serde(default = "default_s3_timeout")]
+    pub timeout: HumanDuration,
+    /// Answer blob GETs the bucket holds with a `307` to a presigned URL of it.
+    #[serde(default)]
+    pub redirect: bool,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_s3_max_size() -> ByteSize {
+    ByteSize(100 << 30)
+}
+fn default_gc_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(600))
+}
+fn default_lease_wait() -> HumanDuration {
+    HumanDuration(Duration::from_secs(300))
+}
+fn default_s3_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+
+impl S3Config {
+    /// The credentials configured here (inline or from files), if any.
+    pub fn credentials(&self) -> std::io::Result<(Option<String>, Option<Secret>)> {
+        let read = |f: &PathBuf| {
+            std::fs::read_to_string(f).map(|s| s.trim_end_matches(['\r', '\n']).to_string())
+        };
+        let id = match (&self.access_key_id, &self.access_key_id_file) {
+            (Some(id), _) => Some(id.clone()),
+            (None, Some(f)) => Some(read(f)?),
+            (None, None) => None,
+        };
+        let secret = match (&self.secret_access_key, &self.secret_access_key_file) {
+            (Some(s), _) => Some(s.clone()),
+            (None, Some(f)) => Some(Secret(read(f)?)),
+            (None, None) => None,
+        };
+        Ok((id, secret))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -161,6 +242,7 @@ impl Default for CacheConfig {
             max_size: ByteSize(20 << 30),
             stall_timeout: HumanDuration(Duration::from_secs(30)),
             fill_deadline: HumanDuration(Duration::from_secs(3600)),
+            s3: None,
         }
     }
 }
@@ -361,6 +443,72 @@ impl Config {
                 if !f.is_file() {
                     return Err(invalid(k, f.display(), "no such file"));
                 }
+            }
+        }
+        if let Some(s3) = &self.cache.s3 {
+            if s3.bucket.is_empty()
+                || s3.bucket.len() > 63
+                || !s3
+                    .bucket
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-_".contains(&b))
+            {
+                return Err(invalid("cache.s3.bucket", &s3.bucket, "not a bucket name"));
+            }
+            if let Some(e) = &s3.endpoint {
+                match url::Url::parse(e) {
+                    Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                    _ => return Err(invalid("cache.s3.endpoint", e, "not an http(s) URL")),
+                }
+            }
+            if s3.prefix.split('/').any(|c| c == "." || c == "..")
+                || s3
+                    .prefix
+                    .bytes()
+                    .any(|b| b.is_ascii_control() || b == b'\\')
+            {
+                return Err(invalid("cache.s3.prefix", &s3.prefix, "not a key prefix"));
+            }
+            if s3.access_key_id.is_some() && s3.access_key_id_file.is_some() {
+                return Err(invalid(
+                    "cache.s3.access_key_id_file",
+                    "",
+                    "access_key_id and access_key_id_file are exclusive",
+                ));
+            }
+            if s3.secret_access_key.is_some() && s3.secret_access_key_file.is_some() {
+                return Err(invalid(
+                    "cache.s3.secret_access_key_file",
+                    "",
+                    "secret_access_key and secret_access_key_file are exclusive",
+                ));
+            }
+            for (k, file) in [
+                ("cache.s3.access_key_id_file", &s3.access_key_id_file),
+                (
+                    "cache.s3.secret_access_key_file",
+                    &s3.secret_access_key_file,
+                ),
+            ] {
+                if let Some(f) = file {
+                    if !f.is_file() {
+                        return Err(invalid(k, f.display(), "no such file"));
+                    }
+                }
+            }
+            if s3.max_size.0 < 1 << 20 {
+                return Err(invalid(
+                    "cache.s3.max_size",
+                    s3.max_size,
+                    "must be at least 1MiB",
+                ));
+            }
+            if s3.timeout.0.is_zero() || s3.gc_interval.0.is_zero() {
+                return Err(invalid(
+                    "cache.s3.timeout",
+                    humantime::format_duration(s3.timeout.0),
+                    "timeout and gc_interval must be above zero",
+                ));
             }
         }
         if let Some(auth) = &self.auth {

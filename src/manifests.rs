@@ -218,7 +218,7 @@ impl Manifests {
             return Ok(Some(m));
         }
         let Some((bytes, media_type)) = self.cache.read_manifest(digest).await? else {
-            return Ok(None);
+            return self.shared_manifest(digest).await;
         };
         if &hash_as(digest, &bytes) != digest {
             tracing::error!(%digest, "cached manifest does not match its digest: removed");
@@ -226,6 +226,33 @@ impl Manifests {
             self.cache.index.forget(digest);
             return Ok(None);
         }
+        let m = Arc::new(Manifest::new(digest.clone(), media_type, bytes));
+        self.hot.insert(digest.clone(), m.clone());
+        Ok(Some(m))
+    }
+
+    /// A manifest from the shared tier, verified, then kept locally too.
+    async fn shared_manifest(&self, digest: &Digest) -> Result<Option<Arc<Manifest>>, Error> {
+        let Some(shared) = &self.cache.shared else {
+            return Ok(None);
+        };
+        let Some((bytes, media_type)) = shared.get_manifest(digest, self.max_size).await else {
+            return Ok(None);
+        };
+        if &hash_as(digest, &bytes) != digest {
+            shared.discard(digest).await;
+            return Ok(None);
+        }
+        let media_type = media_type
+            .filter(|m| !m.is_empty() && m != "application/octet-stream")
+            .or_else(|| media_type_in(&bytes))
+            .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".into());
+        let store = self.cache.store.clone();
+        let (d, b, mt) = (digest.clone(), bytes.clone(), media_type.clone());
+        tokio::task::spawn_blocking(move || store.put_manifest(&d, &b, &mt))
+            .await
+            .map_err(std::io::Error::other)??;
+        self.cache.index.insert(digest.clone(), bytes.len() as u64);
         let m = Arc::new(Manifest::new(digest.clone(), media_type, bytes));
         self.hot.insert(digest.clone(), m.clone());
         Ok(Some(m))
@@ -290,8 +317,39 @@ impl Manifests {
         self.metrics.miss("tag");
         let flight = (key.clone(), accept.unwrap_or_default().to_string());
         self.tag_flights
-            .run(flight, || self.revalidate(up, key, usable, accept))
+            .run(flight, || async {
+                // Another replica may have confirmed the tag within its TTL: answer the same.
+                if let Some(m) = self.shared_tag(&key, accept, up.tag_ttl).await {
+                    return Ok(Answer::hit(m));
+                }
+                self.revalidate(up, key.clone(), usable, accept).await
+            })
             .await
+    }
+
+    /// The tag's record in the shared tier, if it was confirmed within `ttl` and its
+    /// manifest is there and acceptable; adopted here.
+    async fn shared_tag(
+        &self,
+        key: &TagKey,
+        accept: Option<&str>,
+        ttl: Duration,
+    ) -> Option<Arc<Manifest>> {
+        let shared = self.cache.shared.as_ref()?;
+        let bytes = shared.get_tag(&self.tag_hex(key)).await?;
+        let record: TagRecord = serde_json::from_slice(&bytes).ok()?;
+        let age = SystemTime::now().duration_since(record.confirmed).ok()?;
+        if (&record.upstream, &record.name, &record.tag) != (&key.0, &key.1, &key.2)
+            || age >= ttl
+            || !accepts(accept, &record.media_type)
+        {
+            return None;
+        }
+        let m = self.cached(&record.digest).await.ok()??;
+        self.metrics.hit("tag");
+        self.tags.insert(key.clone(), Arc::new(record.clone()));
+        self.persist_tag(key, &record, false).await;
+        Some(m)
     }
 
     /// Asks the upstream about a tag whose record is missing or old.
@@ -459,8 +517,17 @@ impl Manifests {
             media_type: m.media_type.clone(),
             confirmed: SystemTime::now(),
         };
-        let bytes = serde_json::to_vec(&record).expect("a record serializes");
-        self.tags.insert(key.clone(), Arc::new(record));
+        self.tags.insert(key.clone(), Arc::new(record.clone()));
+        self.persist_tag(key, &record, true).await;
+    }
+
+    /// Writes a tag record to disk and, if `share`, to the shared tier.
+    async fn persist_tag(&self, key: &TagKey, record: &TagRecord, share: bool) {
+        let bytes = serde_json::to_vec(record).expect("a record serializes");
+        if let (true, Some(shared)) = (share, self.cache.shared.clone()) {
+            let (hex, bytes) = (self.tag_hex(key), bytes.clone());
+            tokio::spawn(async move { shared.put_tag(&hex, bytes).await });
+        }
         let path = self.tag_path(key);
         let store = self.cache.store.clone();
         let written = tokio::task::spawn_blocking(move || store.write_atomic(&path, &bytes)).await;
@@ -469,10 +536,16 @@ impl Manifests {
         }
     }
 
-    /// `tags/<2 hex>/<hex>.json`, the hex a hash of the key: no request text in the path.
+    /// The name of a tag's record: a hash of the key, so no request text is in a path.
+    fn tag_hex(&self, key: &TagKey) -> String {
+        Digest::sha256_of(format!("tag\0{}\0{}\0{}", key.0, key.1, key.2).as_bytes())
+            .hex()
+            .to_string()
+    }
+
+    /// `tags/<2 hex>/<hex>.json`.
     fn tag_path(&self, key: &TagKey) -> std::path::PathBuf {
-        let h = Digest::sha256_of(format!("tag\0{}\0{}\0{}", key.0, key.1, key.2).as_bytes());
-        let hex = h.hex();
+        let hex = self.tag_hex(key);
         self.cache
             .store
             .root()

@@ -35,6 +35,12 @@ pub struct UpstreamStatusLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SharedLabels {
+    pub op: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
 }
@@ -57,6 +63,7 @@ pub struct Metrics {
     pub token_fetches: Family<UpstreamStatusLabels, Counter>,
     pub ratelimit_remaining: Family<UpstreamLabels, Gauge>,
     pub ratelimit_limit: Family<UpstreamLabels, Gauge>,
+    pub shared_ops: Family<SharedLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -84,6 +91,7 @@ impl Metrics {
             token_fetches: Family::default(),
             ratelimit_remaining: Family::default(),
             ratelimit_limit: Family::default(),
+            shared_ops: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -161,6 +169,12 @@ impl Metrics {
             "The upstream's ratelimit-limit",
             m.ratelimit_limit.clone(),
         );
+        registry.register(
+            "shared_store_operations",
+            "Calls to the shared store (S3), by operation and result; result=error counts \
+             failures and timeouts, result=skipped calls avoided while it is down",
+            m.shared_ops.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -192,6 +206,12 @@ impl Metrics {
                 upstream: upstream.to_string(),
                 status: status.to_string(),
             })
+            .inc();
+    }
+
+    pub fn shared(&self, op: &'static str, result: &'static str) {
+        self.shared_ops
+            .get_or_create(&SharedLabels { op, result })
             .inc();
     }
 

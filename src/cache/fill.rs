@@ -30,7 +30,6 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::{header, Response, StatusCode};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::{mpsc, watch};
 
@@ -89,17 +88,71 @@ fn reason(e: &Error) -> &'static str {
     }
 }
 
+/// Where a fill's bytes come from.
+pub enum Origin {
+    /// An upstream registry; with a shared tier, the fill is uploaded to it (under `lease`
+    /// when this replica won it).
+    Upstream { lease: Option<super::shared::Lease> },
+    /// The shared tier (verified again here, like any source).
+    Shared,
+}
+
+/// A response body to fill from: its announced size, its chunks, and where it comes from.
+pub struct Fetched {
+    pub size: Option<u64>,
+    pub body: futures_util::stream::BoxStream<'static, io::Result<Bytes>>,
+    pub origin: Origin,
+    /// Names the source in errors: the upstream's name, or `shared store`.
+    pub source: String,
+}
+
+impl Fetched {
+    /// An upstream's answer to a blob GET: its body if it is a `200`, else the error.
+    pub fn from_upstream(upstream: &str, resp: Response<Incoming>) -> Result<Fetched, Error> {
+        use futures_util::{StreamExt, TryStreamExt};
+        match resp.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => {
+                return Err(Error::client(
+                    ErrorCode::BlobUnknown,
+                    "blob unknown to the upstream",
+                ))
+            }
+            status => {
+                let retry_after = resp.headers().get(header::RETRY_AFTER).cloned();
+                return Err(Error::upstream(
+                    upstream,
+                    UpstreamError::Status {
+                        status,
+                        retry_after,
+                    },
+                ));
+            }
+        }
+        let size = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let body = http_body_util::BodyStream::new(resp.into_body())
+            .try_filter_map(|frame| async move { Ok(frame.into_data().ok()) })
+            .map_err(io::Error::other)
+            .boxed();
+        Ok(Fetched {
+            size,
+            body,
+            origin: Origin::Upstream { lease: None },
+            source: upstream.to_string(),
+        })
+    }
+}
+
 impl Cache {
-    /// Starts a fill of `digest` from the response `fetch` yields. Called with the fills
-    /// lock held, after a miss on disk; the caller records the returned fill.
-    pub(super) fn start_fill<F>(
-        self: &Arc<Self>,
-        digest: Digest,
-        upstream: String,
-        fetch: F,
-    ) -> io::Result<Arc<Fill>>
+    /// Starts a fill of `digest` from the body `fetch` yields. Called with the fills lock
+    /// held, after a miss on disk; the caller records the returned fill.
+    pub(super) fn start_fill<F>(self: &Arc<Self>, digest: Digest, fetch: F) -> io::Result<Arc<Fill>>
     where
-        F: Future<Output = Result<Response<Incoming>, Error>> + Send + 'static,
+        F: Future<Output = Result<Fetched, Error>> + Send + 'static,
     {
         let (file, temp) = self.store.temp()?;
         let file = Arc::new(file);
@@ -113,24 +166,41 @@ impl Cache {
         let handle = fill.clone();
         tokio::spawn(async move {
             let tx = Arc::new(tx);
-            let outcome = tokio::time::timeout(
-                cache.fill_deadline,
-                stream_to_file(
-                    fetch,
-                    &upstream,
+            let work = async {
+                let mut fetched = fetch.await?;
+                let origin = std::mem::replace(&mut fetched.origin, Origin::Shared);
+                let from_shared = matches!(origin, Origin::Shared);
+                if let (Origin::Upstream { lease }, Some(shared)) = (origin, &cache.shared) {
+                    // Uploaded as it arrives; completed only once verified (see `shared`).
+                    shared.upload(digest.clone(), Source::filling(&handle), lease);
+                }
+                let streamed = stream_to_file(
+                    fetched,
                     &digest,
                     file.clone(),
                     tx.clone(),
                     cache.stall_timeout,
-                ),
-            )
-            .await
-            .unwrap_or_else(|_| {
-                Err(Error::upstream(
-                    &upstream,
-                    UpstreamError::Stalled(cache.fill_deadline),
-                ))
-            });
+                )
+                .await;
+                if let (true, Some(shared)) = (from_shared, &cache.shared) {
+                    if let Err(Error::Upstream {
+                        error: UpstreamError::DigestMismatch(_) | UpstreamError::Length(_),
+                        ..
+                    }) = &streamed
+                    {
+                        shared.discard(&digest).await;
+                    }
+                }
+                streamed
+            };
+            let outcome = tokio::time::timeout(cache.fill_deadline, work)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::upstream(
+                        "fill",
+                        UpstreamError::Stalled(cache.fill_deadline),
+                    ))
+                });
             let outcome = match outcome {
                 Ok(size) => cache.commit(&digest, file, temp.clone(), size).await,
                 Err(e) => Err(e),
@@ -183,50 +253,29 @@ impl Cache {
     }
 }
 
-/// Streams the upstream body into `file`, hashing it, publishing progress; returns the
-/// verified length.
-async fn stream_to_file<F>(
-    fetch: F,
-    upstream: &str,
+/// Streams a body into `file`, hashing it, publishing progress; returns the verified length.
+async fn stream_to_file(
+    fetched: Fetched,
     digest: &Digest,
     file: Arc<File>,
     progress: Arc<watch::Sender<Progress>>,
     stall: Duration,
-) -> Result<u64, Error>
-where
-    F: Future<Output = Result<Response<Incoming>, Error>>,
-{
-    let upstream_err = |e| Error::upstream(upstream, e);
-    let resp = fetch.await?;
-    match resp.status() {
-        StatusCode::OK => {}
-        StatusCode::NOT_FOUND => {
-            return Err(Error::client(
-                ErrorCode::BlobUnknown,
-                "blob unknown to the upstream",
-            ))
-        }
-        status => {
-            let retry_after = resp.headers().get(header::RETRY_AFTER).cloned();
-            return Err(upstream_err(UpstreamError::Status {
-                status,
-                retry_after,
-            }));
-        }
-    }
-    let size = resp
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+) -> Result<u64, Error> {
+    use futures_util::StreamExt;
+    let Fetched {
+        size,
+        mut body,
+        source,
+        ..
+    } = fetched;
+    let upstream_err = |e| Error::upstream(&source, e);
     progress.send_replace(Progress::Streaming { size, written: 0 });
 
     let sink = Sink::start(file, digest.algorithm(), progress.clone());
-    let mut body = resp.into_body();
     let mut received: u64 = 0;
     let mut failure = None;
     loop {
-        let frame = match tokio::time::timeout(stall, body.frame()).await {
+        let data = match tokio::time::timeout(stall, body.next()).await {
             Err(_) => {
                 failure = Some(UpstreamError::Stalled(stall));
                 break;
@@ -238,10 +287,7 @@ where
                 )));
                 break;
             }
-            Ok(Some(Ok(frame))) => frame,
-        };
-        let Ok(data) = frame.into_data() else {
-            continue;
+            Ok(Some(Ok(data))) => data,
         };
         received += data.len() as u64;
         if size.is_some_and(|s| received > s) {

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod fill;
 pub mod index;
+pub mod shared;
 pub mod store;
 
 use std::collections::HashMap;
@@ -20,13 +21,16 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::reference::Digest;
 use fill::Fill;
-pub use fill::{Progress, Reader, Source};
+pub use fill::{Fetched, Origin, Progress, Reader, Source};
 use index::Index;
+use shared::{Claim, Shared};
 use store::Store;
 
 pub struct Cache {
     pub store: Arc<Store>,
     pub index: Index,
+    /// The tier shared with other replicas (`[cache.s3]`), behind the local one.
+    pub shared: Option<Arc<Shared>>,
     /// Fills under way, by digest. A std mutex: it is held for a map operation and the
     /// creation of a temp file, never across an await.
     fills: Mutex<HashMap<Digest, Arc<Fill>>>,
@@ -39,12 +43,17 @@ impl Cache {
     /// Opens the store, removes temp files left by a crash, and rebuilds the index from the
     /// disk in recency order (evicting what no longer fits `max_size`).
     pub fn open(cfg: &CacheConfig, metrics: Arc<Metrics>) -> io::Result<Arc<Cache>> {
+        let shared = match &cfg.s3 {
+            Some(s3) => Some(Shared::open(s3, cfg.fill_deadline.0, metrics.clone())?),
+            None => None,
+        };
         Self::open_at(
             &cfg.dir,
             cfg.max_size.0,
             cfg.stall_timeout.0,
             cfg.fill_deadline.0,
             metrics,
+            shared,
         )
     }
 
@@ -54,6 +63,7 @@ impl Cache {
         stall_timeout: Duration,
         fill_deadline: Duration,
         metrics: Arc<Metrics>,
+        shared: Option<Arc<Shared>>,
     ) -> io::Result<Arc<Cache>> {
         let store = Arc::new(Store::open(dir)?);
         let index = Index::new(max_size, store.clone(), metrics.clone());
@@ -63,6 +73,7 @@ impl Cache {
         Ok(Arc::new(Cache {
             store,
             index,
+            shared,
             fills: Mutex::new(HashMap::new()),
             metrics,
             stall_timeout,
@@ -101,7 +112,8 @@ impl Cache {
     }
 
     /// Serves `digest` from the cache or from a fill: the one under way, or a new one fed by
-    /// `fetch` (which is only awaited when a new fill starts).
+    /// the shared tier when it has the blob, else by `fetch` (which is only awaited when a
+    /// new fill needs the upstream).
     pub async fn open_or_fill<F>(
         self: &Arc<Self>,
         digest: &Digest,
@@ -113,6 +125,9 @@ impl Cache {
     {
         if let Some(src) = self.open_cached(digest).await? {
             self.metrics.hit("blob");
+            if let Some(shared) = &self.shared {
+                shared.touch(digest);
+            }
             return Ok(src);
         }
         let fill = {
@@ -122,7 +137,10 @@ impl Cache {
                 // A fill may have committed since we looked: check under the lock.
                 None if self.store.blob_path(digest).exists() => None,
                 None => {
-                    let fill = self.start_fill(digest.clone(), upstream.to_string(), fetch)?;
+                    let source = self
+                        .clone()
+                        .source(digest.clone(), upstream.to_string(), fetch);
+                    let fill = self.start_fill(digest.clone(), source)?;
                     fills.insert(digest.clone(), fill.clone());
                     Some(fill)
                 }
@@ -138,6 +156,58 @@ impl Cache {
         Ok(Source::filling(&fill))
     }
 
+    /// Where a new fill of `digest` reads from: the shared tier if it has the blob; else the
+    /// upstream, by this replica if it wins the blob's lease (or the store cannot arbitrate),
+    /// or the shared tier again once the replica that won it has uploaded it.
+    async fn source<F>(
+        self: Arc<Self>,
+        digest: Digest,
+        upstream: String,
+        fetch: F,
+    ) -> Result<Fetched, Error>
+    where
+        F: Future<Output = Result<hyper::Response<Incoming>, Error>> + Send + 'static,
+    {
+        let from_shared = |(size, body)| Fetched {
+            size: Some(size),
+            body,
+            origin: Origin::Shared,
+            source: "shared store".into(),
+        };
+        let mut lease = None;
+        if let Some(shared) = &self.shared {
+            if let Some(found) = shared.get_blob(&digest).await {
+                return Ok(from_shared(found));
+            }
+            match shared.claim(&digest).await {
+                Claim::Mine(l) => lease = Some(l),
+                Claim::Theirs => {
+                    if shared.wait_for(&digest).await {
+                        if let Some(found) = shared.get_blob(&digest).await {
+                            return Ok(from_shared(found));
+                        }
+                    }
+                }
+                Claim::None => {}
+            }
+        }
+        match fetch
+            .await
+            .and_then(|resp| Fetched::from_upstream(&upstream, resp))
+        {
+            Ok(mut fetched) => {
+                fetched.origin = Origin::Upstream { lease };
+                Ok(fetched)
+            }
+            Err(e) => {
+                if let (Some(shared), Some(lease)) = (&self.shared, lease) {
+                    shared.release(lease).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// The size of `digest` if it is cached or its fill knows it, without starting anything.
     pub async fn peek_size(&self, digest: &Digest) -> Result<Option<(u64, Option<String>)>, Error> {
         if let Some(mut src) = self.open_cached(digest).await? {
@@ -149,7 +219,10 @@ impl Cache {
             Some(Progress::Streaming { size: Some(s), .. }) | Some(Progress::Done { size: s }) => {
                 Some((s, None))
             }
-            _ => None,
+            _ => match &self.shared {
+                Some(shared) => shared.head_blob(digest).await.map(|s| (s, None)),
+                None => None,
+            },
         })
     }
 
@@ -174,7 +247,8 @@ impl Cache {
         }
     }
 
-    /// Stores a verified manifest by digest (small: written whole).
+    /// Stores a verified manifest by digest (small: written whole), here and in the shared
+    /// tier.
     pub async fn put_manifest(
         &self,
         digest: &Digest,
@@ -185,10 +259,15 @@ impl Cache {
         let d = digest.clone();
         let mt = media_type.to_string();
         let len = bytes.len() as u64;
-        tokio::task::spawn_blocking(move || store.put_manifest(&d, &bytes, &mt))
+        let local = bytes.clone();
+        tokio::task::spawn_blocking(move || store.put_manifest(&d, &local, &mt))
             .await
             .map_err(io::Error::other)??;
         self.index.insert(digest.clone(), len);
+        if let Some(shared) = self.shared.clone() {
+            let (d, mt) = (digest.clone(), media_type.to_string());
+            tokio::spawn(async move { shared.put_manifest(&d, bytes, &mt).await });
+        }
         Ok(())
     }
 

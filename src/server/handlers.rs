@@ -420,6 +420,19 @@ async fn blob_get(
             .await?
             .ok_or_else(|| Error::client(ErrorCode::BlobUnknown, "blob not cached (offline)"))?
     } else {
+        if let Some(shared) = state.cache.shared.as_ref().filter(|s| s.redirects()) {
+            if let Some(url) = shared.presigned(digest).await {
+                let mut resp = Response::new(body::empty());
+                *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+                if let Ok(v) = HeaderValue::from_str(url.as_str()) {
+                    resp.headers_mut().insert(header::LOCATION, v);
+                    resp.headers_mut()
+                        .insert("docker-content-digest", digest_value(digest));
+                    resp.extensions_mut().insert(Outcome("redirect"));
+                    return Ok(resp);
+                }
+            }
+        }
         let fetch = {
             let up = up.clone();
             let path = blob_path(target, digest);
