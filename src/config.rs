@@ -739,6 +739,57 @@ mod tests {
     }
 
     #[test]
+    fn the_shared_tier_from_a_file_and_the_environment() {
+        Jail::expect_with(|jail| {
+            jail.create_file("k", "GKabc\n")?;
+            jail.create_file(
+                "s.toml",
+                r#"
+                [cache.s3]
+                endpoint = "http://127.0.0.1:3900"
+                bucket = "ocicache"
+                access_key_id_file = "k"
+                secret_access_key = "verysecret"
+                "#,
+            )?;
+            jail.set_env("OCICACHE_CACHE__S3__REGION", "garage");
+            jail.set_env("OCICACHE_CACHE__S3__MAX_SIZE", "5GiB");
+            let c = Config::load(Some(Path::new("s.toml"))).unwrap();
+            let s3 = c.cache.s3.as_ref().unwrap();
+            assert_eq!((s3.region.as_str(), s3.max_size.0), ("garage", 5 << 30));
+            assert!(s3.path_style && !s3.redirect);
+            assert_eq!(s3.lease_wait.0, Duration::from_secs(300));
+            let (id, secret) = s3.credentials().unwrap();
+            assert_eq!(id.as_deref(), Some("GKabc"));
+            assert_eq!(secret.unwrap().0, "verysecret");
+            assert!(!format!("{c:?}").contains("verysecret"));
+            jail.clear_env();
+
+            for (body, key) in [
+                ("bucket = \"a/b\"", "cache.s3.bucket"),
+                (
+                    "bucket = \"b\"\nendpoint = \"ftp://x\"",
+                    "cache.s3.endpoint",
+                ),
+                ("bucket = \"b\"\nprefix = \"a/../b\"", "cache.s3.prefix"),
+                (
+                    "bucket = \"b\"\nsecret_access_key_file = \"nope\"",
+                    "cache.s3.secret_access_key_file",
+                ),
+                ("bucket = \"b\"\nmax_size = \"1KiB\"", "cache.s3.max_size"),
+                ("bucket = \"b\"\nbukket = \"c\"", "bukket"),
+            ] {
+                jail.create_file("bad.toml", &format!("[cache.s3]\n{body}\n"))?;
+                let e = Config::load(Some(Path::new("bad.toml")))
+                    .unwrap_err()
+                    .to_string();
+                assert!(e.contains(key), "{body}: {e}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
     fn secrets_are_redacted_in_debug() {
         let mut up = UpstreamConfig::docker_hub();
         up.username = Some("me".into());
