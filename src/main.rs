@@ -69,6 +69,10 @@ enum CacheCommand {
         /// Target size, e.g. "10GiB".
         #[arg(long)]
         size: Option<String>,
+        /// Run one GC pass on the shared tier ([cache.s3]) down to cache.s3.max_size instead
+        /// (safe while replicas run).
+        #[arg(long, conflicts_with = "size")]
+        shared: bool,
     },
 }
 
@@ -241,7 +245,35 @@ fn cache_command(command: CacheCommand, config: &Config) -> anyhow::Result<()> {
                 anyhow::bail!("{} corrupt blobs found (removed)", r.removed.len());
             }
         }
-        CacheCommand::Gc { size } => {
+        CacheCommand::Gc { shared: true, .. } => {
+            let s3 =
+                config.cache.s3.as_ref().ok_or_else(|| {
+                    anyhow::anyhow!("--shared: no [cache.s3] in the configuration")
+                })?;
+            let metrics = std::sync::Arc::new(ocicache::metrics::Metrics::new());
+            let runtime = tokio::runtime::Runtime::new()?;
+            let r = runtime.block_on(async {
+                let shared = ocicache::cache::shared::Shared::open(
+                    s3,
+                    config.cache.fill_deadline.0,
+                    metrics,
+                )?;
+                shared
+                    .gc()
+                    .await
+                    .map_err(|f| anyhow::anyhow!("the shared store did not answer: {f:?}"))
+            })?;
+            println!(
+                "bucket {}: {} blobs ({}), removed {} ({}), target {}",
+                s3.bucket,
+                r.blobs,
+                ByteSize(r.bytes),
+                r.deleted,
+                ByteSize(r.deleted_bytes),
+                s3.max_size
+            );
+        }
+        CacheCommand::Gc { size, .. } => {
             let target = match size {
                 Some(s) => s
                     .parse::<ByteSize>()
