@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs what the integration tests drive when it is missing (the CNCF
-# registry, skopeo, containerd; Debian packages) and runs `cargo test`.
+# registry, skopeo, containerd: Debian packages; Garage, the S3-compatible store of the
+# shared-tier tests: from crates.io) and runs `cargo test`.
 # Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,14 @@ if ((${#need[@]})); then
   [ "$(id -u)" = 0 ] || sudo="sudo"
   $sudo apt-get update
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y "${need[@]}"
+fi
+
+# Garage is not packaged by Debian: `cargo install` builds it (about 16 minutes on 2 cores),
+# once; later runs reuse the binary in ~/.cargo/bin.
+export PATH="$HOME/.cargo/bin:$PATH"
+if ! command -v garage >/dev/null; then
+  echo "installing garage (cargo install garage --locked; about 16 minutes on 2 cores)"
+  cargo install garage --locked
 fi
 
 exec cargo test "$@"

@@ -61,8 +61,22 @@ const MAX_PARTS: u64 = 9_000;
 const POLL: Duration = Duration::from_millis(200);
 /// A replica marks a blob as used in the bucket at most this often.
 const TOUCH_EVERY: Duration = Duration::from_secs(600);
+/// How long a contender for a lease waits for the others' entries before it lists them
+/// (stores without conditional writes).
+const SETTLE: Duration = Duration::from_millis(300);
 /// Lifetime of a presigned URL.
 const PRESIGN_FOR: Duration = Duration::from_secs(900);
+
+/// Why an upload stopped.
+enum Upload {
+    /// The fill failed: nothing to upload.
+    Fill(io::Error),
+    /// The store failed.
+    Store(Fault),
+}
+
+/// Tries of an upload when the store fails.
+const UPLOAD_ATTEMPTS: u32 = 3;
 
 /// Why a call gave no result.
 #[derive(Debug, PartialEq, Eq)]
@@ -375,23 +389,44 @@ impl Shared {
         }
     }
 
-    /// Tries to become the replica that fetches `d`.
+    /// The folder of `d`'s leases: `leases/<alg>/<hex>/`.
+    fn lease_dir(&self, d: &Digest) -> Path {
+        self.path("leases", d)
+    }
+
+    /// Tries to become the replica that fetches `d`. With conditional writes, the lease is
+    /// `leases/<alg>/<hex>/lease`, created only if absent. Without, each contender writes
+    /// `leases/<alg>/<hex>/<owner>`, waits `SETTLE`, lists the folder, and the oldest live
+    /// entry (by the store's Last-Modified, then name) wins; the others withdraw theirs. A
+    /// contender that writes after a winner listed sees the winner's older entry and loses,
+    /// so two winners need a PUT slower than `SETTLE`: best effort, and the worst case is one
+    /// more upstream fetch, never a wrong byte.
     pub async fn claim(&self, d: &Digest) -> Claim {
-        if !self.conditional_writes().await {
-            return Claim::None;
+        if self.conditional_writes().await {
+            self.claim_conditional(d).await
+        } else {
+            self.claim_by_listing(d).await
         }
-        let path = self.path("leases", d);
+    }
+
+    fn lease_body(&self) -> PutPayload {
+        let expires = SystemTime::now() + self.lease_ttl;
+        let body = LeaseBody {
+            owner: self.owner.clone(),
+            expires: expires
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs(),
+        };
+        PutPayload::from(serde_json::to_vec(&body).expect("a lease serializes"))
+    }
+
+    async fn claim_conditional(&self, d: &Digest) -> Claim {
+        let path = self.lease_dir(d).child("lease");
         for _ in 0..2 {
-            let expires = SystemTime::now() + self.lease_ttl;
-            let body = LeaseBody {
-                owner: self.owner.clone(),
-                expires: expires
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_secs(),
-            };
-            let payload = PutPayload::from(serde_json::to_vec(&body).expect("a lease serializes"));
-            let put = self.store.put_opts(&path, payload, PutMode::Create.into());
+            let put = self
+                .store
+                .put_opts(&path, self.lease_body(), PutMode::Create.into());
             match self.call("lease", put).await {
                 Ok(_) => {
                     self.count("lease", "mine");
@@ -423,11 +458,53 @@ impl Shared {
         Claim::None
     }
 
+    async fn claim_by_listing(&self, d: &Digest) -> Claim {
+        let dir = self.lease_dir(d);
+        let mine = dir.child(self.owner.as_str());
+        if self
+            .call("lease", self.store.put(&mine, self.lease_body()))
+            .await
+            .is_err()
+        {
+            return Claim::None;
+        }
+        tokio::time::sleep(SETTLE).await;
+        let Ok(mut entries) = self.live_leases(&dir).await else {
+            self.release(Lease { path: mine }).await;
+            return Claim::None;
+        };
+        entries.sort_by(|a, b| (a.last_modified, &a.location).cmp(&(b.last_modified, &b.location)));
+        match entries.first() {
+            Some(first) if first.location != mine => {
+                self.release(Lease { path: mine }).await;
+                self.count("lease", "theirs");
+                Claim::Theirs
+            }
+            _ => {
+                self.count("lease", "mine");
+                Claim::Mine(Lease { path: mine })
+            }
+        }
+    }
+
+    /// The leases in `dir` younger than the lease lifetime.
+    async fn live_leases(&self, dir: &Path) -> Result<Vec<object_store::ObjectMeta>, Fault> {
+        let all = self
+            .call("lease", self.store.list(Some(dir)).try_collect::<Vec<_>>())
+            .await?;
+        let oldest = chrono::Utc::now()
+            - chrono::Duration::from_std(self.lease_ttl).unwrap_or(chrono::Duration::MAX);
+        Ok(all
+            .into_iter()
+            .filter(|m| m.last_modified > oldest)
+            .collect())
+    }
+
     /// Waits for another replica's fill of `d` to land in the bucket: `true` once it is
     /// there, `false` when its lease went away without it or `lease_wait` passed.
     pub async fn wait_for(&self, d: &Digest) -> bool {
         let blob = self.path("blobs", d);
-        let lease = self.path("leases", d);
+        let dir = self.lease_dir(d);
         let start = Instant::now();
         while start.elapsed() < self.lease_wait {
             tokio::time::sleep(POLL).await;
@@ -439,7 +516,7 @@ impl Shared {
                 Err(Fault::Absent) => {}
                 Err(_) => return false,
             }
-            if let Err(Fault::Absent) = self.call("wait", self.store.head(&lease)).await {
+            if let Ok(true) = self.live_leases(&dir).await.map(|l| l.is_empty()) {
                 // Released: look once more (it may have landed just before), else give up.
                 let landed = self.call("wait", self.store.head(&blob)).await.is_ok();
                 self.count("wait", if landed { "landed" } else { "abandoned" });
@@ -457,19 +534,34 @@ impl Shared {
 
     /// Uploads the blob a local fill is bringing in, in the background: completed only once
     /// the fill has verified it (the reader's last byte waits for that), aborted if the fill
-    /// fails. Releases `lease` at the end either way.
+    /// fails. A store that fails meanwhile gets `UPLOAD_ATTEMPTS` tries, `BACKOFF` apart (the
+    /// fill's file stays readable through its descriptor). Releases `lease` at the end.
     pub fn upload(self: &Arc<Self>, d: Digest, src: Source, lease: Option<Lease>) {
         let shared = self.clone();
         tokio::spawn(async move {
-            let result = shared.upload_now(&d, src).await;
+            let mut attempt = 1;
+            let result = loop {
+                match shared.upload_now(&d, src.clone()).await {
+                    Err(Upload::Store(f)) if attempt < UPLOAD_ATTEMPTS => {
+                        tracing::debug!(%d, fault = ?f, attempt, "upload failed: trying again");
+                        attempt += 1;
+                        tokio::time::sleep(BACKOFF).await;
+                    }
+                    other => break other,
+                }
+            };
             match &result {
                 Ok(size) => {
                     shared.count("upload", "completed");
                     tracing::info!(%d, size, "uploaded to the shared store");
                 }
-                Err(e) => {
+                Err(Upload::Fill(e)) => {
                     shared.count("upload", "aborted");
-                    tracing::debug!(%d, error = %e, "upload to the shared store abandoned");
+                    tracing::debug!(%d, error = %e, "fill failed: upload aborted");
+                }
+                Err(Upload::Store(f)) => {
+                    shared.count("upload", "failed");
+                    tracing::warn!(%d, fault = ?f, "could not upload to the shared store");
                 }
             }
             if let Some(lease) = lease {
@@ -478,16 +570,18 @@ impl Shared {
         });
     }
 
-    async fn upload_now(&self, d: &Digest, mut src: Source) -> io::Result<u64> {
-        let fault = |f: Fault| io::Error::other(format!("{f:?}"));
-        let size = src.size().await.map_err(io::Error::other)?;
+    async fn upload_now(&self, d: &Digest, mut src: Source) -> Result<u64, Upload> {
+        let size = src
+            .size()
+            .await
+            .map_err(|e| Upload::Fill(io::Error::other(e)))?;
         let mut reader = src.reader(0, size);
         let path = self.path("blobs", d);
         let opts = attributes(src.media_type.as_deref());
         if size as usize <= PART {
             let mut buf = BytesMut::with_capacity(size as usize);
             while let Some(chunk) = reader.next_chunk().await {
-                buf.extend_from_slice(&chunk?);
+                buf.extend_from_slice(&chunk.map_err(Upload::Fill)?);
             }
             let put = self.store.put_opts(
                 &path,
@@ -497,7 +591,7 @@ impl Shared {
                     ..Default::default()
                 },
             );
-            self.call("upload", put).await.map_err(fault)?;
+            self.call("upload", put).await.map_err(Upload::Store)?;
             return Ok(size);
         }
         let part = PART.max(size.div_ceil(MAX_PARTS) as usize);
@@ -508,14 +602,17 @@ impl Shared {
                 ..Default::default()
             },
         );
-        let upload = self.call("upload", multipart).await.map_err(fault)?;
+        let upload = self
+            .call("upload", multipart)
+            .await
+            .map_err(Upload::Store)?;
         let mut w = WriteMultipart::new_with_chunk_size(upload, part);
-        let result: io::Result<()> = async {
+        let result: Result<(), Upload> = async {
             while let Some(chunk) = reader.next_chunk().await {
-                let chunk = chunk?;
+                let chunk = chunk.map_err(Upload::Fill)?;
                 self.call("upload", w.wait_for_capacity(2))
                     .await
-                    .map_err(fault)?;
+                    .map_err(Upload::Store)?;
                 w.put(chunk);
             }
             Ok(())
@@ -524,7 +621,9 @@ impl Shared {
         match result {
             // The reader ended cleanly: the fill is verified and committed.
             Ok(()) => {
-                self.call("upload", w.finish()).await.map_err(fault)?;
+                self.call("upload", w.finish())
+                    .await
+                    .map_err(Upload::Store)?;
                 Ok(size)
             }
             Err(e) => {
@@ -772,8 +871,46 @@ mod tests {
         // The probe object is gone; the lease is under the prefix.
         assert_eq!(
             keys(&store, "mirror/leases").await,
-            vec![format!("mirror/leases/sha256/{}", d.hex())]
+            vec![format!("mirror/leases/sha256/{}/lease", d.hex())]
         );
+    }
+
+    #[tokio::test]
+    async fn without_conditional_writes_the_oldest_entry_wins() {
+        let store = Arc::new(InMemory::new());
+        let replicas: Vec<_> = (0..3)
+            .map(|_| {
+                let t = tier(&store, Duration::from_secs(60), 1 << 30);
+                t.conditional.store(NO, Ordering::Relaxed);
+                t
+            })
+            .collect();
+        let d = Digest::sha256_of(b"layer");
+        let claims = futures_util::future::join_all(replicas.iter().map(|r| r.claim(&d))).await;
+        let winners = claims
+            .iter()
+            .filter(|c| matches!(c, Claim::Mine(_)))
+            .count();
+        assert_eq!(winners, 1, "one winner among simultaneous contenders");
+        assert_eq!(
+            keys(&store, "mirror/leases").await.len(),
+            1,
+            "losers withdrew"
+        );
+        // A late contender loses to the live lease, and wins once it is released.
+        let w = claims
+            .iter()
+            .position(|c| matches!(c, Claim::Mine(_)))
+            .unwrap();
+        let late = &replicas[(w + 1) % 3];
+        assert!(matches!(late.claim(&d).await, Claim::Theirs));
+        for c in claims {
+            if let Claim::Mine(l) = c {
+                replicas[w].release(l).await;
+            }
+        }
+        assert!(keys(&store, "mirror/leases").await.is_empty());
+        assert!(matches!(replicas[1].claim(&d).await, Claim::Mine(_)));
     }
 
     #[tokio::test]

@@ -4,3 +4,4 @@ mod faults;
 mod manifests;
 mod ops;
 mod real;
+mod shared;

@@ -1,0 +1,274 @@
+//! A real S3-compatible store for the shared-tier tests: a 3-node Garage cluster
+//! (replication factor 3, consistent mode) on loopback ports, with a bucket and a key.
+//! `tests/run.sh` installs `garage` (`cargo install garage --locked`) when it is missing.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::registry::free_port;
+
+const NODES: usize = 3;
+const REGION: &str = "garage";
+const BUCKET: &str = "ocicache";
+
+struct Node {
+    config: PathBuf,
+    s3_port: u16,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+pub struct Garage {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    nodes: Vec<Node>,
+    key_id: String,
+    secret: String,
+}
+
+fn garage_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("GARAGE_BIN") {
+        return PathBuf::from(p);
+    }
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("garage"))
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        candidates.push(Path::new(&home).join(".cargo/bin/garage"));
+    }
+    candidates.into_iter().find(|p| p.is_file()).expect(
+        "garage not found: run tests/run.sh, which installs it (cargo install garage --locked)",
+    )
+}
+
+impl Garage {
+    /// Starts a 3-node cluster (replication factor 3), creates bucket "ocicache" and a key
+    /// allowed to read, write and own it.
+    pub fn start() -> Garage {
+        let bin = garage_bin();
+        let dir = tempfile::tempdir().unwrap();
+        let secret: String = (0..32)
+            .map(|i| format!("{:02x}", (i * 37 + std::process::id() as usize) % 256))
+            .collect();
+        let mut nodes = Vec::new();
+        for i in 0..NODES {
+            let root = dir.path().join(format!("node{i}"));
+            std::fs::create_dir_all(&root).unwrap();
+            let (rpc, s3, admin) = (free_port(), free_port(), free_port());
+            let config = root.join("garage.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    r#"metadata_dir = "{root}/meta"
+data_dir = "{root}/data"
+db_engine = "sqlite"
+replication_factor = 3
+consistency_mode = "consistent"
+rpc_bind_addr = "127.0.0.1:{rpc}"
+rpc_public_addr = "127.0.0.1:{rpc}"
+rpc_secret = "{secret}"
+
+[s3_api]
+s3_region = "{REGION}"
+api_bind_addr = "127.0.0.1:{s3}"
+
+[admin]
+api_bind_addr = "127.0.0.1:{admin}"
+"#,
+                    root = root.display()
+                ),
+            )
+            .unwrap();
+            nodes.push(Node {
+                config,
+                s3_port: s3,
+                log: root.join("log"),
+                child: None,
+            });
+        }
+        let mut g = Garage {
+            bin,
+            dir,
+            nodes,
+            key_id: String::new(),
+            secret: String::new(),
+        };
+        for i in 0..NODES {
+            g.start_node(i);
+        }
+        let ids: Vec<String> = (0..NODES)
+            .map(|i| g.until_ok(i, &["node", "id", "-q"]).trim().to_string())
+            .collect();
+        for id in &ids[1..] {
+            g.until_ok(0, &["node", "connect", id]);
+        }
+        for id in &ids {
+            let short = id.split('@').next().unwrap();
+            g.until_ok(0, &["layout", "assign", "-z", "dc1", "-c", "1G", short]);
+        }
+        g.until_ok(0, &["layout", "apply", "--version", "1"]);
+        let out = g.until_ok(0, &["key", "create", "ocicache-tests"]);
+        let field = |name: &str| {
+            out.lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    (k.trim().eq_ignore_ascii_case(name)).then(|| v.trim().to_string())
+                })
+                .unwrap_or_else(|| panic!("no {name} in `garage key create`: {out}"))
+        };
+        g.key_id = field("Key ID");
+        g.secret = field("Secret key");
+        g.until_ok(0, &["bucket", "create", BUCKET]);
+        g.until_ok(
+            0,
+            &[
+                "bucket",
+                "allow",
+                "--read",
+                "--write",
+                "--owner",
+                BUCKET,
+                "--key",
+                "ocicache-tests",
+            ],
+        );
+        g.wait_s3_ready();
+        g
+    }
+
+    pub fn endpoint(&self, node: usize) -> String {
+        format!("http://127.0.0.1:{}", self.nodes[node].s3_port)
+    }
+
+    pub fn region(&self) -> &str {
+        REGION
+    }
+
+    pub fn bucket(&self) -> &str {
+        BUCKET
+    }
+
+    pub fn access_key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    pub fn secret_access_key(&self) -> &str {
+        &self.secret
+    }
+
+    /// SIGKILLs node `node` (the others keep a quorum of 2 of 3).
+    pub fn kill_node(&mut self, node: usize) {
+        if let Some(mut c) = self.nodes[node].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts node `node` (again), with its data.
+    pub fn start_node(&mut self, node: usize) {
+        let n = &mut self.nodes[node];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&n.log)
+            .unwrap();
+        let child = Command::new(&self.bin)
+            .arg("-c")
+            .arg(&n.config)
+            .arg("server")
+            .env("RUST_LOG", "garage=warn")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("garage starts");
+        n.child = Some(child);
+    }
+
+    fn log_tail(&self, node: usize) -> String {
+        let log = std::fs::read_to_string(&self.nodes[node].log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Runs a CLI command against node `node` until it succeeds (the node may still be
+    /// starting), for up to 30 s; its stdout.
+    fn until_ok(&self, node: usize, args: &[&str]) -> String {
+        let start = Instant::now();
+        loop {
+            let out = Command::new(&self.bin)
+                .arg("-c")
+                .arg(&self.nodes[node].config)
+                .args(args)
+                .env("RUST_LOG", "error")
+                .output()
+                .expect("garage runs");
+            if out.status.success() {
+                return String::from_utf8_lossy(&out.stdout).into_owned();
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                panic!(
+                    "garage {args:?} failed: {}{}\nnode log:\n{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr),
+                    self.log_tail(node)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until every node's S3 endpoint answers a listing of the bucket.
+    fn wait_s3_ready(&self) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for i in 0..NODES {
+            let store = object_store::aws::AmazonS3Builder::new()
+                .with_endpoint(self.endpoint(i))
+                .with_bucket_name(BUCKET)
+                .with_region(REGION)
+                .with_access_key_id(&self.key_id)
+                .with_secret_access_key(&self.secret)
+                .with_allow_http(true)
+                .build()
+                .unwrap();
+            let start = Instant::now();
+            loop {
+                let ok = rt.block_on(async {
+                    use object_store::ObjectStore;
+                    let p = object_store::path::Path::from("ready");
+                    store
+                        .put(&p, object_store::PutPayload::from_static(b"ok"))
+                        .await
+                        .is_ok()
+                        && store.delete(&p).await.is_ok()
+                });
+                if ok {
+                    break;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "garage node {i} S3 API not ready:\n{}",
+                    self.log_tail(i)
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        for i in 0..NODES {
+            self.kill_node(i);
+        }
+    }
+}
