@@ -255,7 +255,7 @@ fn cache_command(command: CacheCommand, config: &Config) -> anyhow::Result<()> {
             let r = runtime.block_on(async {
                 let shared = ocicache::cache::shared::Shared::open(
                     s3,
-                    config.cache.fill_deadline.0,
+                    ocicache::cache::shared::LEASE_TTL,
                     metrics,
                 )?;
                 shared

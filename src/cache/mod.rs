@@ -44,7 +44,7 @@ impl Cache {
     /// disk in recency order (evicting what no longer fits `max_size`).
     pub fn open(cfg: &CacheConfig, metrics: Arc<Metrics>) -> io::Result<Arc<Cache>> {
         let shared = match &cfg.s3 {
-            Some(s3) => Some(Shared::open(s3, cfg.fill_deadline.0, metrics.clone())?),
+            Some(s3) => Some(Shared::open(s3, shared::LEASE_TTL, metrics.clone())?),
             None => None,
         };
         Self::open_at(

@@ -64,6 +64,9 @@ const TOUCH_EVERY: Duration = Duration::from_secs(600);
 /// How long a contender for a lease waits for the others' entries before it lists them
 /// (stores without conditional writes).
 const SETTLE: Duration = Duration::from_millis(300);
+/// A lease not refreshed for this long is dead (its holder crashed or hangs): waiters stop
+/// waiting and contenders ignore it. Holders refresh theirs every quarter of it.
+pub const LEASE_TTL: Duration = Duration::from_secs(60);
 /// Lifetime of a presigned URL.
 const PRESIGN_FOR: Duration = Duration::from_secs(900);
 
@@ -101,9 +104,18 @@ pub enum Claim {
     None,
 }
 
-/// A held lease on a blob's fill.
+/// A held lease on a blob's fill, refreshed in the background until it is released.
 pub struct Lease {
     path: Path,
+    heartbeat: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(h) = &self.heartbeat {
+            h.abort();
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -410,15 +422,7 @@ impl Shared {
     }
 
     fn lease_body(&self) -> PutPayload {
-        let expires = SystemTime::now() + self.lease_ttl;
-        let body = LeaseBody {
-            owner: self.owner.clone(),
-            expires: expires
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs(),
-        };
-        PutPayload::from(serde_json::to_vec(&body).expect("a lease serializes"))
+        lease_body(&self.owner, self.lease_ttl)
     }
 
     async fn claim_conditional(&self, d: &Digest) -> Claim {
@@ -430,7 +434,7 @@ impl Shared {
             match self.call("lease", put).await {
                 Ok(_) => {
                     self.count("lease", "mine");
-                    return Claim::Mine(Lease { path });
+                    return Claim::Mine(self.hold(path));
                 }
                 Err(Fault::Exists) => {}
                 Err(_) => return Claim::None,
@@ -470,19 +474,19 @@ impl Shared {
         }
         tokio::time::sleep(SETTLE).await;
         let Ok(mut entries) = self.live_leases(&dir).await else {
-            self.release(Lease { path: mine }).await;
+            self.withdraw(&mine).await;
             return Claim::None;
         };
         entries.sort_by(|a, b| (a.last_modified, &a.location).cmp(&(b.last_modified, &b.location)));
         match entries.first() {
             Some(first) if first.location != mine => {
-                self.release(Lease { path: mine }).await;
+                self.withdraw(&mine).await;
                 self.count("lease", "theirs");
                 Claim::Theirs
             }
             _ => {
                 self.count("lease", "mine");
-                Claim::Mine(Lease { path: mine })
+                Claim::Mine(self.hold(mine))
             }
         }
     }
@@ -528,8 +532,32 @@ impl Shared {
         false
     }
 
-    pub async fn release(&self, lease: Lease) {
-        let _ = self.call("lease", self.store.delete(&lease.path)).await;
+    /// Keeps the lease at `path` alive (rewritten every quarter of its lifetime) until it is
+    /// released or dropped.
+    fn hold(&self, path: Path) -> Lease {
+        let (store, p, ttl) = (self.store.clone(), path.clone(), self.lease_ttl);
+        let owner = self.owner.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep((ttl / 4).max(Duration::from_millis(100))).await;
+                let _ = tokio::time::timeout(ttl / 4, store.put(&p, lease_body(&owner, ttl))).await;
+            }
+        });
+        Lease {
+            path,
+            heartbeat: Some(task.abort_handle()),
+        }
+    }
+
+    async fn withdraw(&self, path: &Path) {
+        let _ = self.call("lease", self.store.delete(path)).await;
+    }
+
+    pub async fn release(&self, mut lease: Lease) {
+        if let Some(h) = lease.heartbeat.take() {
+            h.abort();
+        }
+        self.withdraw(&lease.path).await;
     }
 
     /// Uploads the blob a local fill is bringing in, in the background: completed only once
@@ -812,6 +840,19 @@ impl Shared {
     }
 }
 
+/// A lease's content: who holds it, and until when unless refreshed.
+fn lease_body(owner: &str, ttl: Duration) -> PutPayload {
+    let expires = SystemTime::now() + ttl;
+    let body = LeaseBody {
+        owner: owner.to_string(),
+        expires: expires
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs(),
+    };
+    PutPayload::from(serde_json::to_vec(&body).expect("a lease serializes"))
+}
+
 fn attributes(media_type: Option<&str>) -> Attributes {
     let mut attrs = Attributes::new();
     if let Some(mt) = media_type {
@@ -911,6 +952,34 @@ mod tests {
         }
         assert!(keys(&store, "mirror/leases").await.is_empty());
         assert!(matches!(replicas[1].claim(&d).await, Claim::Mine(_)));
+    }
+
+    #[tokio::test]
+    async fn a_held_lease_is_refreshed_and_a_dead_holders_lapses() {
+        for conditional in [YES, NO] {
+            let store = Arc::new(InMemory::new());
+            let ttl = Duration::from_secs(2);
+            let (a, b) = (tier(&store, ttl, 1 << 30), tier(&store, ttl, 1 << 30));
+            for t in [&a, &b] {
+                t.conditional.store(conditional, Ordering::Relaxed);
+            }
+            let d = Digest::sha256_of(b"layer");
+            let Claim::Mine(lease) = a.claim(&d).await else {
+                panic!("first claim")
+            };
+            tokio::time::sleep(ttl + Duration::from_millis(1200)).await;
+            assert!(
+                matches!(b.claim(&d).await, Claim::Theirs),
+                "refreshed by its holder (mode {conditional})"
+            );
+            // The holder dies: its heartbeat stops, the lease lapses.
+            drop(lease);
+            tokio::time::sleep(ttl + Duration::from_millis(1200)).await;
+            assert!(
+                matches!(b.claim(&d).await, Claim::Mine(_)),
+                "taken over (mode {conditional})"
+            );
+        }
     }
 
     #[tokio::test]
