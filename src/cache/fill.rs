@@ -25,7 +25,7 @@ use std::future::Future;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -38,10 +38,7 @@ use crate::error::{Error, ErrorCode, UpstreamError};
 use crate::reference::{Algorithm, Digest, DigestHasher};
 
 /// Largest chunk a reader takes from the file at once.
-const READ_CHUNK: usize = 256 << 10;
-/// Chunk size and chunks read ahead of the client for a committed file, per response.
-const COMMITTED_CHUNK: usize = 512 << 10;
-const READ_AHEAD: usize = 2;
+const READ_CHUNK: usize = 1 << 20;
 /// Chunks queued between the network and each disk thread of one fill. A chunk is a network
 /// frame (up to a few hundred KiB on a fast link), so this bounds a fill's memory to a few
 /// MiB when the disk or the hasher falls behind.
@@ -65,6 +62,48 @@ pub struct Fill {
     /// The temp file, opened once; readers `pread` it, so they share no offset.
     file: Arc<File>,
     progress: watch::Receiver<Progress>,
+    /// The last chunks written, for readers that keep up with the writer.
+    recent: Arc<Mutex<Recent>>,
+}
+
+/// The most recent chunks of a fill, as the network delivered them (the same `Bytes` the
+/// file was written from). A reader that has caught up with the writer takes its next
+/// chunk from here: no read from the file, no copy, no blocking thread. A reader further
+/// behind than `RECENT_BYTES` reads the file.
+#[derive(Default)]
+struct Recent {
+    /// `(offset in the blob, chunk)`, in order, contiguous.
+    chunks: std::collections::VecDeque<(u64, Bytes)>,
+    bytes: usize,
+}
+
+const RECENT_BYTES: usize = 4 << 20;
+
+impl Recent {
+    fn push(&mut self, at: u64, chunk: Bytes) {
+        self.bytes += chunk.len();
+        self.chunks.push_back((at, chunk));
+        while self.bytes > RECENT_BYTES && self.chunks.len() > 1 {
+            let (_, old) = self.chunks.pop_front().expect("not empty");
+            self.bytes -= old.len();
+        }
+    }
+
+    /// The bytes from `pos` (up to `limit`, exclusive) if they are still here: the rest of
+    /// the chunk that holds `pos`.
+    fn slice(&self, pos: u64, limit: u64) -> Option<Bytes> {
+        let i = self
+            .chunks
+            .partition_point(|(at, _)| *at <= pos)
+            .checked_sub(1)?;
+        let (at, chunk) = &self.chunks[i];
+        let off = (pos - at) as usize;
+        if off >= chunk.len() || pos >= limit {
+            return None;
+        }
+        let len = (chunk.len() - off).min((limit - pos) as usize);
+        Some(chunk.slice(off..off + len))
+    }
 }
 
 impl Fill {
@@ -157,9 +196,11 @@ impl Cache {
         let (file, temp) = self.store.temp()?;
         let file = Arc::new(file);
         let (tx, rx) = watch::channel(Progress::Connecting);
+        let recent = Arc::new(Mutex::new(Recent::default()));
         let fill = Arc::new(Fill {
             file: file.clone(),
             progress: rx,
+            recent: recent.clone(),
         });
         self.metrics.fills_in_flight.inc();
         let cache = self.clone();
@@ -179,6 +220,7 @@ impl Cache {
                     &digest,
                     file.clone(),
                     tx.clone(),
+                    recent,
                     cache.stall_timeout,
                 )
                 .await;
@@ -232,6 +274,8 @@ impl Cache {
                 }
             }
             tx.send_replace(last);
+            // Readers still behind read the file; the chunks are not needed any more.
+            *handle.recent.lock().unwrap() = Recent::default();
         });
         Ok(fill)
     }
@@ -259,6 +303,7 @@ async fn stream_to_file(
     digest: &Digest,
     file: Arc<File>,
     progress: Arc<watch::Sender<Progress>>,
+    recent: Arc<Mutex<Recent>>,
     stall: Duration,
 ) -> Result<u64, Error> {
     use futures_util::StreamExt;
@@ -271,7 +316,7 @@ async fn stream_to_file(
     let upstream_err = |e| Error::upstream(&source, e);
     progress.send_replace(Progress::Streaming { size, written: 0 });
 
-    let sink = Sink::start(file, digest.algorithm(), progress.clone());
+    let sink = Sink::with_recent(file, digest.algorithm(), progress.clone(), Some(recent));
     let mut received: u64 = 0;
     let mut failure = None;
     loop {
@@ -345,6 +390,16 @@ impl Sink {
         algorithm: Algorithm,
         progress: Arc<watch::Sender<Progress>>,
     ) -> Sink {
+        Self::with_recent(file, algorithm, progress, None)
+    }
+
+    /// `start`, also keeping the chunks written last in `recent` for the readers.
+    fn with_recent(
+        file: Arc<File>,
+        algorithm: Algorithm,
+        progress: Arc<watch::Sender<Progress>>,
+        recent: Option<Arc<Mutex<Recent>>>,
+    ) -> Sink {
         let (wtx, mut wrx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
         let writer = tokio::task::spawn_blocking(move || {
             let mut offset = 0u64;
@@ -358,7 +413,11 @@ impl Sink {
             };
             while let Some(chunk) = wrx.blocking_recv() {
                 file.write_all_at(&chunk, offset)?;
-                offset += chunk.len() as u64;
+                let len = chunk.len() as u64;
+                if let Some(recent) = &recent {
+                    recent.lock().unwrap().push(offset, chunk);
+                }
+                offset += len;
                 if offset - notified.0 >= NOTIFY_BYTES || notified.1.elapsed() >= NOTIFY_AFTER {
                     publish(offset);
                     notified = (offset, Instant::now());
@@ -403,6 +462,8 @@ pub struct Source {
     file: Arc<File>,
     /// `None` for a committed file: every byte is there.
     progress: Option<watch::Receiver<Progress>>,
+    /// A fill's last chunks.
+    recent: Option<Arc<Mutex<Recent>>>,
     /// Known size of a committed file.
     size: Option<u64>,
     /// The media type, when the blob is a manifest.
@@ -414,6 +475,7 @@ impl Source {
         Source {
             file: Arc::new(file),
             progress: None,
+            recent: None,
             size: Some(size),
             media_type,
         }
@@ -423,6 +485,7 @@ impl Source {
         Source {
             file: fill.file.clone(),
             progress: Some(fill.progress.clone()),
+            recent: Some(fill.recent.clone()),
             size: None,
             media_type: None,
         }
@@ -464,6 +527,7 @@ impl Source {
         Reader {
             file: self.file.clone(),
             progress: self.progress.clone(),
+            recent: self.recent.clone(),
             pos: start,
             end,
         }
@@ -474,6 +538,7 @@ impl Source {
 pub struct Reader {
     file: Arc<File>,
     progress: Option<watch::Receiver<Progress>>,
+    recent: Option<Arc<Mutex<Recent>>>,
     pos: u64,
     end: u64,
 }
@@ -510,9 +575,22 @@ impl Reader {
                 }
             },
         };
-        let len = (available.min(self.end) - self.pos).min(READ_CHUNK as u64) as usize;
+        let limit = available.min(self.end);
+        if let Some(recent) = &self.recent {
+            let hit = recent.lock().unwrap().slice(self.pos, limit);
+            if let Some(chunk) = hit {
+                self.pos += chunk.len() as u64;
+                return Some(Ok(chunk));
+            }
+        }
+        let len = (limit - self.pos).min(READ_CHUNK as u64) as usize;
         debug_assert!(len > 0);
-        let read = read_at(self.file.clone(), self.pos, len).await;
+        // Below `available`, every byte is on disk: a mapped window is safe (see map_window).
+        let read = if len >= MAP_MIN {
+            map_window(&self.file, self.pos, len)
+        } else {
+            read_at(self.file.clone(), self.pos, len).await
+        };
         match read {
             Ok(chunk) => {
                 self.pos += len as u64;
@@ -549,25 +627,19 @@ impl Reader {
         }
     }
 
-    /// The reader as a stream of chunks. A committed file is read ahead: the next chunk is
-    /// copied from the page cache on a blocking thread while hyper writes the current one to
-    /// the socket, so the two copies overlap (at most `READ_AHEAD` chunks per client).
+    /// The reader as a stream of chunks. A committed range is served in mapped windows
+    /// (see `map_window`), or read at once when it is short.
     pub fn into_stream(self) -> futures_util::stream::BoxStream<'static, io::Result<Bytes>> {
         use futures_util::StreamExt;
         if self.progress.is_none() {
             let Reader { file, pos, end, .. } = self;
-            if end - pos >= MAP_MIN {
-                if let Some(stream) = mapped_stream(&file, pos, end) {
-                    return stream;
-                }
+            if end - pos >= MAP_MIN as u64 {
+                return mapped_stream(file, pos, end);
             }
-            let chunks = (pos..end)
-                .step_by(COMMITTED_CHUNK)
-                .map(move |at| (at, (end - at).min(COMMITTED_CHUNK as u64) as usize));
-            return futures_util::stream::iter(chunks)
-                .map(move |(at, len)| read_at(file.clone(), at, len))
-                .buffered(READ_AHEAD)
-                .boxed();
+            if end == pos {
+                return futures_util::stream::empty().boxed();
+            }
+            return futures_util::stream::once(read_at(file, pos, (end - pos) as usize)).boxed();
         }
         futures_util::stream::unfold(self, |mut r| async move {
             let chunk = r.next_chunk().await?;
@@ -577,69 +649,68 @@ impl Reader {
     }
 }
 
-/// Committed ranges at least this long are served from a memory map of the file.
-const MAP_MIN: u64 = 1 << 20;
-/// Chunk size of a mapped range: the window hyper writes from and the kernel reads ahead.
-const MAP_CHUNK: usize = 2 << 20;
+/// Reads at least this long are served from a memory map of the file.
+const MAP_MIN: usize = 64 << 10;
+/// The window of one mapped chunk: what hyper writes from, and what the kernel reads ahead.
+const MAP_CHUNK: usize = 1 << 20;
 
-/// A slice of a memory-mapped blob, handed to hyper as `Bytes` without a copy.
-struct MapSlice {
-    map: Arc<memmap2::Mmap>,
-    at: usize,
-    len: usize,
+/// `len` bytes at `at` of `file`, as `Bytes` over a memory map of just that window: hyper
+/// writes the page cache to the socket, one copy fewer than `pread` into a buffer, and no
+/// blocking thread is needed when the pages are in memory (they are for a fill: just
+/// written; for a committed blob, `readahead` asked for them a window earlier). The map is
+/// dropped (unmapped) once hyper has written the chunk, so memory stays a window per
+/// response in flight.
+///
+/// Safe because the window is inside what is on disk and stays there: a fill's temp file
+/// only grows (readers map below the bytes written), and a committed blob's file is never
+/// written or truncated again (replaced by a rename, evicted by an unlink, which leaves
+/// mapped pages valid).
+fn map_window(file: &File, at: u64, len: usize) -> io::Result<Bytes> {
+    // SAFETY: see above: the mapped range is never truncated or modified.
+    let map = unsafe {
+        memmap2::MmapOptions::new()
+            .offset(at)
+            .len(len)
+            .populate()
+            .map(file)
+    }?;
+    Ok(Bytes::from_owner(map))
 }
 
-impl AsRef<[u8]> for MapSlice {
-    fn as_ref(&self) -> &[u8] {
-        &self.map[self.at..self.at + self.len]
+/// Asks the kernel to read `len` bytes at `at` into the page cache, in the background.
+fn readahead(file: &File, at: u64, len: usize) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on a descriptor we own; it only affects the page cache.
+    unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            at as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_WILLNEED,
+        );
     }
 }
 
-/// Serves `pos..end` of a committed blob from a memory map: hyper writes the page cache to
-/// the socket directly, one copy fewer than reading into a buffer. The next window is
-/// announced to the kernel (`WILLNEED`) while the current one is written, so a page that is
-/// not resident is read ahead rather than faulted in on a runtime thread. `None` (and the
-/// caller reads with `pread`) if the file cannot be mapped or is shorter than the range.
-///
-/// Mapping is safe here because a committed blob's file is never written again or truncated:
-/// a blob is replaced only by renaming a new file over it, and eviction unlinks it, which
-/// leaves mapped pages valid.
+/// Serves `pos..end` of a committed blob in mapped windows, each next window read ahead.
 fn mapped_stream(
-    file: &File,
+    file: Arc<File>,
     pos: u64,
     end: u64,
-) -> Option<futures_util::stream::BoxStream<'static, io::Result<Bytes>>> {
+) -> futures_util::stream::BoxStream<'static, io::Result<Bytes>> {
     use futures_util::StreamExt;
-    // SAFETY: see above: the file is never modified or truncated while it is mapped.
-    let map = unsafe { memmap2::Mmap::map(file) }.ok()?;
-    if (map.len() as u64) < end {
-        return None;
-    }
-    let _ = map.advise(memmap2::Advice::Sequential);
-    let map = Arc::new(map);
-    let (pos, end) = (pos as usize, end as usize);
+    readahead(&file, pos, (end - pos).min(MAP_CHUNK as u64) as usize);
     let chunks = (pos..end)
         .step_by(MAP_CHUNK)
-        .map(move |at| (at, (end - at).min(MAP_CHUNK)));
-    Some(
-        futures_util::stream::iter(chunks)
-            .map(move |(at, len)| {
-                let next = at + len;
-                if next < end {
-                    let _ = map.advise_range(
-                        memmap2::Advice::WillNeed,
-                        next,
-                        (end - next).min(MAP_CHUNK),
-                    );
-                }
-                Ok(Bytes::from_owner(MapSlice {
-                    map: map.clone(),
-                    at,
-                    len,
-                }))
-            })
-            .boxed(),
-    )
+        .map(move |at| (at, (end - at).min(MAP_CHUNK as u64) as usize));
+    futures_util::stream::iter(chunks)
+        .map(move |(at, len)| {
+            let next = at + len as u64;
+            if next < end {
+                readahead(&file, next, (end - next).min(MAP_CHUNK as u64) as usize);
+            }
+            map_window(&file, at, len)
+        })
+        .boxed()
 }
 
 /// Reads `len` bytes at `at` on a blocking thread.
@@ -658,6 +729,35 @@ mod tests {
     use super::*;
     use futures_util::TryStreamExt;
     use std::io::Write;
+
+    #[test]
+    fn recent_chunks_are_sliced_and_bounded() {
+        let mut r = Recent::default();
+        let chunk = |n: u8, len: usize| Bytes::from(vec![n; len]);
+        r.push(0, chunk(1, 1000));
+        r.push(1000, chunk(2, 500));
+        assert_eq!(r.slice(0, 2000).unwrap(), chunk(1, 1000));
+        assert_eq!(r.slice(900, 2000).unwrap(), chunk(1, 100));
+        assert_eq!(
+            r.slice(1200, 1300).unwrap(),
+            chunk(2, 100),
+            "up to the limit"
+        );
+        assert!(r.slice(1500, 2000).is_none(), "not written yet");
+        assert!(r.slice(1200, 1200).is_none());
+        // Beyond the bound, the oldest go.
+        let mut at = 1500;
+        for _ in 0..5 {
+            r.push(at, chunk(3, 1 << 20));
+            at += 1 << 20;
+        }
+        assert!(r.bytes <= RECENT_BYTES);
+        assert!(
+            r.slice(0, 10).is_none(),
+            "dropped: the reader reads the file"
+        );
+        assert_eq!(r.slice(at - 10, at).unwrap().len(), 10);
+    }
 
     /// Committed ranges, mapped (long) or read (short), at unaligned offsets.
     #[tokio::test]
