@@ -1,24 +1,27 @@
 //! Fills: one verified upstream stream per digest, served to every waiting client from the
 //! growing file.
 //!
-//! A miss starts a fill, a task detached from the client, that streams the upstream body
-//! into a temp file while hashing it. The fill publishes its progress on a `watch` channel:
-//! how many bytes are on disk, then `Done` or `Failed`. Every client of that digest (the
-//! one that caused the miss and all that join while it runs) gets a [`Reader`] over the same
-//! file: it reads with `pread` at its own offset, up to the bytes written so far, and waits
-//! on the channel when it has caught up. So a joining client gets its first byte as soon as
-//! there is one on disk, a slow client slows nobody, and memory is a chunk per reader.
+//! A miss starts a fill, a task detached from the client, that streams the body (from an
+//! upstream, or from the shared tier) into a temp file while hashing it. The fill publishes
+//! its progress on a `watch` channel: how many bytes are on disk, then `Done` or `Failed`.
+//! Every client of that digest (the one that caused the miss and all that join while it
+//! runs) gets a [`Reader`] over the same file, at its own offset, up to the bytes written so
+//! far; it waits on the channel when it has caught up. A reader that keeps up takes the
+//! fill's last chunks from memory (`Recent`); one further behind reads the file through
+//! mapped windows (`map_window`). So a joining client gets its first byte as soon as there
+//! is one on disk, a slow client slows nobody, and memory is a window per reader.
 //!
 //! The end is all or nothing. When the stream ends, length and digest are checked; only then
 //! is the file fsynced and renamed into `blobs/` (the inode is the same, so readers go on
 //! reading through their descriptor) and `Done` published. Until `Done`, every reader holds
-//! back the last byte of its range: a client can never hold a complete body that is wrong. A mismatch, a short body, a stall
-//! or a disk error publishes `Failed`, which every reader turns into an error chunk (the
-//! client's connection is aborted, never cleanly ended), and deletes the temp file. The
-//! fill is then forgotten, so the next request starts a new one.
+//! back the last byte of its range: a client can never hold a complete body that is wrong.
+//! A mismatch, a short body, a stall or a disk error publishes `Failed`, which every reader
+//! turns into an error chunk (the client's connection is aborted, never cleanly ended), and
+//! deletes the temp file. The fill is then forgotten, so the next request starts a new one.
 //!
-//! Hashing and writing run on a blocking thread fed by a bounded channel, so the network
-//! read and the disk write overlap and neither blocks the runtime.
+//! The disk half (`Sink`) is two blocking threads fed the same chunks through bounded
+//! channels, one writing and one hashing, so the network read, the write and the hash
+//! overlap and none blocks the runtime.
 
 use std::fs::File;
 use std::future::Future;
@@ -38,7 +41,7 @@ use crate::error::{Error, ErrorCode, UpstreamError};
 use crate::reference::{Algorithm, Digest, DigestHasher};
 
 /// Largest chunk a reader takes from the file at once.
-const READ_CHUNK: usize = 1 << 20;
+const READ_CHUNK: usize = 256 << 10;
 /// Chunks queued between the network and each disk thread of one fill. A chunk is a network
 /// frame (up to a few hundred KiB on a fast link), so this bounds a fill's memory to a few
 /// MiB when the disk or the hasher falls behind.
@@ -652,7 +655,7 @@ impl Reader {
 /// Reads at least this long are served from a memory map of the file.
 const MAP_MIN: usize = 64 << 10;
 /// The window of one mapped chunk: what hyper writes from, and what the kernel reads ahead.
-const MAP_CHUNK: usize = 1 << 20;
+const MAP_CHUNK: usize = 512 << 10;
 
 /// `len` bytes at `at` of `file`, as `Bytes` over a memory map of just that window: hyper
 /// writes the page cache to the socket, one copy fewer than `pread` into a buffer, and no
