@@ -655,7 +655,7 @@ impl Reader {
 /// Reads at least this long are served from a memory map of the file.
 const MAP_MIN: usize = 64 << 10;
 /// The window of one mapped chunk: what hyper writes from, and what the kernel reads ahead.
-const MAP_CHUNK: usize = 512 << 10;
+const MAP_CHUNK: usize = 2 << 20;
 
 /// `len` bytes at `at` of `file`, as `Bytes` over a memory map of just that window: hyper
 /// writes the page cache to the socket, one copy fewer than `pread` into a buffer, and no
