@@ -637,7 +637,14 @@ impl Reader {
         if self.progress.is_none() {
             let Reader { file, pos, end, .. } = self;
             if end - pos >= MAP_MIN as u64 {
-                return mapped_stream(file, pos, end);
+                if let Some(stream) = mapped_stream(&file, pos, end) {
+                    return stream;
+                }
+                return futures_util::stream::iter((pos..end).step_by(READ_CHUNK))
+                    .then(move |at| {
+                        read_at(file.clone(), at, (end - at).min(READ_CHUNK as u64) as usize)
+                    })
+                    .boxed();
             }
             if end == pos {
                 return futures_util::stream::empty().boxed();
@@ -654,15 +661,14 @@ impl Reader {
 
 /// Reads at least this long are served from a memory map of the file.
 const MAP_MIN: usize = 64 << 10;
-/// The window of one mapped chunk: what hyper writes from, and what the kernel reads ahead.
+/// A committed blob is sent in slices of this size from its map, each next one read ahead.
 const MAP_CHUNK: usize = 2 << 20;
 
 /// `len` bytes at `at` of `file`, as `Bytes` over a memory map of just that window: hyper
 /// writes the page cache to the socket, one copy fewer than `pread` into a buffer, and no
 /// blocking thread is needed when the pages are in memory (they are for a fill: just
-/// written; for a committed blob, `readahead` asked for them a window earlier). The map is
-/// dropped (unmapped) once hyper has written the chunk, so memory stays a window per
-/// response in flight.
+/// written). The map is dropped (unmapped) once hyper has written the chunk, so memory
+/// stays a window per response in flight.
 ///
 /// Safe because the window is inside what is on disk and stays there: a fill's temp file
 /// only grows (readers map below the bytes written), and a committed blob's file is never
@@ -680,40 +686,70 @@ fn map_window(file: &File, at: u64, len: usize) -> io::Result<Bytes> {
     Ok(Bytes::from_owner(map))
 }
 
-/// Asks the kernel to read `len` bytes at `at` into the page cache, in the background.
-fn readahead(file: &File, at: u64, len: usize) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a plain syscall on a descriptor we own; it only affects the page cache.
-    unsafe {
-        libc::posix_fadvise(
-            file.as_raw_fd(),
-            at as libc::off_t,
-            len as libc::off_t,
-            libc::POSIX_FADV_WILLNEED,
-        );
+/// A slice of a memory-mapped blob, handed to hyper as `Bytes` without a copy.
+struct MapSlice {
+    map: Arc<memmap2::Mmap>,
+    at: usize,
+    len: usize,
+}
+
+impl AsRef<[u8]> for MapSlice {
+    fn as_ref(&self) -> &[u8] {
+        &self.map[self.at..self.at + self.len]
     }
 }
 
-/// Serves `pos..end` of a committed blob in mapped windows, each next window read ahead.
+/// Serves `pos..end` of a committed blob from one map of the file, in `MAP_CHUNK` slices.
+/// The kernel is asked to read the next slice ahead (`WILLNEED`), and the pages of slices
+/// sent long ago are unmapped from this process (`DONTNEED`: they stay in the page cache),
+/// so the process's resident memory stays a few slices per response, not the whole blob.
+/// `None` (the caller reads with `pread`) if the file cannot be mapped.
 fn mapped_stream(
-    file: Arc<File>,
+    file: &File,
     pos: u64,
     end: u64,
-) -> futures_util::stream::BoxStream<'static, io::Result<Bytes>> {
+) -> Option<futures_util::stream::BoxStream<'static, io::Result<Bytes>>> {
     use futures_util::StreamExt;
-    readahead(&file, pos, (end - pos).min(MAP_CHUNK as u64) as usize);
+    // SAFETY: a committed blob's file is never written or truncated (see `map_window`).
+    let map = unsafe { memmap2::Mmap::map(file) }.ok()?;
+    if (map.len() as u64) < end {
+        return None;
+    }
+    let _ = map.advise(memmap2::Advice::Sequential);
+    let map = Arc::new(map);
+    let (pos, end) = (pos as usize, end as usize);
     let chunks = (pos..end)
         .step_by(MAP_CHUNK)
-        .map(move |at| (at, (end - at).min(MAP_CHUNK as u64) as usize));
-    futures_util::stream::iter(chunks)
-        .map(move |(at, len)| {
-            let next = at + len as u64;
-            if next < end {
-                readahead(&file, next, (end - next).min(MAP_CHUNK as u64) as usize);
-            }
-            map_window(&file, at, len)
-        })
-        .boxed()
+        .map(move |at| (at, (end - at).min(MAP_CHUNK)));
+    Some(
+        futures_util::stream::iter(chunks)
+            .map(move |(at, len)| {
+                let next = at + len;
+                if next < end {
+                    let ahead = (end - next).min(MAP_CHUNK);
+                    let _ = map.advise_range(memmap2::Advice::WillNeed, next, ahead);
+                }
+                let behind = 4 * MAP_CHUNK;
+                if at >= pos + behind {
+                    // SAFETY: DONTNEED on a read-only shared file map only drops this
+                    // process's page table entries; a later access reads the page cache
+                    // again, so slices hyper still holds stay valid.
+                    let _ = unsafe {
+                        map.unchecked_advise_range(
+                            memmap2::UncheckedAdvice::DontNeed,
+                            at - behind,
+                            MAP_CHUNK,
+                        )
+                    };
+                }
+                Ok(Bytes::from_owner(MapSlice {
+                    map: map.clone(),
+                    at,
+                    len,
+                }))
+            })
+            .boxed(),
+    )
 }
 
 /// Reads `len` bytes at `at` on a blocking thread.
