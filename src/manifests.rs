@@ -21,6 +21,7 @@ use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
+use crate::cache::shared::Claim;
 use crate::cache::Cache;
 use crate::error::{Error, ErrorCode, UpstreamError};
 use crate::metrics::Metrics;
@@ -166,6 +167,8 @@ pub struct Manifests {
 
 /// How long a referrers answer is served without asking again.
 const REFERRERS_TTL: Duration = Duration::from_secs(60);
+/// How long a replica waits for another replica's fetch of the same manifest.
+const SHARED_WAIT: Duration = Duration::from_secs(15);
 /// Bound on tag list pages followed upstream.
 const MAX_TAG_PAGES: usize = 100;
 
@@ -420,8 +423,63 @@ impl Manifests {
         }
     }
 
-    /// GETs a manifest from the upstream, verifies it, stores it by digest.
+    /// With a shared tier, one replica at a time GETs a given manifest from the upstream
+    /// (under the same kind of lease as blobs); the others wait for it to appear in the
+    /// shared tier and take it from there, or fetch it themselves after `SHARED_WAIT`.
     async fn fetch(
+        &self,
+        up: &Arc<Upstream>,
+        name: &Name,
+        reference: &Reference,
+        accept: Option<&str>,
+    ) -> Result<Arc<Manifest>, Error> {
+        let Some(shared) = self.cache.shared.clone() else {
+            return self.fetch_upstream(up, name, reference, accept).await;
+        };
+        let lease_key =
+            Digest::sha256_of(format!("manifest\0{}\0{name}\0{reference}", up.name).as_bytes());
+        match shared.claim(&lease_key).await {
+            Claim::Mine(lease) => {
+                let fetched = self.fetch_upstream(up, name, reference, accept).await;
+                if let (Ok(m), Reference::Tag(tag)) = (&fetched, reference) {
+                    // Publish the tag before releasing, so that the waiters find it.
+                    let key = (up.name.clone(), name.clone(), tag.clone());
+                    self.record_tag(&key, m).await;
+                }
+                shared.release(lease).await;
+                fetched
+            }
+            Claim::Theirs => {
+                let start = std::time::Instant::now();
+                let mut released_polls = 0;
+                while start.elapsed() < SHARED_WAIT {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let found = match reference {
+                        Reference::Digest(d) => self.shared_manifest(d).await.ok().flatten(),
+                        Reference::Tag(tag) => {
+                            let key = (up.name.clone(), name.clone(), tag.clone());
+                            self.shared_tag(&key, accept, up.tag_ttl).await
+                        }
+                    };
+                    if let Some(m) = found.filter(|m| accepts(accept, &m.media_type)) {
+                        return Ok(m);
+                    }
+                    // Released without a result we can use: give the last writes a moment.
+                    if !shared.lease_held(&lease_key).await {
+                        released_polls += 1;
+                        if released_polls > 3 {
+                            break;
+                        }
+                    }
+                }
+                self.fetch_upstream(up, name, reference, accept).await
+            }
+            Claim::None => self.fetch_upstream(up, name, reference, accept).await,
+        }
+    }
+
+    /// GETs a manifest from the upstream, verifies it, stores it by digest.
+    async fn fetch_upstream(
         &self,
         up: &Arc<Upstream>,
         name: &Name,

@@ -504,6 +504,13 @@ impl Shared {
             .collect())
     }
 
+    /// Does some replica hold a live lease on `d`? (`false` when the store fails.)
+    pub async fn lease_held(&self, d: &Digest) -> bool {
+        self.live_leases(&self.lease_dir(d))
+            .await
+            .is_ok_and(|l| !l.is_empty())
+    }
+
     /// Waits for another replica's fill of `d` to land in the bucket: `true` once it is
     /// there, `false` when its lease went away without it or `lease_wait` passed.
     pub async fn wait_for(&self, d: &Digest) -> bool {

@@ -362,3 +362,54 @@ fn redirect_sends_hits_to_a_presigned_url_of_the_bucket() {
     assert_eq!(status, 200);
     assert_eq!(crate::support::fake::sha256(&body), digest);
 }
+
+#[test]
+fn replicas_resolving_the_same_cold_manifests_ask_the_upstream_once() {
+    let g = Garage::start();
+    let fake = Fake::start();
+    let oci = "application/vnd.oci.image.manifest.v1+json";
+    let by_tag = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
+    let tag_digest = fake.add_manifest("library/app", Some("v1"), oci, by_tag);
+    let by_digest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8b","size":2},"layers":[]}"#;
+    let other_digest = fake.add_manifest("library/app", None, oci, by_digest);
+    // Slow answers, so that the replicas ask at the same time.
+    fake.fault(
+        "/manifests/",
+        Fault::Delay(Duration::from_millis(500)),
+        None,
+    );
+    let replicas: Vec<_> = (0..3)
+        .map(|_| replica(&fake.url(), s3(&g, "t8", serde_json::json!({}))))
+        .collect();
+    for (reference, digest) in [("v1", &tag_digest), (other_digest.as_str(), &other_digest)] {
+        let clients: Vec<_> = replicas
+            .iter()
+            .map(|(p, _)| {
+                let url = format!("{}/v2/library/app/manifests/{reference}", p.url());
+                std::thread::spawn(move || {
+                    try_http_request(
+                        "GET",
+                        &url,
+                        &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
+                        b"",
+                    )
+                    .unwrap()
+                })
+            })
+            .collect();
+        for c in clients {
+            let (status, headers, body) = c.join().unwrap();
+            assert_eq!(status, 200);
+            assert_eq!(
+                header(&headers, "docker-content-digest"),
+                Some(digest.as_str())
+            );
+            assert_eq!(&crate::support::fake::sha256(&body), digest);
+        }
+    }
+    assert_eq!(
+        fake.count("GET", "/manifests/"),
+        2,
+        "one upstream GET per manifest across 3 replicas"
+    );
+}
