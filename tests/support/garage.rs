@@ -8,7 +8,25 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::registry::free_port;
+/// A free port below Linux's ephemeral range (32768-60999), so that the `127.0.0.1:0`
+/// binds of other tests running meanwhile cannot take it before Garage binds it.
+fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos() as u64
+            ^ (std::process::id() as u64) << 16
+            ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let port = 20_000 + (seed % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
 
 const NODES: usize = 3;
 const REGION: &str = "garage";
@@ -50,13 +68,32 @@ fn garage_bin() -> PathBuf {
 
 impl Garage {
     /// Starts a 3-node cluster (replication factor 3), creates bucket "ocicache" and a key
-    /// allowed to read, write and own it.
+    /// allowed to read, write and own it. Ports are picked free, then bound by Garage a
+    /// moment later: another test may take one in between, so a failed start is retried
+    /// with new ports.
     pub fn start() -> Garage {
+        let mut last = String::new();
+        for _ in 0..3 {
+            match Self::try_start() {
+                Ok(g) => return g,
+                Err(e) => {
+                    eprintln!("garage cluster start failed, retrying with new ports: {e}");
+                    last = e;
+                }
+            }
+        }
+        panic!("garage cluster did not start: {last}");
+    }
+
+    fn try_start() -> Result<Garage, String> {
         let bin = garage_bin();
         let dir = tempfile::tempdir().unwrap();
-        let secret: String = (0..32)
-            .map(|i| format!("{:02x}", (i * 37 + std::process::id() as usize) % 256))
-            .collect();
+        // A secret of its own per cluster: nodes of two clusters never join each other.
+        let secret = {
+            use sha2::Digest as _;
+            let seed = format!("{:?}{:?}", dir.path(), std::time::SystemTime::now());
+            hex::encode(sha2::Sha256::digest(seed.as_bytes()))
+        };
         let mut nodes = Vec::new();
         for i in 0..NODES {
             let root = dir.path().join(format!("node{i}"));
@@ -103,18 +140,19 @@ api_bind_addr = "127.0.0.1:{admin}"
         for i in 0..NODES {
             g.start_node(i);
         }
-        let ids: Vec<String> = (0..NODES)
-            .map(|i| g.until_ok(i, &["node", "id", "-q"]).trim().to_string())
-            .collect();
+        let mut ids = Vec::new();
+        for i in 0..NODES {
+            ids.push(g.until_ok(i, &["node", "id", "-q"])?.trim().to_string());
+        }
         for id in &ids[1..] {
-            g.until_ok(0, &["node", "connect", id]);
+            g.until_ok(0, &["node", "connect", id])?;
         }
         for id in &ids {
             let short = id.split('@').next().unwrap();
-            g.until_ok(0, &["layout", "assign", "-z", "dc1", "-c", "1G", short]);
+            g.until_ok(0, &["layout", "assign", "-z", "dc1", "-c", "1G", short])?;
         }
-        g.until_ok(0, &["layout", "apply", "--version", "1"]);
-        let out = g.until_ok(0, &["key", "create", "ocicache-tests"]);
+        g.until_ok(0, &["layout", "apply", "--version", "1"])?;
+        let out = g.until_ok(0, &["key", "create", "ocicache-tests"])?;
         let field = |name: &str| {
             out.lines()
                 .find_map(|l| {
@@ -125,7 +163,7 @@ api_bind_addr = "127.0.0.1:{admin}"
         };
         g.key_id = field("Key ID");
         g.secret = field("Secret key");
-        g.until_ok(0, &["bucket", "create", BUCKET]);
+        g.until_ok(0, &["bucket", "create", BUCKET])?;
         g.until_ok(
             0,
             &[
@@ -138,9 +176,9 @@ api_bind_addr = "127.0.0.1:{admin}"
                 "--key",
                 "ocicache-tests",
             ],
-        );
-        g.wait_s3_ready();
-        g
+        )?;
+        g.wait_s3_ready()?;
+        Ok(g)
     }
 
     pub fn endpoint(&self, node: usize) -> String {
@@ -198,8 +236,8 @@ api_bind_addr = "127.0.0.1:{admin}"
     }
 
     /// Runs a CLI command against node `node` until it succeeds (the node may still be
-    /// starting), for up to 30 s; its stdout.
-    fn until_ok(&self, node: usize, args: &[&str]) -> String {
+    /// starting), for up to 20 s; its stdout, or what went wrong.
+    fn until_ok(&self, node: usize, args: &[&str]) -> Result<String, String> {
         let start = Instant::now();
         loop {
             let out = Command::new(&self.bin)
@@ -210,22 +248,22 @@ api_bind_addr = "127.0.0.1:{admin}"
                 .output()
                 .expect("garage runs");
             if out.status.success() {
-                return String::from_utf8_lossy(&out.stdout).into_owned();
+                return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
             }
-            if start.elapsed() > Duration::from_secs(30) {
-                panic!(
+            if start.elapsed() > Duration::from_secs(20) {
+                return Err(format!(
                     "garage {args:?} failed: {}{}\nnode log:\n{}",
                     String::from_utf8_lossy(&out.stdout),
                     String::from_utf8_lossy(&out.stderr),
                     self.log_tail(node)
-                );
+                ));
             }
             std::thread::sleep(Duration::from_millis(200));
         }
     }
 
     /// Waits until every node's S3 endpoint answers a listing of the bucket.
-    fn wait_s3_ready(&self) {
+    fn wait_s3_ready(&self) -> Result<(), String> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -254,14 +292,16 @@ api_bind_addr = "127.0.0.1:{admin}"
                 if ok {
                     break;
                 }
-                assert!(
-                    start.elapsed() < Duration::from_secs(30),
-                    "garage node {i} S3 API not ready:\n{}",
-                    self.log_tail(i)
-                );
+                if start.elapsed() > Duration::from_secs(20) {
+                    return Err(format!(
+                        "garage node {i} S3 API not ready:\n{}",
+                        self.log_tail(i)
+                    ));
+                }
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
+        Ok(())
     }
 }
 
