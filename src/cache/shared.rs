@@ -411,8 +411,9 @@ impl Shared {
     /// `leases/<alg>/<hex>/<owner>`, waits `SETTLE`, lists the folder, and the oldest live
     /// entry (by the store's Last-Modified, then name) wins; the others withdraw theirs. A
     /// contender that writes after a winner listed sees the winner's older entry and loses,
-    /// so two winners need a PUT slower than `SETTLE`: best effort, and the worst case is one
-    /// more upstream fetch, never a wrong byte.
+    /// so two winners need a PUT slower than the wait (`SETTLE`, or three times this
+    /// replica's own PUT when the store is slow): best effort, and the worst case is one more
+    /// upstream fetch, never a wrong byte.
     pub async fn claim(&self, d: &Digest) -> Claim {
         if self.conditional_writes().await {
             self.claim_conditional(d).await
@@ -465,6 +466,7 @@ impl Shared {
     async fn claim_by_listing(&self, d: &Digest) -> Claim {
         let dir = self.lease_dir(d);
         let mine = dir.child(self.owner.as_str());
+        let put = Instant::now();
         if self
             .call("lease", self.store.put(&mine, self.lease_body()))
             .await
@@ -472,7 +474,9 @@ impl Shared {
         {
             return Claim::None;
         }
-        tokio::time::sleep(SETTLE).await;
+        // A contender's PUT slower than the wait could go unseen: when the store is slow
+        // (ours took long), wait longer.
+        tokio::time::sleep(SETTLE.max(put.elapsed() * 3)).await;
         let Ok(mut entries) = self.live_leases(&dir).await else {
             self.withdraw(&mine).await;
             return Claim::None;
