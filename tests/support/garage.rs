@@ -43,6 +43,8 @@ pub struct Garage {
     bin: PathBuf,
     dir: tempfile::TempDir,
     nodes: Vec<Node>,
+    /// Each node's `<id>@127.0.0.1:<rpc port>`, once known.
+    ids: Vec<String>,
     key_id: String,
     secret: String,
 }
@@ -134,11 +136,12 @@ api_bind_addr = "127.0.0.1:{admin}"
             bin,
             dir,
             nodes,
+            ids: Vec::new(),
             key_id: String::new(),
             secret: String::new(),
         };
         for i in 0..NODES {
-            g.start_node(i);
+            g.spawn(i);
         }
         let mut ids = Vec::new();
         for i in 0..NODES {
@@ -147,6 +150,7 @@ api_bind_addr = "127.0.0.1:{admin}"
         for id in &ids[1..] {
             g.until_ok(0, &["node", "connect", id])?;
         }
+        g.ids = ids.clone();
         for id in &ids {
             let short = id.split('@').next().unwrap();
             g.until_ok(0, &["layout", "assign", "-z", "dc1", "-c", "1G", short])?;
@@ -201,7 +205,8 @@ api_bind_addr = "127.0.0.1:{admin}"
         &self.secret
     }
 
-    /// SIGKILLs node `node` (the others keep a quorum of 2 of 3).
+    /// SIGKILLs node `node` (the others keep a quorum of 2 of 3). Garage notices the death
+    /// ~9 s later: meanwhile, a request that needs the dead node may take that long.
     pub fn kill_node(&mut self, node: usize) {
         if let Some(mut c) = self.nodes[node].child.take() {
             let _ = c.kill();
@@ -209,8 +214,71 @@ api_bind_addr = "127.0.0.1:{admin}"
         }
     }
 
-    /// Starts node `node` (again), with its data.
+    /// Starts node `node` again, with its data, and returns once every running node sees
+    /// every other one and (with a quorum) the node's S3 API answers. A restarted node does not
+    /// rejoin by itself (it and the others retry only after ~25 s): they are told to connect.
     pub fn start_node(&mut self, node: usize) {
+        if self.nodes[node].child.is_some() {
+            return;
+        }
+        self.spawn(node);
+        let running = self.nodes.iter().filter(|n| n.child.is_some()).count();
+        let result = self.rejoin(node).and_then(|()| {
+            // Alone, the node has no quorum and its S3 API answers 503.
+            if running >= 2 {
+                self.wait_s3_node_ready(node)
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = result {
+            panic!("garage node {node} did not rejoin the cluster: {e}");
+        }
+    }
+
+    fn rejoin(&self, node: usize) -> Result<(), String> {
+        let running: Vec<usize> = (0..NODES)
+            .filter(|&i| self.nodes[i].child.is_some())
+            .collect();
+        // Both ways: each node sees a peer as connected by its own connection to it.
+        for &i in &running {
+            if i != node {
+                self.until_ok(node, &["node", "connect", &self.ids[i]])?;
+                self.until_ok(i, &["node", "connect", &self.ids[node]])?;
+            }
+        }
+        let start = Instant::now();
+        loop {
+            let mut seen = String::new();
+            let mut all = true;
+            for &i in &running {
+                let status = self.until_ok(i, &["json-api", "GetClusterStatus"])?;
+                let v: serde_json::Value = serde_json::from_str(&status)
+                    .map_err(|e| format!("GetClusterStatus: {e}: {status}"))?;
+                let up = |j: usize| {
+                    let id = self.ids[j].split('@').next().unwrap();
+                    v["nodes"].as_array().is_some_and(|nodes| {
+                        nodes.iter().any(|n| n["id"] == id && n["isUp"] == true)
+                    })
+                };
+                let sees: Vec<usize> = running.iter().copied().filter(|&j| up(j)).collect();
+                all &= sees.len() == running.len();
+                seen += &format!("\nnode {i} sees up: {sees:?}");
+            }
+            if all {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                return Err(format!(
+                    "running nodes {running:?};{seen}\nnode log:\n{}",
+                    self.log_tail(node)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn spawn(&mut self, node: usize) {
         let n = &mut self.nodes[node];
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -262,44 +330,51 @@ api_bind_addr = "127.0.0.1:{admin}"
         }
     }
 
-    /// Waits until every node's S3 endpoint answers a listing of the bucket.
+    /// Waits until every node's S3 endpoint takes a PUT and a DELETE.
     fn wait_s3_ready(&self) -> Result<(), String> {
+        (0..NODES).try_for_each(|i| self.wait_s3_node_ready(i))
+    }
+
+    /// Waits until node `i`'s S3 endpoint takes a PUT and a DELETE.
+    fn wait_s3_node_ready(&self, i: usize) -> Result<(), String> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        for i in 0..NODES {
-            let store = object_store::aws::AmazonS3Builder::new()
-                .with_endpoint(self.endpoint(i))
-                .with_bucket_name(BUCKET)
-                .with_region(REGION)
-                .with_access_key_id(&self.key_id)
-                .with_secret_access_key(&self.secret)
-                .with_allow_http(true)
-                .build()
-                .unwrap();
-            let start = Instant::now();
-            loop {
-                let ok = rt.block_on(async {
-                    use object_store::ObjectStore;
-                    let p = object_store::path::Path::from("ready");
-                    store
-                        .put(&p, object_store::PutPayload::from_static(b"ok"))
-                        .await
-                        .is_ok()
-                        && store.delete(&p).await.is_ok()
-                });
-                if ok {
-                    break;
-                }
-                if start.elapsed() > Duration::from_secs(20) {
-                    return Err(format!(
-                        "garage node {i} S3 API not ready:\n{}",
-                        self.log_tail(i)
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(200));
+        let store = object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(self.endpoint(i))
+            .with_bucket_name(BUCKET)
+            .with_region(REGION)
+            .with_access_key_id(&self.key_id)
+            .with_secret_access_key(&self.secret)
+            .with_allow_http(true)
+            .with_retry(object_store::RetryConfig {
+                max_retries: 0,
+                ..Default::default()
+            })
+            .build()
+            .unwrap();
+        let start = Instant::now();
+        loop {
+            let ok = rt.block_on(async {
+                use object_store::ObjectStore;
+                let p = object_store::path::Path::from("ready");
+                store
+                    .put(&p, object_store::PutPayload::from_static(b"ok"))
+                    .await
+                    .is_ok()
+                    && store.delete(&p).await.is_ok()
+            });
+            if ok {
+                break;
             }
+            if start.elapsed() > Duration::from_secs(20) {
+                return Err(format!(
+                    "garage node {i} S3 API not ready:\n{}",
+                    self.log_tail(i)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
         Ok(())
     }
