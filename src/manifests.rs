@@ -229,9 +229,14 @@ impl Manifests {
             self.cache.index.forget(digest);
             return Ok(None);
         }
+        Ok(Some(self.remember(digest, media_type, bytes)))
+    }
+
+    /// A verified manifest, kept in the hot set.
+    fn remember(&self, digest: &Digest, media_type: String, bytes: Bytes) -> Arc<Manifest> {
         let m = Arc::new(Manifest::new(digest.clone(), media_type, bytes));
         self.hot.insert(digest.clone(), m.clone());
-        Ok(Some(m))
+        m
     }
 
     /// A manifest from the shared tier, verified, then kept locally too.
@@ -256,9 +261,7 @@ impl Manifests {
             .await
             .map_err(std::io::Error::other)??;
         self.cache.index.insert(digest.clone(), bytes.len() as u64);
-        let m = Arc::new(Manifest::new(digest.clone(), media_type, bytes));
-        self.hot.insert(digest.clone(), m.clone());
-        Ok(Some(m))
+        Ok(Some(self.remember(digest, media_type, bytes)))
     }
 
     async fn by_digest(
@@ -547,9 +550,7 @@ impl Manifests {
         self.cache
             .put_manifest(&digest, bytes.clone(), &media_type)
             .await?;
-        let m = Arc::new(Manifest::new(digest.clone(), media_type, bytes));
-        self.hot.insert(digest, m.clone());
-        Ok(m)
+        Ok(self.remember(&digest, media_type, bytes))
     }
 
     async fn tag_record(&self, key: &TagKey) -> Option<Arc<TagRecord>> {

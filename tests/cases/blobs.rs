@@ -2,13 +2,14 @@
 //! failures that abort every reader and cache nothing, ranges, the LRU bound, restarts.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
 
 use crate::support::fake::{Fake, Fault};
 use crate::support::proxy::{config, toml_for, ChildProxy, Proxy};
 use crate::support::registry::{header, random_bytes, try_http_request, try_http_request_timeout};
+use crate::support::wait_until;
 
 fn sha(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
@@ -23,14 +24,6 @@ fn tmp_files(cache: &Path) -> usize {
     std::fs::read_dir(cache.join("tmp"))
         .map(|d| d.count())
         .unwrap_or(0)
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn proxy_for(fake: &Fake, dir: &Path) -> Proxy {

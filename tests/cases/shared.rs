@@ -12,6 +12,7 @@ use crate::support::fake::{Fake, Fault};
 use crate::support::garage::Garage;
 use crate::support::proxy::{config, Proxy};
 use crate::support::registry::{header, http_request, random_bytes, try_http_request, Registry};
+use crate::support::wait_until;
 
 fn s3(g: &Garage, prefix: &str, extra: serde_json::Value) -> S3Config {
     let mut v = serde_json::json!({
@@ -47,15 +48,7 @@ fn replica(fake_url: &str, s3: S3Config) -> (Proxy, tempfile::TempDir) {
 
 /// The bucket's objects under `prefix`: (key, size), sorted.
 fn objects(g: &Garage, prefix: &str) -> Vec<(String, u64)> {
-    let store = object_store::aws::AmazonS3Builder::new()
-        .with_endpoint(g.endpoint(0))
-        .with_bucket_name(g.bucket())
-        .with_region(g.region())
-        .with_access_key_id(g.access_key_id())
-        .with_secret_access_key(g.secret_access_key())
-        .with_allow_http(true)
-        .build()
-        .unwrap();
+    let store = g.client(0);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -72,14 +65,6 @@ fn objects(g: &Garage, prefix: &str) -> Vec<(String, u64)> {
         v.sort();
         v
     })
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn blob_key(prefix: &str, digest: &str) -> String {

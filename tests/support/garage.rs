@@ -205,6 +205,24 @@ api_bind_addr = "127.0.0.1:{admin}"
         &self.secret
     }
 
+    /// An S3 client of the bucket through node `node`, without retries (a test sees the
+    /// store's answer as it is).
+    pub fn client(&self, node: usize) -> object_store::aws::AmazonS3 {
+        object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(self.endpoint(node))
+            .with_bucket_name(BUCKET)
+            .with_region(REGION)
+            .with_access_key_id(&self.key_id)
+            .with_secret_access_key(&self.secret)
+            .with_allow_http(true)
+            .with_retry(object_store::RetryConfig {
+                max_retries: 0,
+                ..Default::default()
+            })
+            .build()
+            .unwrap()
+    }
+
     /// SIGKILLs node `node` (the others keep a quorum of 2 of 3). Garage notices the death
     /// ~9 s later: meanwhile, a request that needs the dead node may take that long.
     pub fn kill_node(&mut self, node: usize) {
@@ -341,19 +359,7 @@ api_bind_addr = "127.0.0.1:{admin}"
             .enable_all()
             .build()
             .unwrap();
-        let store = object_store::aws::AmazonS3Builder::new()
-            .with_endpoint(self.endpoint(i))
-            .with_bucket_name(BUCKET)
-            .with_region(REGION)
-            .with_access_key_id(&self.key_id)
-            .with_secret_access_key(&self.secret)
-            .with_allow_http(true)
-            .with_retry(object_store::RetryConfig {
-                max_retries: 0,
-                ..Default::default()
-            })
-            .build()
-            .unwrap();
+        let store = self.client(i);
         let start = Instant::now();
         loop {
             let ok = rt.block_on(async {
