@@ -313,6 +313,21 @@ fn invalid(key: impl Into<String>, value: impl fmt::Display, message: &str) -> C
     }
 }
 
+/// Checks that each file named (by its key) is there, so a typo fails at start, not at the
+/// first request that needs the file.
+fn files_exist<const N: usize>(
+    files: [(String, Option<&std::path::Path>); N],
+) -> Result<(), ConfigError> {
+    for (key, file) in files {
+        if let Some(f) = file {
+            if !f.is_file() {
+                return Err(invalid(key, f.display(), "no such file"));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The keys of [`Config`], the only ones read from `OCICACHE_` variables.
 const TOP_LEVEL_KEYS: &[&str] = &[
     "listen",
@@ -420,16 +435,10 @@ impl Config {
             if (up.password.is_some() || up.password_file.is_some()) && up.username.is_none() {
                 return Err(invalid(key("username"), "", "a password needs a username"));
             }
-            for (k, file) in [
-                ("password_file", &up.password_file),
-                ("ca_file", &up.ca_file),
-            ] {
-                if let Some(f) = file {
-                    if !f.is_file() {
-                        return Err(invalid(key(k), f.display(), "no such file"));
-                    }
-                }
-            }
+            files_exist([
+                (key("password_file"), up.password_file.as_deref()),
+                (key("ca_file"), up.ca_file.as_deref()),
+            ])?;
         }
         if defaults > 1 {
             return Err(invalid(
@@ -439,11 +448,10 @@ impl Config {
             ));
         }
         if let Some(tls) = &self.tls {
-            for (k, f) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
-                if !f.is_file() {
-                    return Err(invalid(k, f.display(), "no such file"));
-                }
-            }
+            files_exist([
+                ("tls.cert".into(), Some(tls.cert.as_path())),
+                ("tls.key".into(), Some(tls.key.as_path())),
+            ])?;
         }
         if let Some(s3) = &self.cache.s3 {
             if s3.bucket.is_empty()
@@ -483,19 +491,16 @@ impl Config {
                     "secret_access_key and secret_access_key_file are exclusive",
                 ));
             }
-            for (k, file) in [
-                ("cache.s3.access_key_id_file", &s3.access_key_id_file),
+            files_exist([
                 (
-                    "cache.s3.secret_access_key_file",
-                    &s3.secret_access_key_file,
+                    "cache.s3.access_key_id_file".into(),
+                    s3.access_key_id_file.as_deref(),
                 ),
-            ] {
-                if let Some(f) = file {
-                    if !f.is_file() {
-                        return Err(invalid(k, f.display(), "no such file"));
-                    }
-                }
-            }
+                (
+                    "cache.s3.secret_access_key_file".into(),
+                    s3.secret_access_key_file.as_deref(),
+                ),
+            ])?;
             if s3.max_size.0 < 1 << 20 {
                 return Err(invalid(
                     "cache.s3.max_size",
@@ -512,13 +517,7 @@ impl Config {
             }
         }
         if let Some(auth) = &self.auth {
-            if !auth.htpasswd.is_file() {
-                return Err(invalid(
-                    "auth.htpasswd",
-                    auth.htpasswd.display(),
-                    "no such file",
-                ));
-            }
+            files_exist([("auth.htpasswd".into(), Some(auth.htpasswd.as_path()))])?;
         }
         Ok(())
     }

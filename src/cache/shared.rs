@@ -229,10 +229,7 @@ impl Shared {
     ) -> Shared {
         let prefix = prefix.trim_matches('/');
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "ocicache".into());
-        let nanos = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .subsec_nanos();
+        let nanos = since_epoch().subsec_nanos();
         Shared {
             store,
             signer: None,
@@ -449,10 +446,7 @@ impl Shared {
                 Err(Fault::Absent) => continue, // released meanwhile: try again
                 Err(_) => return Claim::None,
             };
-            let now = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs();
+            let now = since_epoch().as_secs();
             if held.is_some_and(|l| l.expires > now) {
                 self.count("lease", "theirs");
                 return Claim::Theirs;
@@ -836,11 +830,7 @@ impl Shared {
         tokio::spawn(async move {
             loop {
                 let jitter = Duration::from_millis(
-                    (SystemTime::now()
-                        .duration_since(SystemTime::UNIX_EPOCH)
-                        .unwrap_or_default()
-                        .subsec_nanos() as u64)
-                        % (interval.as_millis() as u64 / 10 + 1),
+                    since_epoch().subsec_nanos() as u64 % (interval.as_millis() as u64 / 10 + 1),
                 );
                 tokio::time::sleep(interval + jitter).await;
                 if let Err(f) = shared.gc().await {
@@ -851,15 +841,18 @@ impl Shared {
     }
 }
 
+/// The wall clock, as leases and their readers on other replicas compare it.
+fn since_epoch() -> Duration {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
 /// A lease's content: who holds it, and until when unless refreshed.
 fn lease_body(owner: &str, ttl: Duration) -> PutPayload {
-    let expires = SystemTime::now() + ttl;
     let body = LeaseBody {
         owner: owner.to_string(),
-        expires: expires
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs(),
+        expires: (since_epoch() + ttl).as_secs(),
     };
     PutPayload::from(serde_json::to_vec(&body).expect("a lease serializes"))
 }
