@@ -6,6 +6,7 @@
 //!
 //! # Layout
 //!
+//! - [`clock`]: wall and monotonic time that tests can pause (`tokio::time::pause`).
 //! - [`config`]: the configuration (figment: defaults, TOML file, `OCICACHE_` variables).
 //! - [`reference`]: names, tags and digests, validated by the spec's grammar.
 //! - [`route`]: a request path to an endpoint and an upstream (`?ns=`, prefix, default).
@@ -23,6 +24,7 @@
 //! `main.rs` is glue: it parses the command line and calls into these.
 
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod manifests;

@@ -23,6 +23,7 @@ use tokio::sync::OnceCell;
 
 use crate::cache::shared::Claim;
 use crate::cache::Cache;
+use crate::clock;
 use crate::error::{Error, ErrorCode, UpstreamError};
 use crate::metrics::Metrics;
 use crate::reference::{Digest, DigestHasher, Name, Reference, Tag};
@@ -161,7 +162,7 @@ pub struct Manifests {
     tag_lists: moka::sync::Cache<(String, Name), Arc<Vec<String>>>,
     list_flights: ListFlights,
     /// Referrers answers: fresh ones (briefly) and the last good one (for errors).
-    referrers_fresh: moka::sync::Cache<String, (Arc<(Bytes, HeaderValue)>, std::time::Instant)>,
+    referrers_fresh: moka::sync::Cache<String, (Arc<(Bytes, HeaderValue)>, clock::Instant)>,
     referrers_last: moka::sync::Cache<String, Arc<(Bytes, HeaderValue)>>,
 }
 
@@ -312,9 +313,7 @@ impl Manifests {
             };
         }
         if let Some((r, m)) = &usable {
-            let age = SystemTime::now()
-                .duration_since(r.confirmed)
-                .unwrap_or(Duration::MAX);
+            let age = clock::age(r.confirmed);
             if age < up.tag_ttl {
                 self.metrics.hit("tag");
                 return Ok(Answer::hit(m.clone()));
@@ -344,7 +343,7 @@ impl Manifests {
         let shared = self.cache.shared.as_ref()?;
         let bytes = shared.get_tag(&self.tag_hex(key)).await?;
         let record: TagRecord = serde_json::from_slice(&bytes).ok()?;
-        let age = SystemTime::now().duration_since(record.confirmed).ok()?;
+        let age = clock::age(record.confirmed);
         if (&record.upstream, &record.name, &record.tag) != (&key.0, &key.1, &key.2)
             || age >= ttl
             || !accepts(accept, &record.media_type)
@@ -453,7 +452,7 @@ impl Manifests {
                 fetched
             }
             Claim::Theirs => {
-                let start = std::time::Instant::now();
+                let start = clock::Instant::now();
                 let mut released_polls = 0;
                 while start.elapsed() < SHARED_WAIT {
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -574,7 +573,7 @@ impl Manifests {
             tag: key.2.clone(),
             digest: m.digest.clone(),
             media_type: m.media_type.clone(),
-            confirmed: SystemTime::now(),
+            confirmed: clock::now(),
         };
         self.tags.insert(key.clone(), Arc::new(record.clone()));
         self.persist_tag(key, &record, true).await;
@@ -783,7 +782,7 @@ impl Manifests {
         match fetched {
             Ok(v) => {
                 self.referrers_fresh
-                    .insert(key.clone(), (v.clone(), std::time::Instant::now()));
+                    .insert(key.clone(), (v.clone(), clock::Instant::now()));
                 self.referrers_last.insert(key, v.clone());
                 Ok(Answer::miss(v))
             }
