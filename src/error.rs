@@ -42,7 +42,8 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "UNAUTHORIZED",
             ErrorCode::Denied => "DENIED",
             ErrorCode::Unsupported => "UNSUPPORTED",
-            ErrorCode::TooManyRequests => "TOO_MANY_REQUESTS",
+            // The spec spells it without underscores.
+            ErrorCode::TooManyRequests => "TOOMANYREQUESTS",
             ErrorCode::RangeInvalid => "RANGE_INVALID",
             ErrorCode::Unavailable => "UNAVAILABLE",
         }
@@ -144,6 +145,14 @@ impl Error {
         Error::Upstream {
             upstream: upstream.to_string(),
             error,
+        }
+    }
+
+    /// The upstream that caused this error, if one was asked.
+    pub fn upstream_name(&self) -> Option<&str> {
+        match self {
+            Error::Upstream { upstream, .. } => Some(upstream),
+            Error::Client { .. } | Error::Internal(_) => None,
         }
     }
 

@@ -142,7 +142,7 @@ fn with_nothing_cached_the_client_gets_the_upstream_status_in_the_spec_format() 
     let (s, h, body) = p.get("/v2/t/manifests/1", &[]);
     assert_eq!(s, 429);
     assert_eq!(header(&h, "retry-after"), Some("42"));
-    assert!(String::from_utf8_lossy(&body).contains("TOO_MANY_REQUESTS"));
+    assert!(String::from_utf8_lossy(&body).contains("\"TOOMANYREQUESTS\""));
     fake.fault("/manifests/", Fault::Status(503), Some(1));
     let (s, _, body) = p.get("/v2/t/manifests/1", &[]);
     assert_eq!(s, 503);
