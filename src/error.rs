@@ -2,6 +2,7 @@
 //! upstream, us), and the one place that maps it to an HTTP status and the OCI error envelope
 //! `{"errors":[{"code","message","detail"}]}`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -76,10 +77,12 @@ pub enum UpstreamError {
     Connect(String),
     #[error("timed out")]
     Timeout,
-    #[error("answered {status}")]
+    #[error("answered {status}{}", said.as_deref().map(|m| format!(": {m}")).unwrap_or_default())]
     Status {
         status: StatusCode,
         retry_after: Option<HeaderValue>,
+        /// The message of the upstream's error body, if it sent one.
+        said: Option<String>,
     },
     #[error("token service failed: {0}")]
     Token(String),
@@ -126,9 +129,25 @@ pub enum Error {
         upstream: String,
         error: UpstreamError,
     },
+    /// The upstream refused what the client asked (404 and other 4xx that are not about
+    /// our credentials or rate): its status, code and message are passed on.
+    #[error("upstream {}: {} {}", .0.upstream, .0.code, .0.message)]
+    Rejected(Arc<Rejection>),
     /// Our own failure (disk, a bug); the detail is logged, not sent.
     #[error("internal error: {0}")]
     Internal(Arc<std::io::Error>),
+}
+
+/// An upstream's refusal, as it said it.
+#[derive(Debug)]
+pub struct Rejection {
+    pub upstream: String,
+    pub status: StatusCode,
+    /// The upstream's code (`MANIFEST_UNKNOWN`), or ours for what was asked when it sent none.
+    pub code: String,
+    pub message: String,
+    /// The upstream's `detail`, `null` when it sent none.
+    pub detail: serde_json::Value,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -152,40 +171,59 @@ impl Error {
     pub fn upstream_name(&self) -> Option<&str> {
         match self {
             Error::Upstream { upstream, .. } => Some(upstream),
+            Error::Rejected(r) => Some(&r.upstream),
             Error::Client { .. } | Error::Internal(_) => None,
         }
     }
 
-    /// Status, code and message for the client.
-    fn parts(&self) -> (StatusCode, &'static str, String) {
+    /// Is this about what the client asked (bad or unknown), not a fault of ours or of the
+    /// upstream's?
+    pub fn is_client_side(&self) -> bool {
+        matches!(self, Error::Client { .. } | Error::Rejected(_))
+    }
+
+    /// Status, code, message and detail for the client.
+    fn parts(&self) -> (StatusCode, Cow<'_, str>, String, serde_json::Value) {
+        let null = serde_json::Value::Null;
         match self {
-            Error::Client { code, message } => (code.status(), code.as_str(), message.clone()),
+            Error::Client { code, message } => {
+                (code.status(), code.as_str().into(), message.clone(), null)
+            }
+            Error::Rejected(r) => (
+                r.status,
+                r.code.as_str().into(),
+                r.message.clone(),
+                r.detail.clone(),
+            ),
             Error::Upstream { upstream, error } => {
                 let msg = format!("upstream {upstream} {error}");
-                let status = match error {
+                let (status, code) = match error {
                     UpstreamError::Status { status, .. }
                         if *status == StatusCode::TOO_MANY_REQUESTS =>
                     {
-                        return (*status, ErrorCode::TooManyRequests.as_str(), msg)
+                        (*status, ErrorCode::TooManyRequests)
                     }
                     UpstreamError::Status { status, .. }
                         if *status == StatusCode::UNAUTHORIZED
                             || *status == StatusCode::FORBIDDEN =>
                     {
-                        return (StatusCode::FORBIDDEN, ErrorCode::Denied.as_str(), msg)
+                        (StatusCode::FORBIDDEN, ErrorCode::Denied)
                     }
-                    UpstreamError::Status { status, .. } if status.is_server_error() => *status,
+                    UpstreamError::Status { status, .. } if status.is_server_error() => {
+                        (*status, ErrorCode::Unavailable)
+                    }
                     UpstreamError::Timeout | UpstreamError::Stalled(_) => {
-                        StatusCode::GATEWAY_TIMEOUT
+                        (StatusCode::GATEWAY_TIMEOUT, ErrorCode::Unavailable)
                     }
-                    _ => StatusCode::BAD_GATEWAY,
+                    _ => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
                 };
-                (status, ErrorCode::Unavailable.as_str(), msg)
+                (status, code.as_str().into(), msg, null)
             }
             Error::Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "UNKNOWN",
+                "UNKNOWN".into(),
                 "internal error".into(),
+                null,
             ),
         }
     }
@@ -196,9 +234,9 @@ impl Error {
 
     /// The response in the spec's error envelope.
     pub fn into_response(self) -> Response<Body> {
-        let (status, code, message) = self.parts();
+        let (status, code, message, detail) = self.parts();
         let body = serde_json::json!({
-            "errors": [{ "code": code, "message": message, "detail": serde_json::Value::Null }]
+            "errors": [{ "code": code, "message": message, "detail": detail }]
         });
         let mut resp = Response::new(body::full(Bytes::from(body.to_string())));
         *resp.status_mut() = status;

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use http::{header, HeaderMap, HeaderValue};
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
@@ -27,7 +27,7 @@ use crate::clock;
 use crate::error::{Error, ErrorCode, UpstreamError};
 use crate::metrics::Metrics;
 use crate::reference::{Digest, DigestHasher, Name, Reference, Tag};
-use crate::upstream::{read_body, Upstream, MANIFEST_TYPES};
+use crate::upstream::{Upstream, UpstreamManifest};
 
 /// A verified manifest.
 #[derive(Debug, Clone)]
@@ -170,8 +170,6 @@ pub struct Manifests {
 const REFERRERS_TTL: Duration = Duration::from_secs(60);
 /// How long a replica waits for another replica's fetch of the same manifest.
 const SHARED_WAIT: Duration = Duration::from_secs(15);
-/// Bound on tag list pages followed upstream.
-const MAX_TAG_PAGES: usize = 100;
 
 impl Manifests {
     pub fn new(
@@ -370,37 +368,18 @@ impl Manifests {
         let result = async {
             if let Some((record, cached)) = &usable {
                 // HEAD first: the body only when the digest moved.
-                let resp = up
-                    .send(
-                        Method::HEAD,
-                        &manifest_path(name, &reference),
-                        name,
-                        &accept_headers(accept),
-                    )
-                    .await
-                    .map_err(|e| Error::upstream(&up.name, e))?;
-                match resp.status() {
-                    StatusCode::OK => {
-                        let moved_to = resp
-                            .headers()
-                            .get("docker-content-digest")
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| Digest::parse(v).ok());
-                        if moved_to.as_ref() == Some(&record.digest) {
-                            self.record_tag(&key, cached).await;
-                            return Ok((cached.clone(), "revalidated"));
-                        }
-                        if let Some(d) = moved_to {
-                            if let Some(m) = self.cached(&d).await? {
-                                if accepts(accept, &m.media_type) {
-                                    self.record_tag(&key, &m).await;
-                                    return Ok((m, "revalidated"));
-                                }
-                            }
+                let moved_to = up.manifest_digest(name, tag, accept).await?;
+                if moved_to.as_ref() == Some(&record.digest) {
+                    self.record_tag(&key, cached).await;
+                    return Ok((cached.clone(), "revalidated"));
+                }
+                if let Some(d) = moved_to {
+                    if let Some(m) = self.cached(&d).await? {
+                        if accepts(accept, &m.media_type) {
+                            self.record_tag(&key, &m).await;
+                            return Ok((m, "revalidated"));
                         }
                     }
-                    StatusCode::NOT_FOUND => return Err(manifest_unknown()),
-                    status => return Err(status_error(&up.name, status, resp.headers())),
                 }
             }
             let m = self.fetch(up, name, &reference, accept).await?;
@@ -488,40 +467,11 @@ impl Manifests {
         reference: &Reference,
         accept: Option<&str>,
     ) -> Result<Arc<Manifest>, Error> {
-        let resp = up
-            .send(
-                Method::GET,
-                &manifest_path(name, reference),
-                name,
-                &accept_headers(accept),
-            )
-            .await
-            .map_err(|e| Error::upstream(&up.name, e))?;
-        match resp.status() {
-            StatusCode::OK => {}
-            StatusCode::NOT_FOUND => return Err(manifest_unknown()),
-            status => return Err(status_error(&up.name, status, resp.headers())),
-        }
-        let headers = resp.headers().clone();
-        if let Some(len) = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-        {
-            if len > self.max_size {
-                return Err(Error::upstream(
-                    &up.name,
-                    UpstreamError::TooLarge(self.max_size),
-                ));
-            }
-        }
-        let bytes = read_body(resp.into_body(), self.max_size, up.read_timeout)
-            .await
-            .map_err(|e| Error::upstream(&up.name, e))?;
-        let claimed = headers
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| Digest::parse(v).ok());
+        let UpstreamManifest {
+            bytes,
+            media_type,
+            digest: claimed,
+        } = up.manifest(name, reference, accept, self.max_size).await?;
         let digest = match (reference, &claimed) {
             (Reference::Digest(d), _) => d.clone(),
             (Reference::Tag(_), Some(c)) => c.clone(),
@@ -539,11 +489,7 @@ impl Manifests {
                 UpstreamError::DigestMismatch(digest.to_string()),
             ));
         }
-        let media_type = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|s| s.to_string())
-            .filter(|s| !s.is_empty())
+        let media_type = media_type
             .or_else(|| media_type_in(&bytes))
             .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".into());
         self.cache
@@ -649,7 +595,7 @@ impl Manifests {
         }
         self.list_flights
             .run(key.clone(), || async {
-                match self.fetch_tag_list(up, name).await {
+                match up.tags(name, self.max_size).await {
                     Ok(list) => {
                         let list = Arc::new(list);
                         self.tag_lists.insert(key.clone(), list.clone());
@@ -673,61 +619,6 @@ impl Manifests {
             .await
     }
 
-    async fn fetch_tag_list(&self, up: &Arc<Upstream>, name: &Name) -> Result<Vec<String>, Error> {
-        #[derive(Deserialize)]
-        struct Page {
-            #[serde(default)]
-            tags: Option<Vec<String>>,
-        }
-        let mut tags = Vec::new();
-        let mut path = format!("/v2/{name}/tags/list");
-        for _ in 0..MAX_TAG_PAGES {
-            let resp = up
-                .send(Method::GET, &path, name, &HeaderMap::new())
-                .await
-                .map_err(|e| Error::upstream(&up.name, e))?;
-            match resp.status() {
-                StatusCode::OK => {}
-                StatusCode::NOT_FOUND => {
-                    return Err(Error::client(
-                        ErrorCode::NameUnknown,
-                        "repository unknown to the upstream",
-                    ))
-                }
-                status => return Err(status_error(&up.name, status, resp.headers())),
-            }
-            let next = resp
-                .headers()
-                .get(header::LINK)
-                .and_then(|v| v.to_str().ok())
-                .and_then(next_link);
-            let body = read_body(resp.into_body(), self.max_size, up.read_timeout)
-                .await
-                .map_err(|e| Error::upstream(&up.name, e))?;
-            let page: Page = serde_json::from_slice(&body).map_err(|e| {
-                Error::upstream(&up.name, UpstreamError::Protocol(format!("tag list: {e}")))
-            })?;
-            tags.extend(
-                page.tags
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|t| Tag::parse(t).is_ok()),
-            );
-            match next {
-                // Only a path on the same registry: never a link to elsewhere.
-                Some(n)
-                    if n.split('?').next() == Some(format!("/v2/{name}/tags/list").as_str()) =>
-                {
-                    path = n
-                }
-                _ => break,
-            }
-        }
-        tags.sort();
-        tags.dedup();
-        Ok(tags)
-    }
-
     /// Referrers of `digest`, passed through, cached briefly, stale on error.
     pub async fn referrers(
         &self,
@@ -736,12 +627,11 @@ impl Manifests {
         digest: &Digest,
         artifact_type: Option<&str>,
     ) -> Result<Answer<Arc<(Bytes, HeaderValue)>>, Error> {
-        let mut path = format!("/v2/{name}/referrers/{digest}");
-        if let Some(t) = artifact_type {
-            path.push_str("?artifactType=");
-            path.extend(url::form_urlencoded::byte_serialize(t.as_bytes()));
-        }
-        let key = format!("{}\0{path}", up.name);
+        let key = format!(
+            "{}\0{name}\0{digest}\0{}",
+            up.name,
+            artifact_type.unwrap_or_default()
+        );
         // Briefly: a minute at most, and never longer than the upstream's tag TTL.
         let fresh_for = REFERRERS_TTL.min(up.tag_ttl);
         if let Some((hit, _)) = self
@@ -757,28 +647,10 @@ impl Manifests {
                 None => Err(unknown_offline()),
             };
         }
-        let fetched = async {
-            let resp = up
-                .send(Method::GET, &path, name, &HeaderMap::new())
-                .await
-                .map_err(|e| Error::upstream(&up.name, e))?;
-            match resp.status() {
-                StatusCode::OK => {}
-                StatusCode::NOT_FOUND => return Err(manifest_unknown()),
-                status => return Err(status_error(&up.name, status, resp.headers())),
-            }
-            let ct = resp.headers().get(header::CONTENT_TYPE).cloned().unwrap_or(
-                HeaderValue::from_static("application/vnd.oci.image.index.v1+json"),
-            );
-            let body = read_body(resp.into_body(), self.max_size, up.read_timeout)
-                .await
-                .map_err(|e| Error::upstream(&up.name, e))?;
-            serde_json::from_slice::<serde_json::Value>(&body).map_err(|e| {
-                Error::upstream(&up.name, UpstreamError::Protocol(format!("referrers: {e}")))
-            })?;
-            Ok(Arc::new((body, ct)))
-        }
-        .await;
+        let fetched = up
+            .referrers(name, digest, artifact_type, self.max_size)
+            .await
+            .map(Arc::new);
         match fetched {
             Ok(v) => {
                 self.referrers_fresh
@@ -798,20 +670,6 @@ impl Manifests {
             Err(e) => Err(e),
         }
     }
-}
-
-fn manifest_path(name: &Name, reference: &Reference) -> String {
-    format!("/v2/{name}/manifests/{reference}")
-}
-
-fn accept_headers(accept: Option<&str>) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    let value = accept
-        .filter(|a| !a.trim().is_empty())
-        .and_then(|a| HeaderValue::from_str(a).ok())
-        .unwrap_or(HeaderValue::from_static(MANIFEST_TYPES));
-    h.insert(header::ACCEPT, value);
-    h
 }
 
 /// Does an `Accept` list admit `media_type`? No list, or a wildcard, admits everything.
@@ -849,39 +707,10 @@ fn media_type_in(bytes: &[u8]) -> Option<String> {
     serde_json::from_slice::<M>(bytes).ok()?.media_type
 }
 
-/// The target of a `Link: <...>; rel="next"` header.
-pub fn next_link(link: &str) -> Option<String> {
-    link.split(',').find_map(|part| {
-        let (target, params) = part.split_once(';')?;
-        let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
-        params
-            .split(';')
-            .any(|p| p.trim().replace(' ', "") == "rel=\"next\"" || p.trim() == "rel=next")
-            .then(|| target.to_string())
-    })
-}
-
-fn manifest_unknown() -> Error {
-    Error::client(
-        ErrorCode::ManifestUnknown,
-        "manifest unknown to the upstream",
-    )
-}
-
 fn unknown_offline() -> Error {
     Error::client(
         ErrorCode::ManifestUnknown,
         "not cached, and this mirror is offline",
-    )
-}
-
-fn status_error(upstream: &str, status: StatusCode, headers: &HeaderMap) -> Error {
-    Error::upstream(
-        upstream,
-        UpstreamError::Status {
-            status,
-            retry_after: headers.get(header::RETRY_AFTER).cloned(),
-        },
     )
 }
 
@@ -901,16 +730,6 @@ mod tests {
         ));
         assert!(!accepts(Some(&format!("{oci};q=0")), oci), "q=0 refuses");
         assert!(accepts(Some(&format!("{oci};q=0.5")), oci));
-    }
-
-    #[test]
-    fn link_headers() {
-        assert_eq!(
-            next_link("</v2/a/tags/list?n=2&last=b>; rel=\"next\"").as_deref(),
-            Some("/v2/a/tags/list?n=2&last=b")
-        );
-        assert_eq!(next_link("</x>; rel=\"prev\""), None);
-        assert_eq!(next_link("garbage"), None);
     }
 
     #[tokio::test]

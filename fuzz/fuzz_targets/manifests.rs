@@ -5,7 +5,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ocicache::manifests::{accepts, next_link};
+use ocicache::manifests::accepts;
+use ocicache::upstream::next_link;
 
 const BASES: &[&str] = &[
     "https://registry.example",

@@ -32,12 +32,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::{header, Response, StatusCode};
-use hyper::body::Incoming;
 use tokio::sync::{mpsc, watch};
 
 use super::Cache;
-use crate::error::{Error, ErrorCode, UpstreamError};
+use crate::error::{Error, UpstreamError};
 use crate::reference::{Algorithm, Digest, DigestHasher};
 
 /// Largest chunk a reader takes from the file at once.
@@ -126,7 +124,7 @@ fn reason(e: &Error) -> &'static str {
             _ => "upstream",
         },
         Error::Internal(_) => "disk",
-        Error::Client { .. } => "upstream_status",
+        Error::Client { .. } | Error::Rejected(_) => "upstream_status",
     }
 }
 
@@ -149,43 +147,14 @@ pub struct Fetched {
 }
 
 impl Fetched {
-    /// An upstream's answer to a blob GET: its body if it is a `200`, else the error.
-    pub fn from_upstream(upstream: &str, resp: Response<Incoming>) -> Result<Fetched, Error> {
-        use futures_util::{StreamExt, TryStreamExt};
-        match resp.status() {
-            StatusCode::OK => {}
-            StatusCode::NOT_FOUND => {
-                return Err(Error::client(
-                    ErrorCode::BlobUnknown,
-                    "blob unknown to the upstream",
-                ))
-            }
-            status => {
-                let retry_after = resp.headers().get(header::RETRY_AFTER).cloned();
-                return Err(Error::upstream(
-                    upstream,
-                    UpstreamError::Status {
-                        status,
-                        retry_after,
-                    },
-                ));
-            }
-        }
-        let size = resp
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        let body = http_body_util::BodyStream::new(resp.into_body())
-            .try_filter_map(|frame| async move { Ok(frame.into_data().ok()) })
-            .map_err(io::Error::other)
-            .boxed();
-        Ok(Fetched {
-            size,
-            body,
+    /// An upstream's blob body.
+    pub fn from_upstream(upstream: &str, body: crate::upstream::BlobBody) -> Fetched {
+        Fetched {
+            size: body.size,
+            body: body.chunks,
             origin: Origin::Upstream { lease: None },
             source: upstream.to_string(),
-        })
+        }
     }
 }
 
@@ -261,7 +230,9 @@ impl Cache {
                     cache.metrics.fill_failed(reason(&e));
                     match &e {
                         // The upstream does not have it: the client's mistake, not a fault.
-                        Error::Client { .. } => tracing::debug!(%digest, error = %e, "fill failed"),
+                        e if e.is_client_side() => {
+                            tracing::debug!(%digest, error = %e, "fill failed")
+                        }
                         _ => tracing::warn!(%digest, error = %e, "fill failed"),
                     }
                     Progress::Failed(e)

@@ -14,17 +14,25 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper::body::Incoming;
-
 use crate::config::CacheConfig;
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::reference::Digest;
+use crate::reference::{Digest, Name};
+use crate::upstream::Upstream;
 use fill::Fill;
 pub use fill::{Fetched, Origin, Progress, Reader, Source};
 use index::Index;
 use shared::{Claim, Shared};
 use store::Store;
+
+/// What a `HEAD` of a blob needs.
+pub struct Head {
+    pub size: u64,
+    /// The media type, when the blob is a cached manifest.
+    pub media_type: Option<String>,
+    /// Whether the upstream was asked.
+    pub from_upstream: bool,
+}
 
 pub struct Cache {
     pub store: Arc<Store>,
@@ -111,18 +119,14 @@ impl Cache {
         Ok(found)
     }
 
-    /// Serves `digest` from the cache or from a fill: the one under way, or a new one fed by
-    /// the shared tier when it has the blob, else by `fetch` (which is only awaited when a
-    /// new fill needs the upstream).
-    pub async fn open_or_fill<F>(
+    /// Serves `digest` of `name` from the cache or from a fill: the one under way, or a new
+    /// one fed by the shared tier when it has the blob, else by the upstream `up`.
+    pub async fn open_or_fill(
         self: &Arc<Self>,
         digest: &Digest,
-        upstream: &str,
-        fetch: F,
-    ) -> Result<Source, Error>
-    where
-        F: Future<Output = Result<hyper::Response<Incoming>, Error>> + Send + 'static,
-    {
+        up: &Arc<Upstream>,
+        name: &Name,
+    ) -> Result<Source, Error> {
         if let Some(src) = self.open_cached(digest).await? {
             self.metrics.hit("blob");
             if let Some(shared) = &self.shared {
@@ -137,9 +141,14 @@ impl Cache {
                 // A fill may have committed since we looked: check under the lock.
                 None if self.store.blob_path(digest).exists() => None,
                 None => {
-                    let source = self
-                        .clone()
-                        .source(digest.clone(), upstream.to_string(), fetch);
+                    let fetch = {
+                        let (up, name, digest) = (up.clone(), name.clone(), digest.clone());
+                        async move {
+                            let body = up.blob(&name, &digest, None).await?;
+                            Ok(Fetched::from_upstream(&up.name, body))
+                        }
+                    };
+                    let source = self.clone().source(digest.clone(), fetch);
                     let fill = self.start_fill(digest.clone(), source)?;
                     fills.insert(digest.clone(), fill.clone());
                     Some(fill)
@@ -159,14 +168,9 @@ impl Cache {
     /// Where a new fill of `digest` reads from: the shared tier if it has the blob; else the
     /// upstream, by this replica if it wins the blob's lease (or the store cannot arbitrate),
     /// or the shared tier again once the replica that won it has uploaded it.
-    async fn source<F>(
-        self: Arc<Self>,
-        digest: Digest,
-        upstream: String,
-        fetch: F,
-    ) -> Result<Fetched, Error>
+    async fn source<F>(self: Arc<Self>, digest: Digest, fetch: F) -> Result<Fetched, Error>
     where
-        F: Future<Output = Result<hyper::Response<Incoming>, Error>> + Send + 'static,
+        F: Future<Output = Result<Fetched, Error>> + Send + 'static,
     {
         let from_shared = |(size, body)| Fetched {
             size: Some(size),
@@ -191,10 +195,7 @@ impl Cache {
                 Claim::None => {}
             }
         }
-        match fetch
-            .await
-            .and_then(|resp| Fetched::from_upstream(&upstream, resp))
-        {
+        match fetch.await {
             Ok(mut fetched) => {
                 fetched.origin = Origin::Upstream { lease };
                 Ok(fetched)
@@ -223,6 +224,34 @@ impl Cache {
                 Some(shared) => shared.head_blob(digest).await.map(|s| (s, None)),
                 None => None,
             },
+        })
+    }
+
+    /// A blob's size and media type without starting a download: from the local tier, a
+    /// fill that knows it, the bucket, else (when `upstream` is given, i.e. not offline) the
+    /// upstream's answer to a `HEAD`.
+    pub async fn head(
+        &self,
+        digest: &Digest,
+        upstream: Option<(&Arc<Upstream>, &Name)>,
+    ) -> Result<Head, Error> {
+        if let Some((size, media_type)) = self.peek_size(digest).await? {
+            return Ok(Head {
+                size,
+                media_type,
+                from_upstream: false,
+            });
+        }
+        let Some((up, name)) = upstream else {
+            return Err(Error::client(
+                crate::error::ErrorCode::BlobUnknown,
+                "blob not cached (offline)",
+            ));
+        };
+        Ok(Head {
+            size: up.blob_size(name, digest).await?,
+            media_type: None,
+            from_upstream: true,
         })
     }
 

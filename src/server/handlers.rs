@@ -317,69 +317,28 @@ async fn blob(
     Ok(resp)
 }
 
-/// `HEAD` of a blob: from the cache or a fill that knows the size, else asked upstream
-/// (without starting a fill: a `HEAD` must not cost a download).
+/// `HEAD` of a blob: from the cache, a fill or the bucket when one knows the size, else asked
+/// upstream (without starting a fill: a `HEAD` must not cost a download).
 async fn blob_head(
     state: &State,
     up: &Arc<Upstream>,
     target: &Target,
     digest: &Digest,
 ) -> Result<Response<Body>> {
-    if let Some((size, media_type)) = state.cache.peek_size(digest).await? {
-        return Ok(blob_headers(
-            StatusCode::OK,
-            size,
-            digest,
-            media_type.as_deref(),
-            "hit",
-        ));
-    }
-    if state.config.offline {
-        return Err(Error::client(
-            ErrorCode::BlobUnknown,
-            "blob not cached (offline)",
-        ));
-    }
-    let resp = up
-        .send(
-            Method::HEAD,
-            &blob_path(target, digest),
-            &target.name,
-            &HeaderMap::new(),
-        )
-        .await
-        .map_err(|e| Error::upstream(&up.name, e))?;
-    match resp.status() {
-        StatusCode::OK => {
-            let size = resp
-                .headers()
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok())
-                .ok_or_else(|| {
-                    Error::upstream(
-                        &up.name,
-                        crate::error::UpstreamError::Protocol("HEAD without Content-Length".into()),
-                    )
-                })?;
-            Ok(blob_headers(StatusCode::OK, size, digest, None, "upstream"))
-        }
-        StatusCode::NOT_FOUND => Err(Error::client(
-            ErrorCode::BlobUnknown,
-            "blob unknown to the upstream",
-        )),
-        status => Err(Error::upstream(
-            &up.name,
-            crate::error::UpstreamError::Status {
-                status,
-                retry_after: resp.headers().get(header::RETRY_AFTER).cloned(),
-            },
-        )),
-    }
-}
-
-fn blob_path(target: &Target, digest: &Digest) -> String {
-    format!("/v2/{}/blobs/{digest}", target.name)
+    let upstream = (!state.config.offline).then_some((up, &target.name));
+    let head = state.cache.head(digest, upstream).await?;
+    let outcome = if head.from_upstream {
+        "upstream"
+    } else {
+        "hit"
+    };
+    Ok(blob_headers(
+        StatusCode::OK,
+        head.size,
+        digest,
+        head.media_type.as_deref(),
+        outcome,
+    ))
 }
 
 fn blob_headers(
@@ -433,17 +392,7 @@ async fn blob_get(
                 }
             }
         }
-        let fetch = {
-            let up = up.clone();
-            let path = blob_path(target, digest);
-            let name = target.name.clone();
-            async move {
-                up.send(Method::GET, &path, &name, &HeaderMap::new())
-                    .await
-                    .map_err(|e| Error::upstream(&up.name, e))
-            }
-        };
-        state.cache.open_or_fill(digest, &up.name, fetch).await?
+        state.cache.open_or_fill(digest, up, &target.name).await?
     };
     let size = src.size().await?;
     let outcome = if src.is_fill() { "fill" } else { "hit" };

@@ -14,7 +14,7 @@ use http_body_util::Empty;
 use url::Url;
 
 use super::challenge::{self, Challenge};
-use super::{read_body, send_with_timeout, HttpClient};
+use super::client::{read_body, send_with_timeout, HttpClient};
 use crate::config::Secret;
 use crate::error::UpstreamError;
 use crate::metrics::{Metrics, UpstreamStatusLabels};

@@ -1,35 +1,33 @@
-//! The upstream registries: an HTTP client per upstream (hyper-util over rustls, HTTP/1.1 and
-//! HTTP/2, pooled), the `WWW-Authenticate` flow (`auth`), and redirects.
+//! The upstream registries, as the rest of ocicache sees them: a client that speaks the
+//! domain. [`Upstream::blob`], [`Upstream::blob_size`], [`Upstream::manifest`],
+//! [`Upstream::manifest_digest`], [`Upstream::tags`] and [`Upstream::referrers`] return our
+//! types (a body stream with its length, a manifest's bytes, a list, our [`Error`]), and
+//! [`Upstream::refusal`] is the one place that turns an upstream's answer that is not a
+//! success into our error type, keeping the upstream's own code and message.
 //!
-//! Redirects are followed here, a bounded number of times, and the `Authorization` header is
-//! sent only to the registry's own origin (scheme, host and port): Docker Hub sends blobs to a
-//! CDN with signed URLs that must never see our token or password. A `Location` is used once
-//! and never cached.
+//! The HTTP underneath (pooled connections, TLS, tokens, redirects, timeouts) is in
+//! [`client`]; token auth in [`auth`], its challenge parser in [`challenge`].
 
 pub mod auth;
 pub mod challenge;
+mod client;
 
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Empty};
+use futures_util::stream::BoxStream;
+use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use serde::Deserialize;
 use url::Url;
 
 use crate::config::UpstreamConfig;
-use crate::error::UpstreamError;
-use crate::metrics::{Metrics, UpstreamLabels};
-use crate::reference::Name;
-
-pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
-
-/// Redirects followed for one request before giving up.
-const MAX_REDIRECTS: usize = 5;
+use crate::error::{Error, ErrorCode, Rejection, UpstreamError};
+use crate::metrics::Metrics;
+use crate::reference::{Digest, Name, Reference, Tag};
+pub use client::{read_body, HttpClient};
 
 /// Every manifest and index media type, asked for when the client sends no `Accept`.
 pub const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, \
@@ -37,6 +35,11 @@ application/vnd.oci.image.index.v1+json, \
 application/vnd.docker.distribution.manifest.v2+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.oci.artifact.manifest.v1+json";
+
+/// Bound on tag list pages followed upstream.
+const MAX_TAG_PAGES: usize = 100;
+/// Bound on an error body read for its message.
+const MAX_ERROR_BODY: u64 = 64 << 10;
 
 /// One configured upstream registry.
 pub struct Upstream {
@@ -63,13 +66,51 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
+/// Why an upstream could not be set up from its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("upstream {0}: url: {1}")]
+    Url(String, url::ParseError),
+    #[error("upstream {0}: {1}")]
+    Io(String, io::Error),
+    #[error("upstream {0}: TLS: {1}")]
+    Tls(String, rustls::Error),
+}
+
+/// A blob body streaming from an upstream.
+pub struct BlobBody {
+    /// The announced length (`Content-Length`), if any.
+    pub size: Option<u64>,
+    pub chunks: BoxStream<'static, io::Result<Bytes>>,
+}
+
+/// A manifest as the upstream sent it: not yet verified.
+pub struct UpstreamManifest {
+    pub bytes: Bytes,
+    /// `Content-Type`, if the upstream sent one.
+    pub media_type: Option<String>,
+    /// `Docker-Content-Digest`, if the upstream sent one (a claim to verify).
+    pub digest: Option<Digest>,
+}
+
+/// What a request was for, to name what is unknown when the upstream says 404 without an
+/// error body.
+#[derive(Clone, Copy)]
+enum Asked {
+    Blob,
+    Manifest,
+    Repository,
+}
+
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig, metrics: Arc<Metrics>) -> anyhow::Result<Upstream> {
-        let base = Url::parse(&cfg.url)?;
-        let client = http_client(cfg)?;
+    pub fn new(cfg: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Upstream, SetupError> {
+        let base = Url::parse(&cfg.url).map_err(|e| SetupError::Url(cfg.name.clone(), e))?;
+        let client = client::http_client(cfg)?;
         let host = base.host_str().unwrap_or_default();
         let docker_hub = cfg.name == "docker.io" || host == "registry-1.docker.io";
-        let password = cfg.password()?;
+        let password = cfg
+            .password()
+            .map_err(|e| SetupError::Io(cfg.name.clone(), e))?;
         let creds = cfg.username.clone().zip(password);
         Ok(Upstream {
             name: cfg.name.clone(),
@@ -103,204 +144,314 @@ impl Upstream {
         authority == host
     }
 
-    /// Sends `method` for `path` (`/v2/<name>/...`, with query) to this upstream, with
-    /// authentication for pulling `repo`, following redirects. Returns the final response,
-    /// whatever its status.
-    pub async fn send(
+    /// A blob's body, whole or the bytes `range.0..=range.1` of it.
+    pub async fn blob(
+        &self,
+        name: &Name,
+        digest: &Digest,
+        range: Option<(u64, u64)>,
+    ) -> Result<BlobBody, Error> {
+        use futures_util::{StreamExt, TryStreamExt};
+        let mut headers = HeaderMap::new();
+        if let Some((first, last)) = range {
+            let value = HeaderValue::from_str(&format!("bytes={first}-{last}")).expect("ascii");
+            headers.insert(header::RANGE, value);
+        }
+        let path = format!("/v2/{name}/blobs/{digest}");
+        let resp = self.ask(Method::GET, &path, name, &headers).await?;
+        let expected = match range {
+            None => StatusCode::OK,
+            Some(_) => StatusCode::PARTIAL_CONTENT,
+        };
+        if resp.status() != expected {
+            return Err(self.refusal(resp, Asked::Blob).await);
+        }
+        let size = content_length(resp.headers());
+        let chunks = http_body_util::BodyStream::new(resp.into_body())
+            .try_filter_map(|frame| async move { Ok(frame.into_data().ok()) })
+            .map_err(io::Error::other)
+            .boxed();
+        Ok(BlobBody { size, chunks })
+    }
+
+    /// A blob's size, by a `HEAD` (which starts no download).
+    pub async fn blob_size(&self, name: &Name, digest: &Digest) -> Result<u64, Error> {
+        let path = format!("/v2/{name}/blobs/{digest}");
+        let resp = self
+            .ask(Method::HEAD, &path, name, &HeaderMap::new())
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(self.refusal(resp, Asked::Blob).await);
+        }
+        content_length(resp.headers()).ok_or_else(|| {
+            self.error(UpstreamError::Protocol(
+                "HEAD without Content-Length".into(),
+            ))
+        })
+    }
+
+    /// A manifest by tag or digest, for a client that accepts `accept` (every manifest type
+    /// when `None`), at most `max` bytes. Not verified here: see `manifests`.
+    pub async fn manifest(
+        &self,
+        name: &Name,
+        reference: &Reference,
+        accept: Option<&str>,
+        max: u64,
+    ) -> Result<UpstreamManifest, Error> {
+        let path = format!("/v2/{name}/manifests/{reference}");
+        let resp = self
+            .ask(Method::GET, &path, name, &accept_headers(accept))
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(self.refusal(resp, Asked::Manifest).await);
+        }
+        let headers = resp.headers();
+        if content_length(headers).is_some_and(|len| len > max) {
+            return Err(self.error(UpstreamError::TooLarge(max)));
+        }
+        let media_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .filter(|s| !s.is_empty())
+            .map(str::to_string);
+        let digest = content_digest(headers);
+        let bytes = read_body(resp.into_body(), max, self.read_timeout)
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(UpstreamManifest {
+            bytes,
+            media_type,
+            digest,
+        })
+    }
+
+    /// The digest a tag points to now, by a `HEAD` (which Docker Hub does not count as a
+    /// pull); `None` when the upstream does not say.
+    pub async fn manifest_digest(
+        &self,
+        name: &Name,
+        tag: &Tag,
+        accept: Option<&str>,
+    ) -> Result<Option<Digest>, Error> {
+        let path = format!("/v2/{name}/manifests/{tag}");
+        let resp = self
+            .ask(Method::HEAD, &path, name, &accept_headers(accept))
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(self.refusal(resp, Asked::Manifest).await);
+        }
+        Ok(content_digest(resp.headers()))
+    }
+
+    /// Every tag of `name` (pages followed, at most `MAX_TAG_PAGES`), sorted, without the
+    /// ones that are not valid tags. `max` bounds each page's body.
+    pub async fn tags(&self, name: &Name, max: u64) -> Result<Vec<String>, Error> {
+        #[derive(Deserialize)]
+        struct Page {
+            #[serde(default)]
+            tags: Option<Vec<String>>,
+        }
+        let first = format!("/v2/{name}/tags/list");
+        let mut tags = Vec::new();
+        let mut path = first.clone();
+        for _ in 0..MAX_TAG_PAGES {
+            let resp = self
+                .ask(Method::GET, &path, name, &HeaderMap::new())
+                .await?;
+            if resp.status() != StatusCode::OK {
+                return Err(self.refusal(resp, Asked::Repository).await);
+            }
+            let next = resp
+                .headers()
+                .get(header::LINK)
+                .and_then(|v| v.to_str().ok())
+                .and_then(next_link);
+            let body = read_body(resp.into_body(), max, self.read_timeout)
+                .await
+                .map_err(|e| self.error(e))?;
+            let page: Page = serde_json::from_slice(&body)
+                .map_err(|e| self.error(UpstreamError::Protocol(format!("tag list: {e}"))))?;
+            tags.extend(
+                page.tags
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|t| Tag::parse(t).is_ok()),
+            );
+            match next {
+                // Only a path on the same registry: never a link to elsewhere.
+                Some(n) if n.split('?').next() == Some(first.as_str()) => path = n,
+                _ => break,
+            }
+        }
+        tags.sort();
+        tags.dedup();
+        Ok(tags)
+    }
+
+    /// The referrers index of `digest` (filtered by `artifact_type`), checked to be JSON, and
+    /// its media type.
+    pub async fn referrers(
+        &self,
+        name: &Name,
+        digest: &Digest,
+        artifact_type: Option<&str>,
+        max: u64,
+    ) -> Result<(Bytes, HeaderValue), Error> {
+        let mut path = format!("/v2/{name}/referrers/{digest}");
+        if let Some(t) = artifact_type {
+            path.push_str("?artifactType=");
+            path.extend(url::form_urlencoded::byte_serialize(t.as_bytes()));
+        }
+        let resp = self
+            .ask(Method::GET, &path, name, &HeaderMap::new())
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(self.refusal(resp, Asked::Manifest).await);
+        }
+        let ct =
+            resp.headers()
+                .get(header::CONTENT_TYPE)
+                .cloned()
+                .unwrap_or(HeaderValue::from_static(
+                    "application/vnd.oci.image.index.v1+json",
+                ));
+        let body = read_body(resp.into_body(), max, self.read_timeout)
+            .await
+            .map_err(|e| self.error(e))?;
+        serde_json::from_slice::<serde_json::Value>(&body)
+            .map_err(|e| self.error(UpstreamError::Protocol(format!("referrers: {e}"))))?;
+        Ok((body, ct))
+    }
+
+    /// Sends a request, with this upstream's name on a failure.
+    async fn ask(
         &self,
         method: Method,
         path: &str,
-        repo: &Name,
+        name: &Name,
         headers: &HeaderMap,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let scope = format!("repository:{}:pull", repo.as_str());
-        let mut url = self
-            .base
-            .join(path)
-            .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
-        let mut authorization = self.auth.cached(&scope).await;
-        let mut authenticated = false;
-        let mut redirects = 0;
-        loop {
-            let same_origin = url.origin() == self.base.origin();
-            let auth = authorization.as_ref().filter(|_| same_origin);
-            let resp = self.request(method.clone(), &url, headers, auth).await?;
-            let status = resp.status();
-            if status == StatusCode::UNAUTHORIZED && same_origin && !authenticated {
-                let challenge = resp.headers().get(header::WWW_AUTHENTICATE).cloned();
-                if let Some(value) = self.auth.authenticate(challenge.as_ref(), &scope).await? {
-                    authorization = Some(value);
-                    authenticated = true;
-                    continue;
-                }
-                return Ok(resp);
-            }
-            if status.is_redirection() && status != StatusCode::NOT_MODIFIED {
-                redirects += 1;
-                if redirects > MAX_REDIRECTS {
-                    return Err(UpstreamError::Redirects);
-                }
-                let location = resp
-                    .headers()
-                    .get(header::LOCATION)
-                    .and_then(|l| l.to_str().ok())
-                    .ok_or_else(|| UpstreamError::Protocol("redirect without Location".into()))?;
-                let next = url
-                    .join(location)
-                    .map_err(|e| UpstreamError::Protocol(format!("bad Location: {e}")))?;
-                if next.scheme() != "http" && next.scheme() != "https" {
-                    return Err(UpstreamError::Protocol("redirect to a non-HTTP URL".into()));
-                }
-                url = next;
-                continue;
-            }
-            return Ok(resp);
-        }
+    ) -> Result<Response<Incoming>, Error> {
+        self.send(method, path, name, headers)
+            .await
+            .map_err(|e| self.error(e))
     }
 
-    async fn request(
-        &self,
-        method: Method,
-        url: &Url,
-        headers: &HeaderMap,
-        authorization: Option<&HeaderValue>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(url.as_str())
-            .body(Empty::new())
-            .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
-        let h = req.headers_mut();
-        for (k, v) in headers {
-            h.append(k, v.clone());
-        }
-        h.insert(
-            header::USER_AGENT,
-            HeaderValue::from_static(concat!("ocicache/", env!("CARGO_PKG_VERSION"))),
-        );
-        if let Some(a) = authorization {
-            h.insert(header::AUTHORIZATION, a.clone());
-        }
-        let result = send_with_timeout(&self.client, req, self.read_timeout).await;
-        match &result {
-            Ok(resp) => {
-                self.metrics
-                    .upstream_request(&self.name, resp.status().as_str());
-                self.note_rate_limit(resp.headers());
-            }
-            Err(UpstreamError::Timeout) => self.metrics.upstream_request(&self.name, "timeout"),
-            Err(_) => self.metrics.upstream_request(&self.name, "error"),
-        }
-        result
+    fn error(&self, e: UpstreamError) -> Error {
+        Error::upstream(&self.name, e)
     }
 
-    /// Logs and exports `ratelimit-limit` / `ratelimit-remaining` (`100;w=21600`).
-    fn note_rate_limit(&self, headers: &HeaderMap) {
-        let read = |name: &str| {
-            headers
-                .get(name)?
-                .to_str()
-                .ok()?
-                .split(';')
-                .next()?
-                .trim()
-                .parse::<i64>()
-                .ok()
+    /// The one place that turns an upstream's answer that is not a success into our error.
+    ///
+    /// - 401/403 (after authenticating), 429 and 5xx are the upstream's trouble: an
+    ///   [`UpstreamError::Status`] (served stale where we can), with the upstream's message.
+    /// - Any other answer (404, 400, ...) is a refusal of what the client asked: the
+    ///   upstream's own status, code and message reach the client unchanged, e.g. `OCI index
+    ///   found, but accept header does not support OCI indexes`, not a generic text.
+    async fn refusal(&self, resp: Response<Incoming>, asked: Asked) -> Error {
+        let status = resp.status();
+        let retry_after = resp.headers().get(header::RETRY_AFTER).cloned();
+        // The first error of the spec's envelope, if the body is one (a HEAD has no body).
+        let said = read_body(resp.into_body(), MAX_ERROR_BODY, self.read_timeout)
+            .await
+            .ok()
+            .and_then(|body| first_error(&body));
+        let trouble = matches!(
+            status,
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::TOO_MANY_REQUESTS
+        ) || status.is_server_error()
+            || status.is_informational()
+            || status.is_success()
+            || status.is_redirection();
+        if trouble {
+            return self.error(UpstreamError::Status {
+                status,
+                retry_after,
+                said: said.map(|e| e.message).filter(|m| !m.is_empty()),
+            });
+        }
+        let (code, message) = match asked {
+            Asked::Blob => (ErrorCode::BlobUnknown, "blob unknown to the upstream"),
+            Asked::Manifest => (
+                ErrorCode::ManifestUnknown,
+                "manifest unknown to the upstream",
+            ),
+            Asked::Repository => (ErrorCode::NameUnknown, "repository unknown to the upstream"),
         };
-        let labels = UpstreamLabels {
+        let said = said.unwrap_or_default();
+        Error::Rejected(Arc::new(Rejection {
             upstream: self.name.clone(),
-        };
-        if let Some(limit) = read("ratelimit-limit") {
-            self.metrics
-                .ratelimit_limit
-                .get_or_create(&labels)
-                .set(limit);
-        }
-        if let Some(remaining) = read("ratelimit-remaining") {
-            self.metrics
-                .ratelimit_remaining
-                .get_or_create(&labels)
-                .set(remaining);
-            tracing::debug!(upstream = %self.name, remaining, "upstream rate limit");
-        }
+            status,
+            code: Some(said.code)
+                .filter(|c| is_error_code(c))
+                .unwrap_or_else(|| code.as_str().to_string()),
+            message: Some(said.message)
+                .filter(|m| !m.is_empty())
+                .unwrap_or_else(|| message.to_string()),
+            detail: said.detail,
+        }))
     }
 }
 
-/// Sends `req`, waiting at most `timeout` for the response headers.
-pub(crate) async fn send_with_timeout(
-    client: &HttpClient,
-    req: Request<Empty<Bytes>>,
-    timeout: Duration,
-) -> Result<Response<Incoming>, UpstreamError> {
-    match tokio::time::timeout(timeout, client.request(req)).await {
-        Err(_) => Err(UpstreamError::Timeout),
-        Ok(Err(e)) => Err(UpstreamError::Connect(error_chain(&e))),
-        Ok(Ok(resp)) => Ok(resp),
-    }
+/// One error of the spec's envelope `{"errors":[{"code","message","detail"}]}`.
+#[derive(Debug, Default, Deserialize)]
+struct SaidError {
+    #[serde(default)]
+    code: String,
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    detail: serde_json::Value,
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
+fn first_error(body: &[u8]) -> Option<SaidError> {
+    #[derive(Deserialize)]
+    struct Envelope {
+        errors: Vec<SaidError>,
     }
-    s
+    let mut e = serde_json::from_slice::<Envelope>(body).ok()?.errors;
+    (!e.is_empty()).then(|| e.swap_remove(0))
 }
 
-/// Reads a whole body of at most `limit` bytes, each chunk within `timeout`.
-pub async fn read_body(
-    mut body: Incoming,
-    limit: u64,
-    timeout: Duration,
-) -> Result<Bytes, UpstreamError> {
-    let mut buf = bytes::BytesMut::new();
-    loop {
-        let frame = match tokio::time::timeout(timeout, body.frame()).await {
-            Err(_) => return Err(UpstreamError::Stalled(timeout)),
-            Ok(None) => return Ok(buf.freeze()),
-            Ok(Some(Err(e))) => return Err(UpstreamError::Length(error_chain(&e))),
-            Ok(Some(Ok(f))) => f,
-        };
-        if let Ok(data) = frame.into_data() {
-            if buf.len() as u64 + data.len() as u64 > limit {
-                return Err(UpstreamError::TooLarge(limit));
-            }
-            buf.extend_from_slice(&data);
-        }
-    }
+/// A code as the spec writes them (`MANIFEST_UNKNOWN`): short, capitals and underscores.
+fn is_error_code(c: &str) -> bool {
+    !c.is_empty() && c.len() <= 64 && c.bytes().all(|b| b.is_ascii_uppercase() || b == b'_')
 }
 
-fn http_client(cfg: &UpstreamConfig) -> anyhow::Result<HttpClient> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(ca) = &cfg.ca_file {
-        let pem = std::fs::read(ca)?;
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            roots.add(cert?)?;
-        }
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(cfg.connect_timeout.0));
-    http.set_nodelay(true);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .build(https))
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+fn content_digest(headers: &HeaderMap) -> Option<Digest> {
+    headers
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Digest::parse(v).ok())
+}
+
+fn accept_headers(accept: Option<&str>) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    let value = accept
+        .filter(|a| !a.trim().is_empty())
+        .and_then(|a| HeaderValue::from_str(a).ok())
+        .unwrap_or(HeaderValue::from_static(MANIFEST_TYPES));
+    h.insert(header::ACCEPT, value);
+    h
+}
+
+/// The target of a `Link: <...>; rel="next"` header.
+pub fn next_link(link: &str) -> Option<String> {
+    link.split(',').find_map(|part| {
+        let (target, params) = part.split_once(';')?;
+        let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
+        params
+            .split(';')
+            .any(|p| p.trim().replace(' ', "") == "rel=\"next\"" || p.trim() == "rel=next")
+            .then(|| target.to_string())
+    })
 }
 
 /// The upstreams of a configuration, by index, as the router sees them.
@@ -318,5 +469,34 @@ impl crate::route::UpstreamNames for Upstreams {
     }
     fn default_upstream(&self) -> Option<usize> {
         self.0.iter().position(|u| u.default)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_headers() {
+        assert_eq!(
+            next_link("</v2/a/tags/list?n=2&last=b>; rel=\"next\"").as_deref(),
+            Some("/v2/a/tags/list?n=2&last=b")
+        );
+        assert_eq!(next_link("</x>; rel=\"prev\""), None);
+        assert_eq!(next_link("garbage"), None);
+    }
+
+    #[test]
+    fn error_envelopes() {
+        let body = br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"OCI index found, but accept header does not support OCI indexes","detail":{"Tag":"1"}},{"code":"X","message":"y"}]}"#;
+        let e = first_error(body).unwrap();
+        assert_eq!(e.code, "MANIFEST_UNKNOWN");
+        assert!(e.message.starts_with("OCI index found"));
+        assert_eq!(e.detail["Tag"], "1");
+        assert!(first_error(b"<html>").is_none());
+        assert!(first_error(br#"{"errors":[]}"#).is_none());
+        assert!(is_error_code("TOOMANYREQUESTS"));
+        assert!(!is_error_code("a<script>"));
+        assert!(!is_error_code(""));
     }
 }

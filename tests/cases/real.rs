@@ -160,3 +160,39 @@ fn manifests_are_byte_exact_with_the_upstream_content_type_and_head_headers() {
     assert_eq!(status, 404);
     assert!(String::from_utf8_lossy(&body).contains("NAME_UNKNOWN"));
 }
+
+/// The upstream's own error reaches the client: the CNCF registry refuses an OCI index to a
+/// client that accepts only Docker types, and says why; ocicache passes its code and message
+/// on, not a generic "manifest unknown to the upstream".
+#[test]
+fn the_upstreams_own_error_code_and_message_reach_the_client() {
+    let Some(reg) = Registry::start() else { return };
+    let img = reg.push_image("library/multi", "amd", &layers(40, &[1000]));
+    let (index_digest, _) = reg.push_index("library/multi", "1", &[(&img, "amd64")]);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(config(dir.path(), &[("docker.io", &reg.url(), true)]));
+    let docker_only = "application/vnd.docker.distribution.manifest.v2+json";
+    let (status, _, body) = proxy.get("/v2/library/multi/manifests/1", &[("accept", docker_only)]);
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(status, 404, "{text}");
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let err = &v["errors"][0];
+    assert_eq!(err["code"], "MANIFEST_UNKNOWN", "{text}");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("accept header does not support OCI indexes"),
+        "the registry's own message: {text}"
+    );
+    // And a client that accepts the index gets it.
+    let (status, h, _) = proxy.get(
+        "/v2/library/multi/manifests/1",
+        &[("accept", "application/vnd.oci.image.index.v1+json")],
+    );
+    assert_eq!(status, 200);
+    assert_eq!(
+        header(&h, "docker-content-digest"),
+        Some(index_digest.as_str())
+    );
+}
