@@ -7,6 +7,8 @@
 //! # Layout
 //!
 //! - [`clock`]: wall and monotonic time that tests can pause (`tokio::time::pause`).
+//! - [`coalesce`]: concurrent resolutions of one key share one run; entries live while
+//!   someone waits.
 //! - [`config`]: the configuration (figment: defaults, TOML file, `OCICACHE_` variables).
 //! - [`reference`]: names, tags and digests, validated by the spec's grammar.
 //! - [`route`]: a request path to an endpoint and an upstream (`?ns=`, prefix, default).
@@ -25,6 +27,7 @@
 
 pub mod cache;
 pub mod clock;
+pub mod coalesce;
 pub mod config;
 pub mod error;
 pub mod manifests;

@@ -10,20 +10,17 @@
 //! - When the upstream is unreachable, slow, 5xx, 429 or its token service fails, a cached
 //!   answer is served stale (and counted); `offline` never asks at all.
 
-use std::collections::HashMap;
-use std::future::Future;
-use std::hash::Hash;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue};
 use serde::{Deserialize, Serialize};
-use tokio::sync::OnceCell;
 
 use crate::cache::shared::Claim;
 use crate::cache::Cache;
 use crate::clock;
+use crate::coalesce::Coalesce;
 use crate::error::{Error, ErrorCode, UpstreamError};
 use crate::metrics::Metrics;
 use crate::reference::{Digest, DigestHasher, Name, Reference, Tag};
@@ -110,42 +107,6 @@ struct TagRecord {
 type TagKey = (String, Name, Tag);
 type TagFlights = Coalesce<(TagKey, String), Result<Answer<Arc<Manifest>>, Error>>;
 type ListFlights = Coalesce<(String, Name), Result<Answer<Arc<Vec<String>>>, Error>>;
-
-/// Runs one future per key at a time; callers with the same key share its result.
-pub struct Coalesce<K, V> {
-    flights: Mutex<HashMap<K, Arc<OnceCell<V>>>>,
-}
-
-impl<K: Eq + Hash + Clone, V: Clone> Default for Coalesce<K, V> {
-    fn default() -> Self {
-        Coalesce {
-            flights: Mutex::new(HashMap::new()),
-        }
-    }
-}
-
-impl<K: Eq + Hash + Clone, V: Clone> Coalesce<K, V> {
-    /// If the caller that runs `f` goes away, a waiting caller takes over.
-    pub async fn run<F, Fut>(&self, key: K, f: F) -> V
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = V>,
-    {
-        let cell = self
-            .flights
-            .lock()
-            .unwrap()
-            .entry(key.clone())
-            .or_default()
-            .clone();
-        let value = cell.get_or_init(f).await.clone();
-        let mut flights = self.flights.lock().unwrap();
-        if flights.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-            flights.remove(&key);
-        }
-        value
-    }
-}
 
 pub struct Manifests {
     cache: Arc<Cache>,
@@ -730,27 +691,5 @@ mod tests {
         ));
         assert!(!accepts(Some(&format!("{oci};q=0")), oci), "q=0 refuses");
         assert!(accepts(Some(&format!("{oci};q=0.5")), oci));
-    }
-
-    #[tokio::test]
-    async fn coalesce_runs_once_for_concurrent_callers() {
-        let c: Arc<Coalesce<u8, u32>> = Arc::new(Coalesce::default());
-        let runs = Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let mut tasks = Vec::new();
-        for _ in 0..50 {
-            let (c, runs) = (c.clone(), runs.clone());
-            tasks.push(tokio::spawn(async move {
-                c.run(1, || async {
-                    runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    7
-                })
-                .await
-            }));
-        }
-        for t in tasks {
-            assert_eq!(t.await.unwrap(), 7);
-        }
-        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 }
