@@ -167,7 +167,7 @@ mod tests {
         let c: Arc<Coalesce<u8, u32>> = Arc::new(Coalesce::default());
         let first = {
             let c = c.clone();
-            tokio::spawn(async move { c.run(1, || std::future::pending::<u32>()).await })
+            tokio::spawn(async move { c.run(1, std::future::pending::<u32>).await })
         };
         while c.is_empty() {
             tokio::task::yield_now().await;
