@@ -343,8 +343,8 @@ impl Manifests {
                     }
                 }
             }
+            // Recorded by `fetch` (or adopted from another replica's record).
             let m = self.fetch(up, name, &reference, accept).await?;
-            self.record_tag(&key, &m).await;
             Ok((m, "miss"))
         }
         .await;
@@ -365,7 +365,7 @@ impl Manifests {
         }
     }
 
-    /// With a shared tier, one replica at a time GETs a given manifest from the upstream
+    /// Fetches a manifest (a tag's is recorded). With a shared tier, one replica at a time GETs a given manifest from the upstream
     /// (under the same kind of lease as blobs); the others wait for it to appear in the
     /// shared tier and take it from there, or fetch it themselves after `SHARED_WAIT`.
     async fn fetch(
@@ -376,18 +376,15 @@ impl Manifests {
         accept: Option<&str>,
     ) -> Result<Arc<Manifest>, Error> {
         let Some(shared) = self.cache.shared.clone() else {
-            return self.fetch_upstream(up, name, reference, accept).await;
+            return self.fetch_and_record(up, name, reference, accept).await;
         };
         let lease_key =
             Digest::sha256_of(format!("manifest\0{}\0{name}\0{reference}", up.name).as_bytes());
         match shared.claim(&lease_key).await {
             Claim::Mine(lease) => {
-                let fetched = self.fetch_upstream(up, name, reference, accept).await;
-                if let (Ok(m), Reference::Tag(tag)) = (&fetched, reference) {
-                    // Publish the tag before releasing, so that the waiters find it.
-                    let key = (up.name.clone(), name.clone(), tag.clone());
-                    self.record_tag(&key, m).await;
-                }
+                // The tag is recorded (and published) before the lease goes, so that the
+                // waiters find it.
+                let fetched = self.fetch_and_record(up, name, reference, accept).await;
                 shared.release(lease).await;
                 fetched
             }
@@ -403,6 +400,7 @@ impl Manifests {
                             self.shared_tag(&key, accept, up.tag_ttl).await
                         }
                     };
+                    // A tag found there was adopted with the other replica's record.
                     if let Some(m) = found.filter(|m| accepts(accept, &m.media_type)) {
                         return Ok(m);
                     }
@@ -414,10 +412,27 @@ impl Manifests {
                         }
                     }
                 }
-                self.fetch_upstream(up, name, reference, accept).await
+                self.fetch_and_record(up, name, reference, accept).await
             }
-            Claim::None => self.fetch_upstream(up, name, reference, accept).await,
+            Claim::None => self.fetch_and_record(up, name, reference, accept).await,
         }
+    }
+
+    /// Fetches a manifest from the upstream; when asked by tag, records the tag (once: on
+    /// disk and in the bucket).
+    async fn fetch_and_record(
+        &self,
+        up: &Arc<Upstream>,
+        name: &Name,
+        reference: &Reference,
+        accept: Option<&str>,
+    ) -> Result<Arc<Manifest>, Error> {
+        let m = self.fetch_upstream(up, name, reference, accept).await?;
+        if let Reference::Tag(tag) = reference {
+            let key = (up.name.clone(), name.clone(), tag.clone());
+            self.record_tag(&key, &m).await;
+        }
+        Ok(m)
     }
 
     /// GETs a manifest from the upstream, verifies it, stores it by digest.

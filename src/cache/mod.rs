@@ -25,6 +25,14 @@ use index::Index;
 use shared::{Claim, Shared};
 use store::Store;
 
+/// Where a blob GET is answered from.
+pub enum Found {
+    /// The local tier, or a fill under way.
+    Source(Source),
+    /// A presigned URL of the bucket's copy.
+    Redirect(url::Url),
+}
+
 /// What a `HEAD` of a blob needs.
 pub struct Head {
     pub size: u64,
@@ -119,6 +127,43 @@ impl Cache {
         Ok(found)
     }
 
+    /// Where a blob GET is answered from, decided here once: a redirect to the bucket when
+    /// `redirect = true` and it holds the blob; else the local tier; else (offline: nowhere)
+    /// a fill, fed by the bucket or the upstream `upstream`. `upstream` is `None` offline.
+    pub async fn blob(
+        self: &Arc<Self>,
+        digest: &Digest,
+        upstream: Option<(&Arc<Upstream>, &Name)>,
+    ) -> Result<Found, Error> {
+        let Some((up, name)) = upstream else {
+            return match self.local_hit(digest).await? {
+                Some(src) => Ok(Found::Source(src)),
+                None => Err(Error::client(
+                    crate::error::ErrorCode::BlobUnknown,
+                    "blob not cached (offline)",
+                )),
+            };
+        };
+        if let Some(shared) = self.shared.as_ref().filter(|s| s.redirects()) {
+            if let Some(url) = shared.presigned(digest).await {
+                return Ok(Found::Redirect(url));
+            }
+        }
+        self.open_or_fill(digest, up, name).await.map(Found::Source)
+    }
+
+    /// A blob served from the local tier: counted, and its use marked in the bucket.
+    async fn local_hit(&self, digest: &Digest) -> Result<Option<Source>, Error> {
+        let found = self.open_cached(digest).await?;
+        if found.is_some() {
+            self.metrics.hit("blob");
+            if let Some(shared) = &self.shared {
+                shared.touch(digest);
+            }
+        }
+        Ok(found)
+    }
+
     /// Serves `digest` of `name` from the cache or from a fill: the one under way, or a new
     /// one fed by the shared tier when it has the blob, else by the upstream `up`.
     pub async fn open_or_fill(
@@ -127,11 +172,7 @@ impl Cache {
         up: &Arc<Upstream>,
         name: &Name,
     ) -> Result<Source, Error> {
-        if let Some(src) = self.open_cached(digest).await? {
-            self.metrics.hit("blob");
-            if let Some(shared) = &self.shared {
-                shared.touch(digest);
-            }
+        if let Some(src) = self.local_hit(digest).await? {
             return Ok(src);
         }
         let fill = {

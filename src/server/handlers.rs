@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 
 use super::body::{self, Body};
 use super::State;
+use crate::cache::Found;
 use crate::error::{Error, ErrorCode, Result};
 use crate::range::{self, Multipart, RangeError};
 use crate::reference::{Digest, Reference};
@@ -372,27 +373,20 @@ async fn blob_get(
     target: &Target,
     digest: &Digest,
 ) -> Result<Response<Body>> {
-    let mut src = if state.config.offline {
-        state
-            .cache
-            .open_cached(digest)
-            .await?
-            .ok_or_else(|| Error::client(ErrorCode::BlobUnknown, "blob not cached (offline)"))?
-    } else {
-        if let Some(shared) = state.cache.shared.as_ref().filter(|s| s.redirects()) {
-            if let Some(url) = shared.presigned(digest).await {
-                let mut resp = Response::new(body::empty());
-                *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
-                if let Ok(v) = HeaderValue::from_str(url.as_str()) {
-                    resp.headers_mut().insert(header::LOCATION, v);
-                    resp.headers_mut()
-                        .insert("docker-content-digest", digest_value(digest));
-                    resp.extensions_mut().insert(Outcome("redirect"));
-                    return Ok(resp);
-                }
-            }
+    let upstream = (!state.config.offline).then_some((up, &target.name));
+    let mut src = match state.cache.blob(digest, upstream).await? {
+        Found::Source(src) => src,
+        Found::Redirect(url) => {
+            let mut resp = Response::new(body::empty());
+            *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+            let location = HeaderValue::from_str(url.as_str())
+                .map_err(|e| std::io::Error::other(format!("presigned URL: {e}")))?;
+            let h = resp.headers_mut();
+            h.insert(header::LOCATION, location);
+            h.insert("docker-content-digest", digest_value(digest));
+            resp.extensions_mut().insert(Outcome("redirect"));
+            return Ok(resp);
         }
-        state.cache.open_or_fill(digest, up, &target.name).await?
     };
     let size = src.size().await?;
     let outcome = if src.is_fill() { "fill" } else { "hit" };
