@@ -3,9 +3,8 @@
 
 pub mod admin;
 pub mod fill;
-pub mod index;
+pub mod local;
 pub mod shared;
-pub mod store;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -22,6 +21,7 @@ use crate::upstream::Upstream;
 use fill::Fill;
 pub use fill::{Fetched, Origin, Progress, Reader, Source};
 use index::Index;
+pub use local::{index, store};
 use shared::{Claim, Shared};
 use store::Store;
 
