@@ -17,8 +17,9 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue};
 use serde::{Deserialize, Serialize};
 
+use crate::cache::records::media_type_in;
 use crate::cache::shared::Claim;
-use crate::cache::Cache;
+use crate::cache::{Cache, Record};
 use crate::clock;
 use crate::coalesce::Coalesce;
 use crate::error::{Error, ErrorCode, UpstreamError};
@@ -175,21 +176,16 @@ impl Manifests {
         }
     }
 
-    /// A cached manifest by digest, verified, or `None`.
+    /// A cached manifest by digest (from any tier), verified, or `None`.
     pub async fn cached(&self, digest: &Digest) -> Result<Option<Arc<Manifest>>, Error> {
         if let Some(m) = self.hot.get(digest) {
             return Ok(Some(m));
         }
-        let Some((bytes, media_type)) = self.cache.read_manifest(digest).await? else {
-            return self.shared_manifest(digest).await;
-        };
-        if &hash_as(digest, &bytes) != digest {
-            tracing::error!(%digest, "cached manifest does not match its digest: removed");
-            self.cache.store.remove(digest);
-            self.cache.index.forget(digest);
-            return Ok(None);
-        }
-        Ok(Some(self.remember(digest, media_type, bytes)))
+        Ok(self
+            .cache
+            .manifest(digest, self.max_size)
+            .await?
+            .map(|(bytes, media_type)| self.remember(digest, media_type, bytes)))
     }
 
     /// A verified manifest, kept in the hot set.
@@ -197,31 +193,6 @@ impl Manifests {
         let m = Arc::new(Manifest::new(digest.clone(), media_type, bytes));
         self.hot.insert(digest.clone(), m.clone());
         m
-    }
-
-    /// A manifest from the shared tier, verified, then kept locally too.
-    async fn shared_manifest(&self, digest: &Digest) -> Result<Option<Arc<Manifest>>, Error> {
-        let Some(shared) = &self.cache.shared else {
-            return Ok(None);
-        };
-        let Some((bytes, media_type)) = shared.get_manifest(digest, self.max_size).await else {
-            return Ok(None);
-        };
-        if &hash_as(digest, &bytes) != digest {
-            shared.discard(digest).await;
-            return Ok(None);
-        }
-        let media_type = media_type
-            .filter(|m| !m.is_empty() && m != "application/octet-stream")
-            .or_else(|| media_type_in(&bytes))
-            .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".into());
-        let store = self.cache.store.clone();
-        let (d, b, mt) = (digest.clone(), bytes.clone(), media_type.clone());
-        tokio::task::spawn_blocking(move || store.put_manifest(&d, &b, &mt))
-            .await
-            .map_err(std::io::Error::other)??;
-        self.cache.index.insert(digest.clone(), bytes.len() as u64);
-        Ok(Some(self.remember(digest, media_type, bytes)))
     }
 
     async fn by_digest(
@@ -299,8 +270,7 @@ impl Manifests {
         accept: Option<&str>,
         ttl: Duration,
     ) -> Option<Arc<Manifest>> {
-        let shared = self.cache.shared.as_ref()?;
-        let bytes = shared.get_tag(&self.tag_hex(key)).await?;
+        let bytes = self.cache.shared_record(&tag_record_name(key)).await?;
         let record: TagRecord = serde_json::from_slice(&bytes).ok()?;
         let age = clock::age(record.confirmed);
         if (&record.upstream, &record.name, &record.tag) != (&key.0, &key.1, &key.2)
@@ -375,17 +345,17 @@ impl Manifests {
         reference: &Reference,
         accept: Option<&str>,
     ) -> Result<Arc<Manifest>, Error> {
-        let Some(shared) = self.cache.shared.clone() else {
+        if !self.cache.is_shared() {
             return self.fetch_and_record(up, name, reference, accept).await;
-        };
+        }
         let lease_key =
             Digest::sha256_of(format!("manifest\0{}\0{name}\0{reference}", up.name).as_bytes());
-        match shared.claim(&lease_key).await {
+        match self.cache.claim(&lease_key).await {
             Claim::Mine(lease) => {
                 // The tag is recorded (and published) before the lease goes, so that the
                 // waiters find it.
                 let fetched = self.fetch_and_record(up, name, reference, accept).await;
-                shared.release(lease).await;
+                self.cache.release(lease).await;
                 fetched
             }
             Claim::Theirs => {
@@ -394,7 +364,7 @@ impl Manifests {
                 while start.elapsed() < SHARED_WAIT {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     let found = match reference {
-                        Reference::Digest(d) => self.shared_manifest(d).await.ok().flatten(),
+                        Reference::Digest(d) => self.cached(d).await.ok().flatten(),
                         Reference::Tag(tag) => {
                             let key = (up.name.clone(), name.clone(), tag.clone());
                             self.shared_tag(&key, accept, up.tag_ttl).await
@@ -405,7 +375,7 @@ impl Manifests {
                         return Ok(m);
                     }
                     // Released without a result we can use: give the last writes a moment.
-                    if !shared.lease_held(&lease_key).await {
+                    if !self.cache.lease_held(&lease_key).await {
                         released_polls += 1;
                         if released_polls > 3 {
                             break;
@@ -478,8 +448,7 @@ impl Manifests {
         if let Some(r) = self.tags.get(key) {
             return Some(r);
         }
-        let path = self.tag_path(key);
-        let bytes = tokio::fs::read(&path).await.ok()?;
+        let bytes = self.cache.record(&tag_record_name(key)).await?;
         let record: Arc<TagRecord> = Arc::new(serde_json::from_slice(&bytes).ok()?);
         if (&record.upstream, &record.name, &record.tag) != (&key.0, &key.1, &key.2) {
             return None;
@@ -501,48 +470,12 @@ impl Manifests {
         self.persist_tag(key, &record, true).await;
     }
 
-    /// Writes a tag record to disk and, if `share`, to the shared tier.
+    /// Keeps a tag record on disk and, if `share`, in the bucket.
     async fn persist_tag(&self, key: &TagKey, record: &TagRecord, share: bool) {
         let bytes = serde_json::to_vec(record).expect("a record serializes");
-        if let (true, Some(shared)) = (share, self.cache.shared.clone()) {
-            let (hex, bytes) = (self.tag_hex(key), bytes.clone());
-            tokio::spawn(async move { shared.put_tag(&hex, bytes).await });
-        }
-        let path = self.tag_path(key);
-        let store = self.cache.store.clone();
-        let written = tokio::task::spawn_blocking(move || store.write_atomic(&path, &bytes)).await;
-        if !matches!(written, Ok(Ok(()))) {
-            tracing::warn!(tag = %key.2, "could not persist a tag record");
-        }
-    }
-
-    /// The name of a tag's record: a hash of the key, so no request text is in a path.
-    fn tag_hex(&self, key: &TagKey) -> String {
-        Digest::sha256_of(format!("tag\0{}\0{}\0{}", key.0, key.1, key.2).as_bytes())
-            .hex()
-            .to_string()
-    }
-
-    /// `tags/<2 hex>/<hex>.json`.
-    fn tag_path(&self, key: &TagKey) -> std::path::PathBuf {
-        let hex = self.tag_hex(key);
         self.cache
-            .store
-            .root()
-            .join("tags")
-            .join(&hex[..2])
-            .join(format!("{hex}.json"))
-    }
-
-    fn list_path(&self, up: &str, name: &Name) -> std::path::PathBuf {
-        let h = Digest::sha256_of(format!("list\0{up}\0{name}").as_bytes());
-        let hex = h.hex();
-        self.cache
-            .store
-            .root()
-            .join("tags")
-            .join(&hex[..2])
-            .join(format!("{hex}.list.json"))
+            .put_record(&tag_record_name(key), bytes, share)
+            .await;
     }
 
     /// The whole tag list of `name`, sorted; the last good one when the upstream fails.
@@ -556,7 +489,7 @@ impl Manifests {
             if let Some(l) = self.tag_lists.get(&key) {
                 return Some(l);
             }
-            let bytes = tokio::fs::read(self.list_path(&up.name, name)).await.ok()?;
+            let bytes = self.cache.record(&Record::tag_list(&up.name, name)).await?;
             let list: Vec<String> = serde_json::from_slice(&bytes).ok()?;
             Some(Arc::new(list))
         };
@@ -575,10 +508,8 @@ impl Manifests {
                     Ok(list) => {
                         let list = Arc::new(list);
                         self.tag_lists.insert(key.clone(), list.clone());
-                        let path = self.list_path(&up.name, name);
-                        let store = self.cache.store.clone();
                         let bytes = serde_json::to_vec(&*list).expect("a list serializes");
-                        let _ = tokio::task::spawn_blocking(move || store.write_atomic(&path, &bytes)).await;
+                        self.cache.put_record(&Record::tag_list(&up.name, name), bytes, false).await;
                         Ok(Answer::miss(list))
                     }
                     Err(Error::Upstream { upstream, error }) if error.is_unavailable() => match last_good().await {
@@ -667,20 +598,15 @@ pub fn accepts(accept: Option<&str>, media_type: &str) -> bool {
     })
 }
 
+/// The name of a tag's record.
+fn tag_record_name(key: &TagKey) -> Record {
+    Record::tag(&key.0, &key.1, &key.2)
+}
+
 fn hash_as(digest: &Digest, bytes: &[u8]) -> Digest {
     let mut h = DigestHasher::new(digest.algorithm());
     h.update(bytes);
     h.finalize()
-}
-
-/// The `mediaType` field of a manifest, for upstreams that send no `Content-Type`.
-fn media_type_in(bytes: &[u8]) -> Option<String> {
-    #[derive(Deserialize)]
-    struct M {
-        #[serde(rename = "mediaType")]
-        media_type: Option<String>,
-    }
-    serde_json::from_slice::<M>(bytes).ok()?.media_type
 }
 
 fn unknown_offline() -> Error {

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod fill;
 pub mod local;
+pub mod records;
 pub mod shared;
 
 use std::collections::HashMap;
@@ -22,6 +23,7 @@ use fill::Fill;
 pub use fill::{Fetched, Origin, Progress, Reader, Source};
 use index::Index;
 pub use local::{index, store};
+pub use records::Record;
 use shared::{Claim, Shared};
 use store::Store;
 
@@ -317,32 +319,8 @@ impl Cache {
         }
     }
 
-    /// Stores a verified manifest by digest (small: written whole), here and in the shared
-    /// tier.
-    pub async fn put_manifest(
-        &self,
-        digest: &Digest,
-        bytes: bytes::Bytes,
-        media_type: &str,
-    ) -> Result<(), Error> {
-        let store = self.store.clone();
-        let d = digest.clone();
-        let mt = media_type.to_string();
-        let len = bytes.len() as u64;
-        let local = bytes.clone();
-        tokio::task::spawn_blocking(move || store.put_manifest(&d, &local, &mt))
-            .await
-            .map_err(io::Error::other)??;
-        self.index.insert(digest.clone(), len);
-        if let Some(shared) = self.shared.clone() {
-            let (d, mt) = (digest.clone(), media_type.to_string());
-            tokio::spawn(async move { shared.put_manifest(&d, bytes, &mt).await });
-        }
-        Ok(())
-    }
-
     /// Reads a cached manifest whole: its bytes and media type.
-    pub async fn read_manifest(
+    async fn read_manifest(
         &self,
         digest: &Digest,
     ) -> Result<Option<(bytes::Bytes, String)>, Error> {
