@@ -309,7 +309,7 @@ async fn prefetch(
     let refs = images
         .iter()
         .map(|i| ImageRef::parse(i))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>, _>>()?;
     // Without --server: an ocicache of our own on a loopback port, over the config's cache.
     let mut local = None;
     let server = match server {

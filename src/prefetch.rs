@@ -16,6 +16,60 @@ use serde::Deserialize;
 use crate::reference::{Digest, DigestHasher, Name, Reference};
 use crate::upstream::MANIFEST_TYPES;
 
+/// Why a prefetch stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PrefetchError {
+    /// The image as written is not an image reference.
+    #[error("{image}: {problem}")]
+    Image { image: String, problem: String },
+    /// The server answered with an error.
+    #[error("{url}: {status}: {body}")]
+    Status {
+        url: String,
+        status: StatusCode,
+        body: String,
+    },
+    /// Bytes that do not match their digest (checked here again).
+    #[error("{0}: the content does not match its digest")]
+    Mismatch(Digest),
+    /// A manifest that is not the JSON of one, or a digest in it that is not one.
+    #[error("{0}")]
+    Manifest(String),
+    /// The connection to the server failed.
+    #[error("{0}")]
+    Http(String),
+}
+
+impl From<hyper_util::client::legacy::Error> for PrefetchError {
+    fn from(e: hyper_util::client::legacy::Error) -> Self {
+        PrefetchError::Http(e.to_string())
+    }
+}
+
+impl From<hyper::Error> for PrefetchError {
+    fn from(e: hyper::Error) -> Self {
+        PrefetchError::Http(e.to_string())
+    }
+}
+
+impl From<http::Error> for PrefetchError {
+    fn from(e: http::Error) -> Self {
+        PrefetchError::Http(e.to_string())
+    }
+}
+
+impl From<serde_json::Error> for PrefetchError {
+    fn from(e: serde_json::Error) -> Self {
+        PrefetchError::Manifest(format!("not a manifest: {e}"))
+    }
+}
+
+impl From<crate::reference::ReferenceError> for PrefetchError {
+    fn from(e: crate::reference::ReferenceError) -> Self {
+        PrefetchError::Manifest(e.to_string())
+    }
+}
+
 /// An image as users write it: `nginx`, `nginx:1.27`, `ghcr.io/owner/app@sha256:...`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageRef {
@@ -25,8 +79,12 @@ pub struct ImageRef {
 }
 
 impl ImageRef {
-    pub fn parse(s: &str) -> anyhow::Result<ImageRef> {
+    pub fn parse(s: &str) -> Result<ImageRef, PrefetchError> {
         let s = s.trim();
+        let bad = |problem: String| PrefetchError::Image {
+            image: s.to_string(),
+            problem,
+        };
         let (rest, reference) = match s.split_once('@') {
             Some((n, d)) => (n, d.to_string()),
             None => match s.rsplit_once(':') {
@@ -47,7 +105,10 @@ impl ImageRef {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
         if !host_ok {
-            anyhow::bail!("{s}: {registry:?} is not a registry host[:port]");
+            return Err(PrefetchError::Image {
+                image: s.to_string(),
+                problem: format!("{registry:?} is not a registry host[:port]"),
+            });
         }
         let repo = if registry == "docker.io" && !repo.contains('/') {
             format!("library/{repo}")
@@ -55,8 +116,8 @@ impl ImageRef {
             repo
         };
         Ok(ImageRef {
-            name: Name::parse(&repo).map_err(|e| anyhow::anyhow!("{s}: {e}"))?,
-            reference: Reference::parse(&reference).map_err(|e| anyhow::anyhow!("{s}: {e}"))?,
+            name: Name::parse(&repo).map_err(|e| bad(e.to_string()))?,
+            reference: Reference::parse(&reference).map_err(|e| bad(e.to_string()))?,
             registry,
         })
     }
@@ -134,7 +195,7 @@ impl Prefetcher {
     }
 
     /// Pulls one image (all its platforms' manifests and blobs) through the server.
-    pub async fn image(&mut self, image: &ImageRef) -> anyhow::Result<()> {
+    pub async fn image(&mut self, image: &ImageRef) -> Result<(), PrefetchError> {
         let (bytes, media_type) = self.manifest(image, &image.reference).await?;
         let doc: ManifestDoc = serde_json::from_slice(&bytes)?;
         if media_type.contains("index")
@@ -182,7 +243,7 @@ impl Prefetcher {
         &mut self,
         image: &ImageRef,
         reference: &Reference,
-    ) -> anyhow::Result<(Bytes, String)> {
+    ) -> Result<(Bytes, String), PrefetchError> {
         let url = self.url(image, "manifests", &reference.to_string());
         let req = Request::get(&url)
             .header(header::ACCEPT, HeaderValue::from_static(MANIFEST_TYPES))
@@ -197,7 +258,11 @@ impl Prefetcher {
             .to_string();
         let body = resp.into_body().collect().await?.to_bytes();
         if status != StatusCode::OK {
-            anyhow::bail!("{url}: {status}: {}", String::from_utf8_lossy(&body));
+            return Err(PrefetchError::Status {
+                url,
+                status,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            });
         }
         if let Reference::Digest(d) = reference {
             verify(d, &body)?;
@@ -206,14 +271,14 @@ impl Prefetcher {
         Ok((body, media_type))
     }
 
-    async fn blobs(&mut self, image: &ImageRef, doc: &ManifestDoc) -> anyhow::Result<()> {
+    async fn blobs(&mut self, image: &ImageRef, doc: &ManifestDoc) -> Result<(), PrefetchError> {
         for d in doc.config.iter().chain(doc.layers.iter()) {
             self.blob(image, d).await?;
         }
         Ok(())
     }
 
-    async fn blob(&mut self, image: &ImageRef, d: &Descriptor) -> anyhow::Result<()> {
+    async fn blob(&mut self, image: &ImageRef, d: &Descriptor) -> Result<(), PrefetchError> {
         let digest = Digest::parse(&d.digest)?;
         let url = self.url(image, "blobs", &d.digest);
         let resp = self
@@ -221,7 +286,11 @@ impl Prefetcher {
             .request(Request::get(&url).body(Empty::new())?)
             .await?;
         if resp.status() != StatusCode::OK {
-            anyhow::bail!("{url}: {}", resp.status());
+            return Err(PrefetchError::Status {
+                url,
+                status: resp.status(),
+                body: String::new(),
+            });
         }
         let hit = resp.headers().get("x-cache").is_some_and(|v| v == "HIT");
         let bar = self.bars.as_ref().map(|b| {
@@ -252,7 +321,7 @@ impl Prefetcher {
             b.finish_and_clear();
         }
         if hasher.finalize() != digest {
-            anyhow::bail!("{digest}: the content does not match its digest");
+            return Err(PrefetchError::Mismatch(digest));
         }
         self.summary.blobs += 1;
         if hit {
@@ -270,11 +339,9 @@ impl Prefetcher {
     }
 }
 
-fn verify(d: &Digest, bytes: &[u8]) -> anyhow::Result<()> {
-    let mut h = DigestHasher::new(d.algorithm());
-    h.update(bytes);
-    if &h.finalize() != d {
-        anyhow::bail!("{d}: the manifest does not match its digest");
+fn verify(d: &Digest, bytes: &[u8]) -> Result<(), PrefetchError> {
+    if !crate::cache::records::verified(d, bytes) {
+        return Err(PrefetchError::Mismatch(d.clone()));
     }
     Ok(())
 }

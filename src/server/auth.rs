@@ -10,6 +10,7 @@ use base64::Engine as _;
 use http::{header, HeaderMap, HeaderValue, Response};
 
 use super::body::Body;
+use super::StartError;
 use crate::error::{Error, ErrorCode};
 use crate::reference::Digest;
 
@@ -22,28 +23,23 @@ pub struct ClientAuth {
 }
 
 impl ClientAuth {
-    pub fn load(htpasswd: &Path, protect_metrics: bool) -> anyhow::Result<ClientAuth> {
-        let text = std::fs::read_to_string(htpasswd)
-            .map_err(|e| anyhow::anyhow!("auth.htpasswd {}: {e}", htpasswd.display()))?;
+    pub fn load(htpasswd: &Path, protect_metrics: bool) -> Result<ClientAuth, StartError> {
+        let bad = |problem: String| StartError::file("auth.htpasswd", htpasswd, problem);
+        let text = std::fs::read_to_string(htpasswd).map_err(|e| bad(e.to_string()))?;
         let mut users = HashMap::new();
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let (user, hash) = line.split_once(':').ok_or_else(|| {
-                anyhow::anyhow!(
-                    "auth.htpasswd {} line {}: not user:hash",
-                    htpasswd.display(),
-                    n + 1
-                )
-            })?;
+            let (user, hash) = line
+                .split_once(':')
+                .ok_or_else(|| bad(format!("line {}: not user:hash", n + 1)))?;
             if !hash.starts_with("$2") {
-                anyhow::bail!(
-                    "auth.htpasswd {} line {}: only bcrypt entries are supported (htpasswd -B)",
-                    htpasswd.display(),
+                return Err(bad(format!(
+                    "line {}: only bcrypt entries are supported (htpasswd -B)",
                     n + 1
-                );
+                )));
             }
             users.insert(user.to_string(), hash.to_string());
         }

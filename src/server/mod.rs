@@ -21,6 +21,36 @@ use crate::manifests::Manifests;
 use crate::metrics::Metrics;
 use crate::upstream::{Upstream, Upstreams};
 
+/// Why the server could not start; each names the configuration key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cache.dir {}: {source}", dir.display())]
+    Cache {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::SetupError),
+    #[error("{key} {}: {problem}", path.display())]
+    File {
+        key: &'static str,
+        path: std::path::PathBuf,
+        problem: String,
+    },
+    #[error("tls: {0}")]
+    Tls(rustls::Error),
+}
+
+impl StartError {
+    fn file(key: &'static str, path: &std::path::Path, problem: String) -> StartError {
+        StartError::File {
+            key,
+            path: path.to_path_buf(),
+            problem,
+        }
+    }
+}
+
 /// Everything a request handler needs, shared by all connections.
 pub struct State {
     pub config: Config,
@@ -36,19 +66,18 @@ pub struct State {
 
 impl State {
     /// Opens the cache (rebuilding its index) and builds the upstream clients.
-    pub fn new(config: Config) -> anyhow::Result<Arc<State>> {
+    pub fn new(config: Config) -> Result<Arc<State>, StartError> {
         let metrics = Arc::new(Metrics::new());
-        let cache = Cache::open(&config.cache, metrics.clone())
-            .map_err(|e| anyhow::anyhow!("cache.dir {}: {e}", config.cache.dir.display()))?;
+        let cache =
+            Cache::open(&config.cache, metrics.clone()).map_err(|source| StartError::Cache {
+                dir: config.cache.dir.clone(),
+                source,
+            })?;
         let upstreams = config
             .upstreams
             .iter()
-            .map(|u| {
-                Upstream::new(u, metrics.clone())
-                    .map(Arc::new)
-                    .map_err(|e| anyhow::anyhow!("upstream {}: {e}", u.name))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .map(|u| Upstream::new(u, metrics.clone()).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
         let manifests = Manifests::new(
             cache.clone(),
             metrics.clone(),
