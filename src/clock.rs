@@ -8,7 +8,13 @@
 //! system clock over the process's life, which NTP keeps small; inside a paused test, wall
 //! time moves exactly as far as the test advances it. Nothing else in the library reads
 //! `SystemTime::now()` or `std::time::Instant::now()` for a decision.
+//!
+//! A [`Clock`] is that clock as one server instance reads it, plus the time a test skipped
+//! ahead with [`Clock::advance`]: integration tests run a real server on real sockets (whose
+//! runtime cannot be paused without its I/O timeouts firing at once), and still see a tag's
+//! TTL pass without waiting for it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -39,6 +45,40 @@ pub fn age(then: SystemTime) -> Duration {
     now().duration_since(then).unwrap_or(Duration::MAX)
 }
 
+/// The clock of one server instance: [`now`] plus what a test skipped.
+#[derive(Debug, Default)]
+pub struct Clock {
+    /// Milliseconds skipped by [`Clock::advance`]; zero outside tests.
+    skipped_ms: AtomicU64,
+}
+
+impl Clock {
+    fn skipped(&self) -> Duration {
+        Duration::from_millis(self.skipped_ms.load(Ordering::Relaxed))
+    }
+
+    /// The wall-clock time.
+    pub fn now(&self) -> SystemTime {
+        now() + self.skipped()
+    }
+
+    /// A monotonic instant.
+    pub fn instant(&self) -> Instant {
+        Instant::now() + self.skipped()
+    }
+
+    /// How long ago `then` was; `Duration::MAX` for a time in the future (see [`age`]).
+    pub fn age(&self, then: SystemTime) -> Duration {
+        self.now().duration_since(then).unwrap_or(Duration::MAX)
+    }
+
+    /// Moves this clock `d` ahead (for tests: a TTL passes without waiting for it).
+    pub fn advance(&self, d: Duration) {
+        self.skipped_ms
+            .fetch_add(d.as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,5 +94,19 @@ mod tests {
             "{moved:?}"
         );
         assert!(age(before) >= Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn an_instance_clock_skips_ahead() {
+        let c = Clock::default();
+        let then = c.now();
+        let i = c.instant();
+        c.advance(Duration::from_secs(300));
+        assert!(c.age(then) >= Duration::from_secs(300));
+        assert!(c.instant() - i >= Duration::from_secs(300));
+        assert!(
+            Clock::default().age(then) < Duration::from_secs(300),
+            "per instance"
+        );
     }
 }

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::cache::records::media_type_in;
 use crate::cache::shared::Claim;
 use crate::cache::{Cache, Record};
-use crate::clock;
+use crate::clock::{self, Clock};
 use crate::coalesce::Coalesce;
 use crate::error::{Error, ErrorCode, UpstreamError};
 use crate::metrics::Metrics;
@@ -125,6 +125,8 @@ pub struct Manifests {
     list_flights: ListFlights,
     /// Referrers answers: fresh ones (briefly) and the last good one (for errors).
     referrers_fresh: moka::sync::Cache<String, (Arc<(Bytes, HeaderValue)>, clock::Instant)>,
+    /// Tag ages and referrers' freshness are read on it (tests skip it ahead).
+    clock: Arc<Clock>,
     referrers_last: moka::sync::Cache<String, Arc<(Bytes, HeaderValue)>>,
 }
 
@@ -139,8 +141,10 @@ impl Manifests {
         metrics: Arc<Metrics>,
         offline: bool,
         max_size: u64,
+        clock: Arc<Clock>,
     ) -> Manifests {
         Manifests {
+            clock,
             cache,
             metrics,
             offline,
@@ -243,7 +247,7 @@ impl Manifests {
             };
         }
         if let Some((r, m)) = &usable {
-            let age = clock::age(r.confirmed);
+            let age = self.clock.age(r.confirmed);
             if age < up.tag_ttl {
                 self.metrics.hit("tag");
                 return Ok(Answer::hit(m.clone()));
@@ -272,7 +276,7 @@ impl Manifests {
     ) -> Option<Arc<Manifest>> {
         let bytes = self.cache.shared_record(&tag_record_name(key)).await?;
         let record: TagRecord = serde_json::from_slice(&bytes).ok()?;
-        let age = clock::age(record.confirmed);
+        let age = self.clock.age(record.confirmed);
         if (&record.upstream, &record.name, &record.tag) != (&key.0, &key.1, &key.2)
             || age >= ttl
             || !accepts(accept, &record.media_type)
@@ -464,7 +468,7 @@ impl Manifests {
             tag: key.2.clone(),
             digest: m.digest.clone(),
             media_type: m.media_type.clone(),
-            confirmed: clock::now(),
+            confirmed: self.clock.now(),
         };
         self.tags.insert(key.clone(), Arc::new(record.clone()));
         self.persist_tag(key, &record, true).await;
@@ -544,7 +548,7 @@ impl Manifests {
         if let Some((hit, _)) = self
             .referrers_fresh
             .get(&key)
-            .filter(|(_, at)| at.elapsed() < fresh_for)
+            .filter(|(_, at)| self.clock.instant().saturating_duration_since(*at) < fresh_for)
         {
             return Ok(Answer::hit(hit));
         }
@@ -561,7 +565,7 @@ impl Manifests {
         match fetched {
             Ok(v) => {
                 self.referrers_fresh
-                    .insert(key.clone(), (v.clone(), clock::Instant::now()));
+                    .insert(key.clone(), (v.clone(), self.clock.instant()));
                 self.referrers_last.insert(key, v.clone());
                 Ok(Answer::miss(v))
             }

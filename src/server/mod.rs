@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::cache::Cache;
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::manifests::Manifests;
 use crate::metrics::Metrics;
@@ -58,6 +59,8 @@ pub struct State {
     pub cache: Arc<Cache>,
     pub manifests: Manifests,
     pub metrics: Arc<Metrics>,
+    /// The clock of TTLs (tests skip it ahead with `Clock::advance`).
+    pub clock: Arc<Clock>,
     /// Client authentication, when `[auth]` is configured.
     pub auth: Option<auth::ClientAuth>,
     /// TLS for clients, when `[tls]` is configured.
@@ -68,6 +71,7 @@ impl State {
     /// Opens the cache (rebuilding its index) and builds the upstream clients.
     pub fn new(config: Config) -> Result<Arc<State>, StartError> {
         let metrics = Arc::new(Metrics::new());
+        let clock = Arc::new(Clock::default());
         let cache =
             Cache::open(&config.cache, metrics.clone()).map_err(|source| StartError::Cache {
                 dir: config.cache.dir.clone(),
@@ -83,6 +87,7 @@ impl State {
             metrics.clone(),
             config.offline,
             config.limits.max_manifest_size.0,
+            clock.clone(),
         );
         let auth = match &config.auth {
             Some(a) => Some(auth::ClientAuth::load(&a.htpasswd, a.protect_metrics)?),
@@ -100,6 +105,7 @@ impl State {
             cache,
             manifests,
             metrics,
+            clock,
         }))
     }
 }

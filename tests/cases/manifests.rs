@@ -364,3 +364,54 @@ fn referrers_are_passed_through_cached_briefly_and_served_stale() {
     assert!(header(&h, "warning").is_some());
     assert_eq!(fake.count("GET", "/referrers/"), 4);
 }
+
+/// The TTL passes on the server's clock (skipped ahead, not waited for): within it no upstream
+/// request; after it one HEAD and no GET while the tag has not moved; after it again, with the
+/// tag moved upstream, the new manifest.
+#[test]
+fn after_the_ttl_a_tag_is_revalidated_with_a_head() {
+    let fake = Fake::start();
+    let m1 = manifest(31);
+    let d1 = fake.add_manifest("library/ttl", Some("1"), OCI_MANIFEST, &m1);
+    let dir = tempfile::tempdir().unwrap();
+    let p = proxy(&fake, dir.path(), Duration::from_secs(300));
+    let path = "/v2/ttl/manifests/1";
+    assert_eq!(p.get(path, &[]).0, 200);
+    assert_eq!(fake.count("GET", "/manifests/1"), 1);
+
+    p.state.clock.advance(Duration::from_secs(299));
+    let (s, h, _) = p.get(path, &[]);
+    assert_eq!(
+        (s, header(&h, "docker-content-digest")),
+        (200, Some(d1.as_str()))
+    );
+    assert_eq!(
+        fake.count("HEAD", "/manifests/1"),
+        0,
+        "still within the TTL"
+    );
+    assert_eq!(fake.count("GET", "/manifests/1"), 1);
+
+    p.state.clock.advance(Duration::from_secs(2));
+    let (s, h, body) = p.get(path, &[]);
+    assert_eq!((s, body.as_slice()), (200, m1.as_slice()));
+    assert_eq!(header(&h, "docker-content-digest"), Some(d1.as_str()));
+    assert_eq!(
+        fake.count("HEAD", "/manifests/1"),
+        1,
+        "revalidated by a HEAD"
+    );
+    assert_eq!(fake.count("GET", "/manifests/1"), 1, "not fetched again");
+    // Confirmed again: a new TTL from now.
+    assert_eq!(p.get(path, &[]).0, 200);
+    assert_eq!(fake.count("HEAD", "/manifests/1"), 1);
+
+    let m2 = manifest(32);
+    let d2 = fake.add_manifest("library/ttl", Some("1"), OCI_MANIFEST, &m2);
+    p.state.clock.advance(Duration::from_secs(301));
+    let (s, h, body) = p.get(path, &[]);
+    assert_eq!((s, body.as_slice()), (200, m2.as_slice()));
+    assert_eq!(header(&h, "docker-content-digest"), Some(d2.as_str()));
+    assert_eq!(fake.count("HEAD", "/manifests/1"), 2);
+    assert_eq!(fake.count("GET", "/manifests/1"), 2, "the moved tag's body");
+}
