@@ -1,15 +1,13 @@
 //! One error type for the request path, classified by the side that caused it (client,
-//! upstream, us), and the one place that maps it to an HTTP status and the OCI error envelope
-//! `{"errors":[{"code","message","detail"}]}`.
+//! upstream, us), and the one place that maps it to an HTTP status and the OCI error code,
+//! message and detail (`Error::parts`; `server::envelope` writes the response).
 
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{HeaderValue, StatusCode};
 
 use crate::reference::ReferenceError;
-use crate::server::body::{self, Body};
 
 /// The error codes of the OCI distribution spec (plus `UNAVAILABLE`, as the CNCF registry
 /// uses it), each registered once with its status.
@@ -183,7 +181,7 @@ impl Error {
     }
 
     /// Status, code, message and detail for the client.
-    fn parts(&self) -> (StatusCode, Cow<'_, str>, String, serde_json::Value) {
+    pub fn parts(&self) -> (StatusCode, Cow<'_, str>, String, serde_json::Value) {
         let null = serde_json::Value::Null;
         match self {
             Error::Client { code, message } => {
@@ -228,35 +226,23 @@ impl Error {
         }
     }
 
-    pub fn status(&self) -> StatusCode {
-        self.parts().0
+    /// The upstream's `Retry-After`, when it sent one with a failure.
+    pub fn retry_after(&self) -> Option<&HeaderValue> {
+        match self {
+            Error::Upstream {
+                error:
+                    UpstreamError::Status {
+                        retry_after: Some(ra),
+                        ..
+                    },
+                ..
+            } => Some(ra),
+            _ => None,
+        }
     }
 
-    /// The response in the spec's error envelope.
-    pub fn into_response(self) -> Response<Body> {
-        let (status, code, message, detail) = self.parts();
-        let body = serde_json::json!({
-            "errors": [{ "code": code, "message": message, "detail": detail }]
-        });
-        let mut resp = Response::new(body::full(Bytes::from(body.to_string())));
-        *resp.status_mut() = status;
-        let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        if let Error::Upstream {
-            error:
-                UpstreamError::Status {
-                    retry_after: Some(ra),
-                    ..
-                },
-            ..
-        } = &self
-        {
-            h.insert(header::RETRY_AFTER, ra.clone());
-        }
-        resp
+    pub fn status(&self) -> StatusCode {
+        self.parts().0
     }
 }
 

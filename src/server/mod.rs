@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod body;
+mod envelope;
 pub mod handlers;
 pub mod tls;
 
