@@ -24,7 +24,7 @@ use crate::clock::{self, Clock};
 use crate::coalesce::Coalesce;
 use crate::error::{Error, ErrorCode, UpstreamError};
 use crate::metrics::Metrics;
-use crate::reference::{Digest, DigestHasher, Name, Reference, Tag};
+use crate::reference::{Digest, Name, Reference, Tag};
 use crate::upstream::{Upstream, UpstreamManifest};
 
 /// A verified manifest.
@@ -427,7 +427,7 @@ impl Manifests {
             (Reference::Tag(_), Some(c)) => c.clone(),
             (Reference::Tag(_), None) => Digest::sha256_of(&bytes),
         };
-        let actual = hash_as(&digest, &bytes);
+        let actual = digest.of_same_kind(&bytes);
         if actual != digest
             || claimed
                 .as_ref()
@@ -605,12 +605,6 @@ pub fn accepts(accept: Option<&str>, media_type: &str) -> bool {
 /// The name of a tag's record.
 fn tag_record_name(key: &TagKey) -> Record {
     Record::tag(&key.0, &key.1, &key.2)
-}
-
-fn hash_as(digest: &Digest, bytes: &[u8]) -> Digest {
-    let mut h = DigestHasher::new(digest.algorithm());
-    h.update(bytes);
-    h.finalize()
 }
 
 fn unknown_offline() -> Error {

@@ -340,7 +340,7 @@ impl Prefetcher {
 }
 
 fn verify(d: &Digest, bytes: &[u8]) -> Result<(), PrefetchError> {
-    if !crate::cache::records::verified(d, bytes) {
+    if !d.matches(bytes) {
         return Err(PrefetchError::Mismatch(d.clone()));
     }
     Ok(())

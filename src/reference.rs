@@ -209,6 +209,18 @@ impl Digest {
         hasher.finalize()
     }
 
+    /// The digest of `bytes` with this digest's algorithm.
+    pub fn of_same_kind(&self, bytes: &[u8]) -> Digest {
+        let mut hasher = self.hasher();
+        hasher.update(bytes);
+        hasher.finalize()
+    }
+
+    /// Do `bytes` hash to this digest?
+    pub fn matches(&self, bytes: &[u8]) -> bool {
+        &self.of_same_kind(bytes) == self
+    }
+
     /// A fresh hasher for this digest's algorithm, for verifying content
     /// against this digest: feed it the bytes and compare its result with
     /// `self`.

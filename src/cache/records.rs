@@ -12,7 +12,7 @@ use bytes::Bytes;
 use super::shared::Claim;
 use super::Cache;
 use crate::error::Error;
-use crate::reference::{Digest, DigestHasher, Name, Tag};
+use crate::reference::{Digest, Name, Tag};
 
 /// A record kept beside the blobs, named by a hash of its key, so that no request text is
 /// ever part of a path or an object name.
@@ -62,7 +62,7 @@ impl Cache {
         max: u64,
     ) -> Result<Option<(Bytes, String)>, Error> {
         if let Some((bytes, media_type)) = self.read_manifest(digest).await? {
-            if verified(digest, &bytes) {
+            if digest.matches(&bytes) {
                 return Ok(Some((bytes, media_type)));
             }
             tracing::error!(%digest, "cached manifest does not match its digest: removed");
@@ -75,7 +75,7 @@ impl Cache {
         let Some((bytes, media_type)) = shared.get_manifest(digest, max).await else {
             return Ok(None);
         };
-        if !verified(digest, &bytes) {
+        if !digest.matches(&bytes) {
             tracing::error!(%digest, "manifest in the bucket does not match its digest: removed");
             shared.discard(digest).await;
             return Ok(None);
@@ -179,13 +179,6 @@ impl Cache {
         }
         Ok(())
     }
-}
-
-/// Do `bytes` hash to `digest` (with its algorithm)?
-pub fn verified(digest: &Digest, bytes: &[u8]) -> bool {
-    let mut h = DigestHasher::new(digest.algorithm());
-    h.update(bytes);
-    &h.finalize() == digest
 }
 
 /// The `mediaType` field of a manifest, for sources that send no usable `Content-Type`.
