@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod fill;
 pub mod index;
+pub mod outcome;
 pub mod shared;
 pub mod store;
 
@@ -23,6 +24,7 @@ use crate::reference::Digest;
 use fill::Fill;
 pub use fill::{Fetched, Origin, Progress, Reader, Source};
 use index::Index;
+pub use outcome::Outcome;
 use shared::{Claim, Shared};
 use store::Store;
 

@@ -1,8 +1,8 @@
-//! Request handlers: route, validate, answer from the cache or through it, log one line.
+//! Request handlers: route, validate, answer from the cache or through it; the answer goes
+//! out with its log line, written when its body ends (see `body::Logged`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -11,21 +11,19 @@ use hyper::body::Incoming;
 
 use super::body::{self, Body};
 use super::State;
+use crate::cache::Outcome;
+use crate::clock::Instant;
 use crate::error::{Error, ErrorCode, Result};
 use crate::range::{self, Multipart, RangeError};
 use crate::reference::{Digest, Reference};
 use crate::route::{self, Endpoint, Target};
 use crate::upstream::Upstream;
 
-/// How a request was answered, for the log line and the metrics.
-#[derive(Debug, Clone, Copy)]
-struct Outcome(&'static str);
-
-/// The upstream a request went to, for the log line.
-#[derive(Debug, Clone)]
-struct UpstreamName(String);
-
-pub async fn handle(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+pub async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<body::Logged> {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -51,19 +49,35 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr)
         (Some(auth), true) => !auth.check(req.headers()).await,
         _ => false,
     };
+    // The upstream the request was routed to, set by `dispatch` as soon as it is known, so
+    // that the log line names it on the error path too.
+    let mut routed = None;
+    let mut error = None;
     let mut resp = match endpoint {
         _ if denied => super::auth::challenge(),
-        Ok(e) => dispatch(&state, &req, e).await.unwrap_or_else(|e| {
-            if let Error::Internal(io) = &e {
-                tracing::error!(error = %io, %path, "internal error");
+        Ok(e) => match dispatch(&state, &req, e, &mut routed).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                // Until every answer of an upstream is an error that names it, a 404 that
+                // reached a routed request came from its upstream (offline, none is asked).
+                let upstream_404 = e.status() == StatusCode::NOT_FOUND && !state.config.offline;
+                if e.upstream_name().is_none() && !upstream_404 {
+                    routed = None;
+                }
+                let resp = e.clone().into_response();
+                error = Some(e);
+                resp
             }
-            e.into_response()
-        }),
+        },
         Err(e) if method != Method::GET && method != Method::HEAD => {
             let _ = e;
             unsupported()
         }
-        Err(e) => e.into_response(),
+        Err(e) => {
+            let resp = e.clone().into_response();
+            error = Some(e);
+            resp
+        }
     };
     resp.headers_mut().insert(
         "docker-distribution-api-version",
@@ -83,42 +97,31 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr)
             status: status.as_u16(),
         })
         .inc();
-    let bytes = resp
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .to_string();
-    let outcome = resp
-        .extensions()
-        .get::<Outcome>()
-        .map(|o| o.0)
-        .unwrap_or("-");
-    if outcome != "-" {
-        let x_cache = match outcome {
-            "miss" | "fill" | "upstream" => "MISS",
-            _ => "HIT",
-        };
+    let outcome = resp.extensions_mut().remove::<Outcome>();
+    if let Some(o) = outcome {
         resp.headers_mut()
-            .insert("x-cache", HeaderValue::from_static(x_cache));
+            .insert("x-cache", HeaderValue::from_static(o.x_cache()));
     }
-    let upstream = resp
-        .extensions()
-        .get::<UpstreamName>()
-        .map(|u| u.0.as_str())
-        .unwrap_or("-");
-    tracing::info!(
-        %peer,
-        method = %method,
-        path = %path,
-        status = status.as_u16(),
-        bytes = %bytes,
-        ms = started.elapsed().as_millis() as u64,
-        upstream,
-        cache = outcome,
-        "request"
-    );
-    resp
+    let expected = if method == Method::HEAD {
+        Some(0)
+    } else {
+        resp.headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+    };
+    let line = body::RequestLine {
+        peer,
+        method,
+        path,
+        status,
+        started,
+        expected,
+        outcome,
+        routed,
+        error,
+    };
+    resp.map(|b| body::Logged::new(b, line))
 }
 
 fn unsupported() -> Response<Body> {
@@ -129,10 +132,13 @@ fn unsupported() -> Response<Body> {
     resp
 }
 
+/// Answers `endpoint`; sets `routed` to the upstream the request is routed to once it is
+/// known.
 async fn dispatch(
     state: &Arc<State>,
     req: &Request<Incoming>,
     endpoint: Endpoint,
+    routed: &mut Option<Arc<Upstream>>,
 ) -> Result<Response<Body>> {
     let method = req.method();
     if method != Method::GET && method != Method::HEAD {
@@ -140,7 +146,11 @@ async fn dispatch(
     }
     let query = req.uri().query();
     let ns = route::query_param(query, "ns");
-    let target = |name: &str| route::resolve(&state.upstreams, ns.as_deref(), name);
+    let mut target = |name: &str| {
+        let t = route::resolve(&state.upstreams, ns.as_deref(), name)?;
+        *routed = Some(state.upstreams.0[t.upstream].clone());
+        Ok::<_, Error>(t)
+    };
     let mut resp = match endpoint {
         Endpoint::Base => json(StatusCode::OK, Bytes::from_static(b"{}")),
         Endpoint::Healthz => text(StatusCode::OK, "ok\n"),
@@ -181,10 +191,11 @@ async fn dispatch(
                     HeaderValue::from_static("artifactType"),
                 );
             }
-            if ans.stale {
+            if ans.outcome.is_stale() {
                 h.insert(header::WARNING, stale_warning());
             }
-            with_target(&mut resp, state, &t);
+            resp.extensions_mut().insert(ans.outcome);
+            with_target(&mut resp, &t);
             resp
         }
     };
@@ -195,15 +206,12 @@ async fn dispatch(
     Ok(resp)
 }
 
-fn with_target(resp: &mut Response<Body>, state: &State, target: &Target) {
+fn with_target(resp: &mut Response<Body>, target: &Target) {
     if let Some(ns) = &target.namespace {
         if let Ok(v) = HeaderValue::from_str(ns) {
             resp.headers_mut().insert("oci-namespace", v);
         }
     }
-    resp.extensions_mut().insert(UpstreamName(
-        state.upstreams.0[target.upstream].name.clone(),
-    ));
 }
 
 fn stale_warning() -> HeaderValue {
@@ -285,11 +293,11 @@ async fn manifest(
     let mut resp = Response::new(body::full(m.bytes.clone()));
     let h = resp.headers_mut();
     h.extend(m.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
-    if ans.stale {
+    if ans.outcome.is_stale() {
         h.insert(header::WARNING, stale_warning());
     }
-    resp.extensions_mut().insert(Outcome(ans.outcome));
-    with_target(&mut resp, state, target);
+    resp.extensions_mut().insert(ans.outcome);
+    with_target(&mut resp, target);
     Ok(resp)
 }
 
@@ -313,7 +321,7 @@ async fn blob(
     } else {
         blob_get(state, req, up, target, digest).await?
     };
-    with_target(&mut resp, state, target);
+    with_target(&mut resp, target);
     Ok(resp)
 }
 
@@ -331,7 +339,7 @@ async fn blob_head(
             size,
             digest,
             media_type.as_deref(),
-            "hit",
+            Outcome::Hit,
         ));
     }
     if state.config.offline {
@@ -362,7 +370,13 @@ async fn blob_head(
                         crate::error::UpstreamError::Protocol("HEAD without Content-Length".into()),
                     )
                 })?;
-            Ok(blob_headers(StatusCode::OK, size, digest, None, "upstream"))
+            Ok(blob_headers(
+                StatusCode::OK,
+                size,
+                digest,
+                None,
+                Outcome::Upstream,
+            ))
         }
         StatusCode::NOT_FOUND => Err(Error::client(
             ErrorCode::BlobUnknown,
@@ -387,7 +401,7 @@ fn blob_headers(
     len: u64,
     digest: &Digest,
     media_type: Option<&str>,
-    outcome: &'static str,
+    outcome: Outcome,
 ) -> Response<Body> {
     let mut resp = Response::new(body::empty());
     *resp.status_mut() = status;
@@ -402,7 +416,7 @@ fn blob_headers(
     h.insert("docker-content-digest", digest_value(digest));
     h.insert(header::ETAG, etag(digest));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    resp.extensions_mut().insert(Outcome(outcome));
+    resp.extensions_mut().insert(outcome);
     resp
 }
 
@@ -428,7 +442,7 @@ async fn blob_get(
                     resp.headers_mut().insert(header::LOCATION, v);
                     resp.headers_mut()
                         .insert("docker-content-digest", digest_value(digest));
-                    resp.extensions_mut().insert(Outcome("redirect"));
+                    resp.extensions_mut().insert(Outcome::Redirect);
                     return Ok(resp);
                 }
             }
@@ -446,7 +460,11 @@ async fn blob_get(
         state.cache.open_or_fill(digest, &up.name, fetch).await?
     };
     let size = src.size().await?;
-    let outcome = if src.is_fill() { "fill" } else { "hit" };
+    let outcome = if src.is_fill() {
+        Outcome::Fill
+    } else {
+        Outcome::Hit
+    };
     let media_type = src.media_type.clone();
     let source_label = if src.is_fill() { "upstream" } else { "cache" };
     let served = state
@@ -525,7 +543,7 @@ async fn blob_get(
             resp
         }
     };
-    resp.extensions_mut().insert(Outcome(outcome));
+    resp.extensions_mut().insert(outcome);
     Ok(resp)
 }
 
@@ -585,9 +603,10 @@ async fn tags(
             }
         }
     }
-    if ans.stale {
+    if ans.outcome.is_stale() {
         resp.headers_mut().insert(header::WARNING, stale_warning());
     }
-    with_target(&mut resp, state, target);
+    resp.extensions_mut().insert(ans.outcome);
+    with_target(&mut resp, target);
     Ok(resp)
 }
