@@ -94,10 +94,70 @@ impl RequestLine {
             _ => self.error.as_ref().map(|e| e as &dyn std::fmt::Display),
         };
         let error = cause.map(tracing::field::display);
+        // The target of the line as it was when it was written by the handlers: operators
+        // filter on it.
         if self.status.is_server_error() || matches!(end, End::Failed(_)) {
-            tracing::warn!(%peer, %method, path, status, bytes = sent, ms, upstream, cache, aborted, error, "request");
+            tracing::warn!(target: TARGET, %peer, %method, %path, status, bytes = sent, ms, upstream, cache, aborted, error, "request");
         } else {
-            tracing::info!(%peer, %method, path, status, bytes = sent, ms, upstream, cache, aborted, error, "request");
+            tracing::info!(target: TARGET, %peer, %method, %path, status, bytes = sent, ms, upstream, cache, aborted, error, "request");
+        }
+    }
+}
+
+const TARGET: &str = "ocicache::server::handlers";
+
+/// The status logged for a request whose client went away before it was answered (hyper
+/// drops the handler's future then), as nginx logs it.
+const CLIENT_CLOSED: u16 = 499;
+
+/// A request's log line while its answer is being built. Dropped before [`Pending::answered`]
+/// (the client went away while the handler waited, on an upstream for instance), it writes
+/// the line with status 499 and `aborted=true`: a request that never got an answer is
+/// logged too.
+pub struct Pending(Option<RequestLine>);
+
+impl Pending {
+    pub fn new(peer: SocketAddr, method: Method, path: String, started: Instant) -> Pending {
+        Pending(Some(RequestLine {
+            peer,
+            method,
+            path,
+            status: StatusCode::from_u16(CLIENT_CLOSED).expect("a valid status"),
+            started,
+            expected: None,
+            outcome: None,
+            routed: None,
+            error: None,
+        }))
+    }
+
+    /// Where the handler notes the upstream the request is routed to, once it knows it.
+    pub fn routed(&mut self) -> &mut Option<Arc<Upstream>> {
+        &mut self.0.as_mut().expect("pending until answered").routed
+    }
+
+    /// The line of the answer: its status, the bytes a complete body carries, how the cache
+    /// answered, and the error it reports.
+    pub fn answered(
+        mut self,
+        status: StatusCode,
+        expected: Option<u64>,
+        outcome: Option<Outcome>,
+        error: Option<Error>,
+    ) -> RequestLine {
+        let mut line = self.0.take().expect("answered once");
+        line.status = status;
+        line.expected = expected;
+        line.outcome = outcome;
+        line.error = error;
+        line
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(line) = self.0.take() {
+            line.write(0, End::Dropped);
         }
     }
 }

@@ -28,6 +28,8 @@ pub async fn handle(
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let endpoint = route::parse_path(&path);
+    // From here the request is logged even if the client leaves before it is answered.
+    let mut pending = body::Pending::new(peer, method.clone(), path, started);
     let route_label = match &endpoint {
         Ok(Endpoint::Base) => "base",
         Ok(Endpoint::Manifest { .. }) => "manifest",
@@ -49,20 +51,19 @@ pub async fn handle(
         (Some(auth), true) => !auth.check(req.headers()).await,
         _ => false,
     };
-    // The upstream the request was routed to, set by `dispatch` as soon as it is known, so
-    // that the log line names it on the error path too.
-    let mut routed = None;
     let mut error = None;
     let mut resp = match endpoint {
         _ if denied => super::auth::challenge(),
-        Ok(e) => match dispatch(&state, &req, e, &mut routed).await {
+        // `dispatch` notes the routed upstream as soon as it knows it, so that the line names
+        // it on the error path too.
+        Ok(e) => match dispatch(&state, &req, e, pending.routed()).await {
             Ok(resp) => resp,
             Err(e) => {
                 // Until every answer of an upstream is an error that names it, a 404 that
                 // reached a routed request came from its upstream (offline, none is asked).
                 let upstream_404 = e.status() == StatusCode::NOT_FOUND && !state.config.offline;
                 if e.upstream_name().is_none() && !upstream_404 {
-                    routed = None;
+                    *pending.routed() = None;
                 }
                 let resp = e.clone().into_response();
                 error = Some(e);
@@ -110,17 +111,7 @@ pub async fn handle(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
     };
-    let line = body::RequestLine {
-        peer,
-        method,
-        path,
-        status,
-        started,
-        expected,
-        outcome,
-        routed,
-        error,
-    };
+    let line = pending.answered(status, expected, outcome, error);
     resp.map(|b| body::Logged::new(b, line))
 }
 

@@ -273,3 +273,37 @@ fn a_client_that_goes_away_mid_body_is_logged_aborted_with_what_it_was_sent() {
     assert_eq!(line["level"], "INFO", "{line}");
     assert!(f.get("error").is_none(), "{f}");
 }
+
+#[test]
+fn a_client_that_leaves_before_the_answer_is_logged_499_with_the_upstream_it_waited_for() {
+    let fake = Fake::start();
+    fake.fault("/manifests/", Fault::Hang, None);
+    let dir = tempfile::tempdir().unwrap();
+    let p = Logged::start(
+        dir.path(),
+        &docker_io(&fake.url(), "read_timeout = \"30s\"\n"),
+    );
+    let path = "/v2/a/manifests/slow";
+    {
+        use std::io::Write;
+        let addr = p.base.strip_prefix("http://").unwrap();
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+        wait_until("the upstream is asked", Duration::from_secs(10), || {
+            fake.count("GET", "/manifests/slow") == 1
+        });
+    } // closed here, long before the upstream's read timeout
+    let line = p.line("GET", path, 0);
+    let f = &line["fields"];
+    assert_eq!(f["status"], 499, "{f}");
+    assert_eq!(
+        (&f["aborted"], &f["bytes"]),
+        (&Value::from(true), &Value::from(0)),
+        "{f}"
+    );
+    assert_eq!(f["upstream"], "docker.io", "{f}");
+    assert!(
+        f["ms"].as_u64().unwrap() < 20_000,
+        "not the read timeout's answer: {f}"
+    );
+}
