@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::records::media_type_in;
 use crate::cache::shared::Claim;
-use crate::cache::{Cache, Record};
+use crate::cache::{Cache, Outcome, Record};
 use crate::clock::{self, Clock};
 use crate::coalesce::Coalesce;
 use crate::error::{Error, ErrorCode, UpstreamError};
@@ -59,36 +59,32 @@ impl Manifest {
     }
 }
 
-/// A manifest as answered, and whether it is a stale answer given because the upstream
+/// An answer (a manifest, a tag list, referrers) and how it was obtained: `outcome` says
+/// whether it is a hit, a fetch, a revalidated tag or a stale answer given because the upstream
 /// failed.
 #[derive(Debug, Clone)]
 pub struct Answer<T> {
     pub value: T,
-    pub stale: bool,
-    /// How it was answered: `hit`, `revalidated` (a HEAD confirmed it), `miss`, `stale`.
-    pub outcome: &'static str,
+    pub outcome: Outcome,
 }
 
 impl<T> Answer<T> {
     fn hit(value: T) -> Self {
         Answer {
             value,
-            stale: false,
-            outcome: "hit",
+            outcome: Outcome::Hit,
         }
     }
     fn miss(value: T) -> Self {
         Answer {
             value,
-            stale: false,
-            outcome: "miss",
+            outcome: Outcome::Miss,
         }
     }
     fn stale(value: T) -> Self {
         Answer {
             value,
-            stale: true,
-            outcome: "stale",
+            outcome: Outcome::Stale,
         }
     }
 }
@@ -306,28 +302,24 @@ impl Manifests {
                 let moved_to = up.manifest_digest(name, tag, accept).await?;
                 if moved_to.as_ref() == Some(&record.digest) {
                     self.record_tag(&key, cached).await;
-                    return Ok((cached.clone(), "revalidated"));
+                    return Ok((cached.clone(), Outcome::Revalidated));
                 }
                 if let Some(d) = moved_to {
                     if let Some(m) = self.cached(&d).await? {
                         if accepts(accept, &m.media_type) {
                             self.record_tag(&key, &m).await;
-                            return Ok((m, "revalidated"));
+                            return Ok((m, Outcome::Revalidated));
                         }
                     }
                 }
             }
             // Recorded by `fetch` (or adopted from another replica's record).
             let m = self.fetch(up, name, &reference, accept).await?;
-            Ok((m, "miss"))
+            Ok((m, Outcome::Miss))
         }
         .await;
         match result {
-            Ok((value, outcome)) => Ok(Answer {
-                value,
-                stale: false,
-                outcome,
-            }),
+            Ok((value, outcome)) => Ok(Answer { value, outcome }),
             Err(Error::Upstream { upstream, error })
                 if error.is_unavailable() && usable.is_some() =>
             {

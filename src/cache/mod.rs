@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod fill;
 pub mod local;
+pub mod outcome;
 pub mod records;
 pub mod shared;
 
@@ -23,6 +24,7 @@ use fill::Fill;
 pub use fill::{Fetched, Origin, Progress, Reader, Source};
 use index::Index;
 pub use local::{index, store};
+pub use outcome::Outcome;
 pub use records::Record;
 use shared::{Claim, Shared};
 use store::Store;

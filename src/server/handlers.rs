@@ -1,8 +1,8 @@
-//! Request handlers: route, validate, answer from the cache or through it, log one line.
+//! Request handlers: route, validate, answer from the cache or through it; the answer goes
+//! out with its log line, written when its body ends (see `body::Logged`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -11,26 +11,25 @@ use hyper::body::Incoming;
 
 use super::body::{self, Body};
 use super::State;
-use crate::cache::Found;
+use crate::cache::{Found, Outcome};
+use crate::clock::Instant;
 use crate::error::{Error, ErrorCode, Result};
 use crate::range::{self, Multipart, RangeError};
 use crate::reference::{Digest, Reference};
 use crate::route::{self, Endpoint, Target};
 use crate::upstream::Upstream;
 
-/// How a request was answered, for the log line and the metrics.
-#[derive(Debug, Clone, Copy)]
-struct Outcome(&'static str);
-
-/// The upstream a request went to, for the log line.
-#[derive(Debug, Clone)]
-struct UpstreamName(String);
-
-pub async fn handle(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+pub async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<body::Logged> {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let endpoint = route::parse_path(&path);
+    // From here the request is logged even if the client leaves before it is answered.
+    let mut pending = body::Pending::new(peer, method.clone(), path, started);
     let route_label = match &endpoint {
         Ok(Endpoint::Base) => "base",
         Ok(Endpoint::Manifest { .. }) => "manifest",
@@ -52,19 +51,34 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr)
         (Some(auth), true) => !auth.check(req.headers()).await,
         _ => false,
     };
+    let mut error = None;
     let mut resp = match endpoint {
         _ if denied => super::auth::challenge(),
-        Ok(e) => dispatch(&state, &req, e).await.unwrap_or_else(|e| {
-            if let Error::Internal(io) = &e {
-                tracing::error!(error = %io, %path, "internal error");
+        // `dispatch` notes the routed upstream as soon as it knows it, so that the line names
+        // it on the error path too.
+        Ok(e) => match dispatch(&state, &req, e, pending.routed()).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                // Until every answer of an upstream is an error that names it, a 404 that
+                // reached a routed request came from its upstream (offline, none is asked).
+                let upstream_404 = e.status() == StatusCode::NOT_FOUND && !state.config.offline;
+                if e.upstream_name().is_none() && !upstream_404 {
+                    *pending.routed() = None;
+                }
+                let resp = e.clone().into_response();
+                error = Some(e);
+                resp
             }
-            e.into_response()
-        }),
+        },
         Err(e) if method != Method::GET && method != Method::HEAD => {
             let _ = e;
             unsupported()
         }
-        Err(e) => e.into_response(),
+        Err(e) => {
+            let resp = e.clone().into_response();
+            error = Some(e);
+            resp
+        }
     };
     resp.headers_mut().insert(
         "docker-distribution-api-version",
@@ -84,42 +98,21 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>, peer: SocketAddr)
             status: status.as_u16(),
         })
         .inc();
-    let bytes = resp
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .to_string();
-    let outcome = resp
-        .extensions()
-        .get::<Outcome>()
-        .map(|o| o.0)
-        .unwrap_or("-");
-    if outcome != "-" {
-        let x_cache = match outcome {
-            "miss" | "fill" | "upstream" => "MISS",
-            _ => "HIT",
-        };
+    let outcome = resp.extensions_mut().remove::<Outcome>();
+    if let Some(o) = outcome {
         resp.headers_mut()
-            .insert("x-cache", HeaderValue::from_static(x_cache));
+            .insert("x-cache", HeaderValue::from_static(o.x_cache()));
     }
-    let upstream = resp
-        .extensions()
-        .get::<UpstreamName>()
-        .map(|u| u.0.as_str())
-        .unwrap_or("-");
-    tracing::info!(
-        %peer,
-        method = %method,
-        path = %path,
-        status = status.as_u16(),
-        bytes = %bytes,
-        ms = started.elapsed().as_millis() as u64,
-        upstream,
-        cache = outcome,
-        "request"
-    );
-    resp
+    let expected = if method == Method::HEAD {
+        Some(0)
+    } else {
+        resp.headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+    };
+    let line = pending.answered(status, expected, outcome, error);
+    resp.map(|b| body::Logged::new(b, line))
 }
 
 fn unsupported() -> Response<Body> {
@@ -130,10 +123,13 @@ fn unsupported() -> Response<Body> {
     resp
 }
 
+/// Answers `endpoint`; sets `routed` to the upstream the request is routed to once it is
+/// known.
 async fn dispatch(
     state: &Arc<State>,
     req: &Request<Incoming>,
     endpoint: Endpoint,
+    routed: &mut Option<Arc<Upstream>>,
 ) -> Result<Response<Body>> {
     let method = req.method();
     if method != Method::GET && method != Method::HEAD {
@@ -141,7 +137,11 @@ async fn dispatch(
     }
     let query = req.uri().query();
     let ns = route::query_param(query, "ns");
-    let target = |name: &str| route::resolve(&state.upstreams, ns.as_deref(), name);
+    let mut target = |name: &str| {
+        let t = route::resolve(&state.upstreams, ns.as_deref(), name)?;
+        *routed = Some(state.upstreams.0[t.upstream].clone());
+        Ok::<_, Error>(t)
+    };
     let mut resp = match endpoint {
         Endpoint::Base => json(StatusCode::OK, Bytes::from_static(b"{}")),
         Endpoint::Healthz => text(StatusCode::OK, "ok\n"),
@@ -182,10 +182,11 @@ async fn dispatch(
                     HeaderValue::from_static("artifactType"),
                 );
             }
-            if ans.stale {
+            if ans.outcome.is_stale() {
                 h.insert(header::WARNING, stale_warning());
             }
-            with_target(&mut resp, state, &t);
+            resp.extensions_mut().insert(ans.outcome);
+            with_target(&mut resp, &t);
             resp
         }
     };
@@ -196,15 +197,12 @@ async fn dispatch(
     Ok(resp)
 }
 
-fn with_target(resp: &mut Response<Body>, state: &State, target: &Target) {
+fn with_target(resp: &mut Response<Body>, target: &Target) {
     if let Some(ns) = &target.namespace {
         if let Ok(v) = HeaderValue::from_str(ns) {
             resp.headers_mut().insert("oci-namespace", v);
         }
     }
-    resp.extensions_mut().insert(UpstreamName(
-        state.upstreams.0[target.upstream].name.clone(),
-    ));
 }
 
 fn stale_warning() -> HeaderValue {
@@ -286,11 +284,11 @@ async fn manifest(
     let mut resp = Response::new(body::full(m.bytes.clone()));
     let h = resp.headers_mut();
     h.extend(m.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
-    if ans.stale {
+    if ans.outcome.is_stale() {
         h.insert(header::WARNING, stale_warning());
     }
-    resp.extensions_mut().insert(Outcome(ans.outcome));
-    with_target(&mut resp, state, target);
+    resp.extensions_mut().insert(ans.outcome);
+    with_target(&mut resp, target);
     Ok(resp)
 }
 
@@ -314,7 +312,7 @@ async fn blob(
     } else {
         blob_get(state, req, up, target, digest).await?
     };
-    with_target(&mut resp, state, target);
+    with_target(&mut resp, target);
     Ok(resp)
 }
 
@@ -329,9 +327,9 @@ async fn blob_head(
     let upstream = (!state.config.offline).then_some((up, &target.name));
     let head = state.cache.head(digest, upstream).await?;
     let outcome = if head.from_upstream {
-        "upstream"
+        Outcome::Upstream
     } else {
-        "hit"
+        Outcome::Hit
     };
     Ok(blob_headers(
         StatusCode::OK,
@@ -347,7 +345,7 @@ fn blob_headers(
     len: u64,
     digest: &Digest,
     media_type: Option<&str>,
-    outcome: &'static str,
+    outcome: Outcome,
 ) -> Response<Body> {
     let mut resp = Response::new(body::empty());
     *resp.status_mut() = status;
@@ -362,7 +360,7 @@ fn blob_headers(
     h.insert("docker-content-digest", digest_value(digest));
     h.insert(header::ETAG, etag(digest));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    resp.extensions_mut().insert(Outcome(outcome));
+    resp.extensions_mut().insert(outcome);
     resp
 }
 
@@ -384,12 +382,16 @@ async fn blob_get(
             let h = resp.headers_mut();
             h.insert(header::LOCATION, location);
             h.insert("docker-content-digest", digest_value(digest));
-            resp.extensions_mut().insert(Outcome("redirect"));
+            resp.extensions_mut().insert(Outcome::Redirect);
             return Ok(resp);
         }
     };
     let size = src.size().await?;
-    let outcome = if src.is_fill() { "fill" } else { "hit" };
+    let outcome = if src.is_fill() {
+        Outcome::Fill
+    } else {
+        Outcome::Hit
+    };
     let media_type = src.media_type.clone();
     let source_label = if src.is_fill() { "upstream" } else { "cache" };
     let served = state
@@ -468,7 +470,7 @@ async fn blob_get(
             resp
         }
     };
-    resp.extensions_mut().insert(Outcome(outcome));
+    resp.extensions_mut().insert(outcome);
     Ok(resp)
 }
 
@@ -528,9 +530,10 @@ async fn tags(
             }
         }
     }
-    if ans.stale {
+    if ans.outcome.is_stale() {
         resp.headers_mut().insert(header::WARNING, stale_warning());
     }
-    with_target(&mut resp, state, target);
+    resp.extensions_mut().insert(ans.outcome);
+    with_target(&mut resp, target);
     Ok(resp)
 }

@@ -1,6 +1,7 @@
 mod abuse;
 mod blobs;
 mod faults;
+mod logs;
 mod manifests;
 mod ops;
 mod real;
