@@ -95,8 +95,6 @@ impl RequestLine {
             _ => self.error.as_ref().map(|e| e as &dyn std::fmt::Display),
         };
         let error = cause.map(tracing::field::display);
-        // The target of the line as it was when it was written by the handlers: operators
-        // filter on it.
         if self.status.is_server_error() || matches!(end, End::Failed(_)) {
             tracing::warn!(target: TARGET, %peer, %method, %path, status, bytes = sent, ms, upstream, cache, aborted, error, "request");
         } else {
@@ -105,6 +103,8 @@ impl RequestLine {
     }
 }
 
+/// The line's target: the module that wrote it before it moved here, which operators' log
+/// filters name.
 const TARGET: &str = "ocicache::server::handlers";
 
 /// The status logged for a request whose client went away before it was answered (hyper
