@@ -4,7 +4,8 @@
 //!
 //! Every response leaves the server wrapped in [`Logged`], which writes the request's log
 //! line when the body ends rather than when the headers go out: only then are the bytes sent,
-//! the time to the last byte, and whether the client got the whole body known.
+//! the time to the last byte, and whether the client got the whole body known. Before the
+//! answer exists the line waits in a [`Pending`], which writes it if the client leaves first.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -47,21 +48,21 @@ where
 
 /// What a request's log line says besides what only the body's end knows.
 pub struct RequestLine {
-    pub peer: SocketAddr,
-    pub method: Method,
-    pub path: String,
-    pub status: StatusCode,
-    pub started: Instant,
+    peer: SocketAddr,
+    method: Method,
+    path: String,
+    status: StatusCode,
+    started: Instant,
     /// The bytes a complete body carries (its `Content-Length`; 0 for a `HEAD`), when known.
     /// hyper stops polling a body once it has sent its `Content-Length`, so a body dropped
     /// at that point was sent whole, not aborted.
-    pub expected: Option<u64>,
-    pub outcome: Option<Outcome>,
+    expected: Option<u64>,
+    outcome: Option<Outcome>,
     /// The upstream the request was routed to, named when no error names one.
-    pub routed: Option<Arc<Upstream>>,
+    routed: Option<Arc<Upstream>>,
     /// The error the answer reports: its text is the line's `error`, its upstream the line's
     /// `upstream`.
-    pub error: Option<Error>,
+    error: Option<Error>,
 }
 
 /// How a body ended.
@@ -94,8 +95,6 @@ impl RequestLine {
             _ => self.error.as_ref().map(|e| e as &dyn std::fmt::Display),
         };
         let error = cause.map(tracing::field::display);
-        // The target of the line as it was when it was written by the handlers: operators
-        // filter on it.
         if self.status.is_server_error() || matches!(end, End::Failed(_)) {
             tracing::warn!(target: TARGET, %peer, %method, %path, status, bytes = sent, ms, upstream, cache, aborted, error, "request");
         } else {
@@ -104,6 +103,8 @@ impl RequestLine {
     }
 }
 
+/// The line's target: the module that wrote it before it moved here, which operators' log
+/// filters name.
 const TARGET: &str = "ocicache::server::handlers";
 
 /// The status logged for a request whose client went away before it was answered (hyper
