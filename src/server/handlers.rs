@@ -59,10 +59,9 @@ pub async fn handle(
         Ok(e) => match dispatch(&state, &req, e, pending.routed()).await {
             Ok(resp) => resp,
             Err(e) => {
-                // Until every answer of an upstream is an error that names it, a 404 that
-                // reached a routed request came from its upstream (offline, none is asked).
-                let upstream_404 = e.status() == StatusCode::NOT_FOUND && !state.config.offline;
-                if e.upstream_name().is_none() && !upstream_404 {
+                // Every answer of an upstream is an error that names it (a 404 included);
+                // the others (a bad name, offline) asked none.
+                if e.upstream_name().is_none() {
                     *pending.routed() = None;
                 }
                 let resp = e.clone().into_response();
