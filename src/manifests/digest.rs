@@ -1,0 +1,165 @@
+//! Manifests by digest: immutable once verified, read from any tier of the cache, fetched
+//! from the upstream once across concurrent clients (and, with a bucket, across replicas).
+
+use super::*;
+
+impl Manifests {
+    /// A cached manifest by digest (from any tier), verified, or `None`.
+    pub async fn cached(&self, digest: &Digest) -> Result<Option<Arc<Manifest>>, Error> {
+        if let Some(m) = self.hot.get(digest) {
+            return Ok(Some(m));
+        }
+        Ok(self
+            .cache
+            .manifest(digest, self.max_size)
+            .await?
+            .map(|(bytes, media_type)| self.remember(digest, media_type, bytes)))
+    }
+
+    /// A verified manifest, kept in the hot set.
+    pub(super) fn remember(
+        &self,
+        digest: &Digest,
+        media_type: String,
+        bytes: Bytes,
+    ) -> Arc<Manifest> {
+        let m = Arc::new(Manifest::new(digest.clone(), media_type, bytes));
+        self.hot.insert(digest.clone(), m.clone());
+        m
+    }
+
+    pub(super) async fn by_digest(
+        &self,
+        up: &Arc<Upstream>,
+        name: &Name,
+        digest: &Digest,
+        accept: Option<&str>,
+    ) -> Result<Answer<Arc<Manifest>>, Error> {
+        if let Some(m) = self.cached(digest).await? {
+            self.metrics.hit("manifest");
+            return Ok(Answer::hit(m));
+        }
+        if self.offline {
+            return Err(unknown_offline());
+        }
+        self.metrics.miss("manifest");
+        self.digest_flights
+            .run(digest.clone(), || async {
+                let m = self
+                    .fetch(up, name, &Reference::Digest(digest.clone()), accept)
+                    .await?;
+                Ok(m)
+            })
+            .await
+            .map(Answer::miss)
+    }
+
+    /// Fetches a manifest (a tag's is recorded). With a shared tier, one replica at a time GETs a given manifest from the upstream
+    /// (under the same kind of lease as blobs); the others wait for it to appear in the
+    /// shared tier and take it from there, or fetch it themselves after `SHARED_WAIT`.
+    pub(super) async fn fetch(
+        &self,
+        up: &Arc<Upstream>,
+        name: &Name,
+        reference: &Reference,
+        accept: Option<&str>,
+    ) -> Result<Arc<Manifest>, Error> {
+        if !self.cache.is_shared() {
+            return self.fetch_and_record(up, name, reference, accept).await;
+        }
+        let lease_key =
+            Digest::sha256_of(format!("manifest\0{}\0{name}\0{reference}", up.name).as_bytes());
+        match self.cache.claim(&lease_key).await {
+            Claim::Mine(lease) => {
+                // The tag is recorded (and published) before the lease goes, so that the
+                // waiters find it.
+                let fetched = self.fetch_and_record(up, name, reference, accept).await;
+                self.cache.release(lease).await;
+                fetched
+            }
+            Claim::Theirs => {
+                let start = clock::Instant::now();
+                let mut released_polls = 0;
+                while start.elapsed() < SHARED_WAIT {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let found = match reference {
+                        Reference::Digest(d) => self.cached(d).await.ok().flatten(),
+                        Reference::Tag(tag) => {
+                            let key = (up.name.clone(), name.clone(), tag.clone());
+                            self.shared_tag(&key, accept, up.tag_ttl).await
+                        }
+                    };
+                    // A tag found there was adopted with the other replica's record.
+                    if let Some(m) = found.filter(|m| accepts(accept, &m.media_type)) {
+                        return Ok(m);
+                    }
+                    // Released without a result we can use: give the last writes a moment.
+                    if !self.cache.lease_held(&lease_key).await {
+                        released_polls += 1;
+                        if released_polls > 3 {
+                            break;
+                        }
+                    }
+                }
+                self.fetch_and_record(up, name, reference, accept).await
+            }
+            Claim::None => self.fetch_and_record(up, name, reference, accept).await,
+        }
+    }
+
+    /// Fetches a manifest from the upstream; when asked by tag, records the tag (once: on
+    /// disk and in the bucket).
+    pub(super) async fn fetch_and_record(
+        &self,
+        up: &Arc<Upstream>,
+        name: &Name,
+        reference: &Reference,
+        accept: Option<&str>,
+    ) -> Result<Arc<Manifest>, Error> {
+        let m = self.fetch_upstream(up, name, reference, accept).await?;
+        if let Reference::Tag(tag) = reference {
+            let key = (up.name.clone(), name.clone(), tag.clone());
+            self.record_tag(&key, &m).await;
+        }
+        Ok(m)
+    }
+
+    /// GETs a manifest from the upstream, verifies it, stores it by digest.
+    pub(super) async fn fetch_upstream(
+        &self,
+        up: &Arc<Upstream>,
+        name: &Name,
+        reference: &Reference,
+        accept: Option<&str>,
+    ) -> Result<Arc<Manifest>, Error> {
+        let UpstreamManifest {
+            bytes,
+            media_type,
+            digest: claimed,
+        } = up.manifest(name, reference, accept, self.max_size).await?;
+        let digest = match (reference, &claimed) {
+            (Reference::Digest(d), _) => d.clone(),
+            (Reference::Tag(_), Some(c)) => c.clone(),
+            (Reference::Tag(_), None) => Digest::sha256_of(&bytes),
+        };
+        let actual = digest.of_same_kind(&bytes);
+        if actual != digest
+            || claimed
+                .as_ref()
+                .is_some_and(|c| c.algorithm() == actual.algorithm() && c != &actual)
+        {
+            tracing::warn!(upstream = %up.name, %name, %reference, expected = %digest, %actual, "manifest does not match its digest: not cached");
+            return Err(Error::upstream(
+                &up.name,
+                UpstreamError::DigestMismatch(digest.to_string()),
+            ));
+        }
+        let media_type = media_type
+            .or_else(|| media_type_in(&bytes))
+            .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".into());
+        self.cache
+            .put_manifest(&digest, bytes.clone(), &media_type)
+            .await?;
+        Ok(self.remember(&digest, media_type, bytes))
+    }
+}

@@ -1,0 +1,238 @@
+//! Manifests, tags, tag lists and referrers: fresh when the upstream is up, served when it
+//! is not.
+//!
+//! - A manifest by digest is immutable: verified against its digest, kept like a blob (with
+//!   its media type), then served from the cache forever, byte for byte.
+//! - A tag maps to a digest with the time it was last confirmed. Within the upstream's
+//!   `tag_ttl` it is answered with no upstream contact; after it, it is revalidated with a
+//!   `HEAD` (which Docker Hub does not count as a pull) and the body is fetched only when
+//!   the digest moved. Concurrent resolutions of one tag make one upstream request.
+//! - When the upstream is unreachable, slow, 5xx, 429 or its token service fails, a cached
+//!   answer is served stale (and counted); `offline` never asks at all.
+//!
+//! Everything is stored and read through the cache (`Cache::manifest`, records, leases): this
+//! module never sees a path, a file or the bucket. `digest` has manifests by digest and the
+//! upstream fetch, `tags` the tag records and revalidation, `lists` tag lists, `referrers`
+//! the referrers API.
+
+mod digest;
+mod lists;
+mod referrers;
+mod tags;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue};
+use serde::{Deserialize, Serialize};
+
+use crate::cache::records::media_type_in;
+use crate::cache::shared::Claim;
+use crate::cache::{Cache, Outcome, Record};
+use crate::clock::{self, Clock};
+use crate::coalesce::Coalesce;
+use crate::error::{Error, ErrorCode, UpstreamError};
+use crate::metrics::Metrics;
+use crate::reference::{Digest, Name, Reference, Tag};
+use crate::upstream::{Upstream, UpstreamManifest};
+
+/// A verified manifest.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    pub digest: Digest,
+    pub media_type: String,
+    pub bytes: Bytes,
+    /// The response headers, made once: a cached manifest is the hottest answer there is.
+    pub headers: HeaderMap,
+}
+
+impl Manifest {
+    pub fn new(digest: Digest, media_type: String, bytes: Bytes) -> Manifest {
+        let mut headers = HeaderMap::with_capacity(4);
+        let text = |s: &str| HeaderValue::from_str(s).ok();
+        headers.insert(
+            header::CONTENT_TYPE,
+            text(&media_type).unwrap_or(HeaderValue::from_static("application/octet-stream")),
+        );
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        if let (Some(d), Some(e)) = (text(&digest.to_string()), text(&format!("\"{digest}\""))) {
+            headers.insert("docker-content-digest", d);
+            headers.insert(header::ETAG, e);
+        }
+        Manifest {
+            digest,
+            media_type,
+            bytes,
+            headers,
+        }
+    }
+}
+
+/// An answer (a manifest, a tag list, referrers) and how it was obtained: `outcome` says
+/// whether it is a hit, a fetch, a revalidated tag or a stale answer given because the upstream
+/// failed.
+#[derive(Debug, Clone)]
+pub struct Answer<T> {
+    pub value: T,
+    pub outcome: Outcome,
+}
+
+impl<T> Answer<T> {
+    fn hit(value: T) -> Self {
+        Answer {
+            value,
+            outcome: Outcome::Hit,
+        }
+    }
+    fn miss(value: T) -> Self {
+        Answer {
+            value,
+            outcome: Outcome::Miss,
+        }
+    }
+    fn stale(value: T) -> Self {
+        Answer {
+            value,
+            outcome: Outcome::Stale,
+        }
+    }
+}
+
+/// A tag's record, also kept on disk so that a restart (or `offline`) still knows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TagRecord {
+    upstream: String,
+    name: Name,
+    tag: Tag,
+    digest: Digest,
+    media_type: String,
+    /// When the upstream last confirmed this digest for the tag.
+    confirmed: SystemTime,
+}
+
+type TagKey = (String, Name, Tag);
+type TagFlights = Coalesce<(TagKey, String), Result<Answer<Arc<Manifest>>, Error>>;
+type ListFlights = Coalesce<(String, Name), Result<Answer<Arc<Vec<String>>>, Error>>;
+
+pub struct Manifests {
+    cache: Arc<Cache>,
+    metrics: Arc<Metrics>,
+    offline: bool,
+    max_size: u64,
+    /// Verified manifests by digest, in memory, bounded by bytes: the hot path of a mirror.
+    hot: moka::sync::Cache<Digest, Arc<Manifest>>,
+    /// Tag records loaded from disk or written since.
+    tags: moka::sync::Cache<TagKey, Arc<TagRecord>>,
+    tag_flights: TagFlights,
+    digest_flights: Coalesce<Digest, Result<Arc<Manifest>, Error>>,
+    /// Last good tag list per (upstream, name), for stale and offline answers.
+    tag_lists: moka::sync::Cache<(String, Name), Arc<Vec<String>>>,
+    list_flights: ListFlights,
+    /// Referrers answers: fresh ones (briefly) and the last good one (for errors).
+    referrers_fresh: moka::sync::Cache<String, (Arc<(Bytes, HeaderValue)>, clock::Instant)>,
+    /// Tag ages and referrers' freshness are read on it (tests skip it ahead).
+    clock: Arc<Clock>,
+    referrers_last: moka::sync::Cache<String, Arc<(Bytes, HeaderValue)>>,
+}
+
+/// How long a referrers answer is served without asking again.
+const REFERRERS_TTL: Duration = Duration::from_secs(60);
+/// How long a replica waits for another replica's fetch of the same manifest.
+const SHARED_WAIT: Duration = Duration::from_secs(15);
+
+impl Manifests {
+    pub fn new(
+        cache: Arc<Cache>,
+        metrics: Arc<Metrics>,
+        offline: bool,
+        max_size: u64,
+        clock: Arc<Clock>,
+    ) -> Manifests {
+        Manifests {
+            clock,
+            cache,
+            metrics,
+            offline,
+            max_size,
+            hot: moka::sync::Cache::builder()
+                .max_capacity(64 << 20)
+                .weigher(|_, m: &Arc<Manifest>| m.bytes.len().clamp(1, u32::MAX as usize) as u32)
+                .build(),
+            tags: moka::sync::Cache::new(100_000),
+            tag_flights: Coalesce::default(),
+            digest_flights: Coalesce::default(),
+            tag_lists: moka::sync::Cache::new(10_000),
+            list_flights: Coalesce::default(),
+            referrers_fresh: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(REFERRERS_TTL)
+                .build(),
+            referrers_last: moka::sync::Cache::new(10_000),
+        }
+    }
+
+    /// The manifest `reference` of `name` on `up`, for a client that accepts `accept`.
+    pub async fn get(
+        &self,
+        up: &Arc<Upstream>,
+        name: &Name,
+        reference: &Reference,
+        accept: Option<&str>,
+    ) -> Result<Answer<Arc<Manifest>>, Error> {
+        match reference {
+            Reference::Digest(d) => self.by_digest(up, name, d, accept).await,
+            Reference::Tag(t) => self.by_tag(up, name, t, accept).await,
+        }
+    }
+}
+
+/// Does an `Accept` list admit `media_type`? No list, or a wildcard, admits everything.
+pub fn accepts(accept: Option<&str>, media_type: &str) -> bool {
+    let Some(accept) = accept.filter(|a| !a.trim().is_empty()) else {
+        return true;
+    };
+    accept.split(',').any(|item| {
+        let mut parts = item.split(';');
+        let t = parts.next().unwrap_or("").trim();
+        // `q=0` means "not acceptable" (RFC 9110 §12.4.2).
+        let refused = parts.any(|p| {
+            let p = p.trim();
+            p.strip_prefix("q=")
+                .and_then(|q| q.parse::<f32>().ok())
+                .is_some_and(|q| q == 0.0)
+        });
+        !refused && (t == "*/*" || t.eq_ignore_ascii_case(media_type) || t == "application/*")
+    })
+}
+
+/// The name of a tag's record.
+fn tag_record_name(key: &TagKey) -> Record {
+    Record::tag(&key.0, &key.1, &key.2)
+}
+
+fn unknown_offline() -> Error {
+    Error::client(
+        ErrorCode::ManifestUnknown,
+        "not cached, and this mirror is offline",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_lists() {
+        let oci = "application/vnd.oci.image.manifest.v1+json";
+        assert!(accepts(None, oci));
+        assert!(accepts(Some("*/*"), oci));
+        assert!(accepts(Some("application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json;q=0.9"), oci));
+        assert!(!accepts(
+            Some("application/vnd.docker.distribution.manifest.v2+json"),
+            oci
+        ));
+        assert!(!accepts(Some(&format!("{oci};q=0")), oci), "q=0 refuses");
+        assert!(accepts(Some(&format!("{oci};q=0.5")), oci));
+    }
+}
