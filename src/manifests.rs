@@ -21,7 +21,7 @@ use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
-use crate::cache::shared::Claim;
+use crate::cache::bucket::Claim;
 use crate::cache::Cache;
 use crate::clock;
 use crate::error::{Error, ErrorCode, UpstreamError};
