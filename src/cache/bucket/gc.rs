@@ -120,14 +120,13 @@ impl Bucket {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::bucket::testing::{keys, tier};
+    use crate::cache::bucket::testing::{keys, tier, TestStore};
     use bytes::Bytes;
-    use object_store::memory::InMemory;
     use object_store::{ObjectStore, PutPayload};
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn gc_deletes_the_least_recently_used_beyond_the_bound() {
-        let store = Arc::new(InMemory::new());
+        let store = TestStore::new();
         // Room for three blobs of 1 MiB.
         let shared = tier(&store, Duration::from_secs(60), 3 << 20);
         let mut ds = Vec::new();
@@ -157,5 +156,33 @@ mod tests {
         assert_eq!(left, expect);
         // A second pass (another replica) finds nothing to do.
         assert_eq!(shared.gc().await.unwrap().deleted, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gc_runs_on_its_schedule_and_deletes_dead_leases() {
+        let store = TestStore::new();
+        // Room for one blob of 1 MiB.
+        let shared = tier(&store, Duration::from_secs(60), 1 << 20);
+        for n in 0..2u8 {
+            let data = Bytes::from(vec![n; 1 << 20]);
+            let d = Digest::sha256_of(&data);
+            shared
+                .put_manifest(&d, data, "application/octet-stream")
+                .await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let dead = Path::from("mirror/leases/sha256/00/someone");
+        store.put(&dead, PutPayload::default()).await.unwrap();
+        let interval = Duration::from_secs(3600);
+        shared.spawn_gc(interval);
+        // Nothing before the interval...
+        tokio::time::sleep(interval - Duration::from_secs(1)).await;
+        assert_eq!(keys(&store, "mirror/blobs").await.len(), 2);
+        assert_eq!(keys(&store, "mirror/leases").await.len(), 1);
+        // ...one pass within it and its jitter (a tenth): the oldest blob, and the lease
+        // that has been dead for an hour.
+        tokio::time::sleep(interval / 10 + Duration::from_secs(2)).await;
+        assert_eq!(keys(&store, "mirror/blobs").await.len(), 1);
+        assert!(keys(&store, "mirror/leases").await.is_empty());
     }
 }

@@ -1,32 +1,39 @@
-//! The bucket tier, shared by replicas: verified blobs, manifests and tag records in an S3-compatible bucket,
+//! The bucket tier: verified blobs, manifests and tag records in an S3-compatible bucket,
 //! which several replicas use as one cache. The local store stays in front of it as a
 //! bounded tier: a miss looks on local disk, then in the bucket, then upstream.
 //!
 //! ```text
-//! <prefix>/blobs/<algorithm>/<hex>   verified content; a manifest has its media type as
-//!                                    the object's Content-Type
-//! <prefix>/tags/<hex>.json           tag records, named by a hash of (upstream, name, tag)
-//! <prefix>/leases/<algorithm>/<hex>  "a replica is fetching this blob": created only if
-//!                                    absent (`If-None-Match: *`), deleted when done
-//! <prefix>/recent/<algorithm>/<hex>  empty; its Last-Modified is the blob's last use
+//! <prefix>/blobs/<algorithm>/<hex>          verified content; a manifest has its media type
+//!                                           as the object's Content-Type
+//! <prefix>/tags/<hex>.json                  tag records, named by a hash of (upstream, name,
+//!                                           tag)
+//! <prefix>/leases/<algorithm>/<hex>/lease   "a replica is fetching this blob": created only
+//!                                           if absent (`If-None-Match: *`), refreshed only if
+//!                                           unchanged (`If-Match`), deleted when done
+//! <prefix>/leases/<algorithm>/<hex>/<owner> the same on a store without conditional writes:
+//!                                           one entry per contender, the oldest live wins
+//! <prefix>/recent/<algorithm>/<hex>         empty; its Last-Modified is the blob's last use
 //! ```
 //!
 //! The store is behind object_store's `ObjectStore` trait: S3 (AWS, MinIO, Garage, Ceph) in
-//! production, an in-memory store in unit tests.
+//! production, an in-memory store in unit tests. One job a file: `objects` (blobs, manifests,
+//! tag records, markers, presigned URLs), `leases` (who fetches, who waits), `uploads` (a
+//! local fill into the bucket), `gc`; here, the tier itself and its back-off.
 //!
 //! - **Nothing unverified**: a blob fetched upstream is uploaded by a task that reads the
 //!   local fill like any client does, so it gets the last byte only once the digest is
 //!   checked; only then is the (multipart) upload completed. A failed fill aborts it.
-//! - **Once per blob across replicas**: where the store honours conditional writes (probed
-//!   once), the replica that creates a blob's lease fetches it; the others wait (up to
-//!   `lease_wait`) for the blob to appear in the bucket and stream it from there. A lease
-//!   older than the fill deadline is taken over.
+//! - **Once per blob across replicas**: the replica that wins a blob's lease fetches it; the
+//!   others wait (up to `lease_wait`) for the blob to appear in the bucket and stream it
+//!   from there. A lease its holder stopped refreshing for `LEASE_TTL` is taken over, and a
+//!   holder never writes a lease that is no longer its own.
 //! - **A store that is down or slow** costs one `timeout` per call; then the tier is skipped
 //!   for `BACKOFF`, and the replica serves its local tier and the upstream meanwhile.
 //! - **GC**: every replica lists the bucket, orders blobs by last use (the newer of the
 //!   blob's and its `recent/` marker's Last-Modified), and deletes the oldest beyond
 //!   `max_size`. Two replicas doing it at once compute the same order, and deleting twice is
 //!   harmless.
+//! - **Time** is read from `crate::clock`, so that the tests pause and advance it.
 
 use std::fmt;
 use std::future::Future;
@@ -63,7 +70,8 @@ const BACKOFF: Duration = Duration::from_secs(10);
 pub enum Fault {
     /// No such object.
     Absent,
-    /// A conditional create found the object there.
+    /// A conditional create found the object there, or a conditional update found it
+    /// changed (or gone).
     Exists,
     /// The store refused the call kind (e.g. conditional writes).
     Unsupported,
@@ -87,7 +95,8 @@ pub struct Bucket {
     lease_ttl: Duration,
     max_size: u64,
     redirect: bool,
-    /// Does the store honour `If-None-Match: *`? Probed on first use.
+    /// Does the store honour conditional writes (`If-None-Match: *` and `If-Match`)?
+    /// Probed on first use.
     conditional: AtomicU8,
     down_until: Mutex<Option<Instant>>,
     /// Blobs marked as used by this replica, and when (by `clock`, so that tests can
@@ -281,6 +290,41 @@ mod tests {
         assert!(text.contains(r#"op="get_blob",result="error""#), "{text}");
         assert!(
             text.contains(r#"op="head_blob",result="skipped""#),
+            "{text}"
+        );
+    }
+
+    /// The back-off runs on the library's clock: a paused test moves it.
+    #[tokio::test(start_paused = true)]
+    async fn a_store_that_hangs_is_skipped_for_the_backoff_then_tried_again() {
+        let store = testing::TestStore::new();
+        let mine = store.view();
+        let shared = testing::tier(&mine, LEASE_TTL, 1 << 30);
+        let d = Digest::sha256_of(b"x");
+        store
+            .put(
+                &shared.path("blobs", &d),
+                object_store::PutPayload::from_static(b"x"),
+            )
+            .await
+            .unwrap();
+        mine.hang(true);
+        let started = Instant::now();
+        assert!(shared.head_blob(&d).await.is_none(), "no answer in time");
+        assert_eq!(started.elapsed(), shared.timeout);
+        mine.hang(false);
+        assert!(shared.head_blob(&d).await.is_none(), "skipped");
+        tokio::time::advance(BACKOFF - Duration::from_secs(1)).await;
+        assert!(shared.head_blob(&d).await.is_none(), "still skipped");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(shared.head_blob(&d).await, Some(1), "tried again");
+        let text = shared.metrics.encode();
+        assert!(
+            text.contains(r#"op="head_blob",result="error"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"op="head_blob",result="skipped"} 2"#),
             "{text}"
         );
     }

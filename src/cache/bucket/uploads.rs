@@ -135,12 +135,11 @@ impl Bucket {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::bucket::testing::{keys, tier};
+    use crate::cache::bucket::testing::{keys, tier, TestStore};
     use crate::cache::{Cache, Fetched, Origin, Progress};
     use crate::metrics::Metrics;
     use bytes::Bytes;
     use futures_util::StreamExt;
-    use object_store::memory::InMemory;
     use object_store::path::Path;
     use object_store::ObjectStore;
     use std::time::Duration;
@@ -184,10 +183,26 @@ mod tests {
         panic!("the fill did not end")
     }
 
+    /// Polls for `done`, for up to 10 s.
+    async fn wait_until(mut done: impl FnMut() -> bool) {
+        for _ in 0..1000 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out")
+    }
+
     #[tokio::test]
     async fn only_verified_fills_reach_the_bucket() {
-        let store = Arc::new(InMemory::new());
+        let store = TestStore::new();
         let shared = tier(&store, Duration::from_secs(60), 1 << 30);
+        // The upload's verdicts, counted: what the test waits for instead of sleeping.
+        let aborted = |n: u64| {
+            let text = shared.metrics.encode();
+            text.contains(&format!(r#"op="upload",result="aborted"}} {n}"#))
+        };
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::open_at(
             dir.path(),
@@ -195,7 +210,7 @@ mod tests {
             Duration::from_secs(5),
             Duration::from_secs(60),
             Arc::new(Metrics::new()),
-            Some(shared),
+            Some(shared.clone()),
         )
         .unwrap();
         // 20 MiB: a multipart upload of several parts.
@@ -211,7 +226,7 @@ mod tests {
         }
         drop(tx);
         assert!(!wait_done(&fill).await);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        wait_until(|| aborted(1)).await;
         assert!(
             keys(&store, "mirror/blobs").await.is_empty(),
             "nothing unverified"
@@ -222,11 +237,14 @@ mod tests {
         tx.send(Ok(Bytes::copy_from_slice(&data[..9 << 20])))
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        wait_until(
+            || matches!(fill.progress(), Progress::Streaming { written, .. } if written >= 9 << 20),
+        )
+        .await;
         assert!(keys(&store, "mirror/blobs").await.is_empty());
         tx.send(Err(io::Error::other("reset"))).await.unwrap();
         assert!(!wait_done(&fill).await);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        wait_until(|| aborted(2)).await;
         assert!(keys(&store, "mirror/blobs").await.is_empty());
 
         // The right body: the upload completes after the fill.
