@@ -357,7 +357,7 @@ impl Held {
                     Ok(Err(
                         object_store::Error::Precondition { .. }
                         | object_store::Error::NotFound { .. },
-                    )) => return false,
+                    )) => return self.still_ours().await,
                     other => other,
                 }
             }
@@ -387,14 +387,42 @@ impl Held {
         true
     }
 
+    /// After a conditional refresh failed: is the lease still ours? It is when it holds our
+    /// name: a refresh of ours that timed out may have landed all the same, and changed the
+    /// version. Then its version is ours again.
+    async fn still_ours(&mut self) -> bool {
+        let read = async {
+            let got = self.store.get(&self.path).await?;
+            let meta = got.meta.clone();
+            Ok::<_, object_store::Error>((meta, got.bytes().await?))
+        };
+        match tokio::time::timeout(self.timeout, read).await {
+            Ok(Ok((meta, body))) => {
+                let body = serde_json::from_slice::<LeaseBody>(&body).ok();
+                if !body.is_some_and(|b| b.owner == self.owner) {
+                    return false;
+                }
+                self.version = Some(UpdateVersion {
+                    e_tag: meta.e_tag,
+                    version: meta.version,
+                });
+                true
+            }
+            Ok(Err(object_store::Error::NotFound { .. })) => false,
+            // Cannot tell: the next refresh will.
+            _ => true,
+        }
+    }
+
     /// Deletes the lease, if it is still ours.
     async fn delete(&self) {
         let delete = async {
-            if let Some(v) = &self.version {
-                // No conditional delete in object_store: check the version first. (A takeover
-                // between the two is possible only once the lease expired.)
-                let meta = self.store.head(&self.path).await?;
-                if meta.e_tag != v.e_tag {
+            if self.version.is_some() {
+                // No conditional delete in object_store: check that it holds our name first.
+                // (A takeover between the two is possible only once the lease expired.)
+                let got = self.store.get(&self.path).await?;
+                let body = serde_json::from_slice::<LeaseBody>(&got.bytes().await?).ok();
+                if !body.is_some_and(|b| b.owner == self.owner) {
                     return Ok(());
                 }
             }
