@@ -195,6 +195,9 @@ impl Bucket {
             // Taken over by a conditional update of the expired version we read: if its
             // holder refreshed it meanwhile, or another replica took it over first, this
             // fails and the next round finds their live lease.
+            if version.e_tag.is_none() {
+                return Claim::None; // no version to update against (the probe saw one)
+            }
             tracing::info!(%d, "taking over an expired lease");
             let written = Instant::now();
             let put =
@@ -652,6 +655,34 @@ mod tests {
             );
             assert!(matches!(c.claim(&d).await, Claim::Theirs));
         }
+    }
+
+    /// A refresh of ours that timed out but landed changed the lease's version: the next
+    /// refresh's precondition fails, and the holder must not take that for a takeover.
+    #[tokio::test(start_paused = true)]
+    async fn a_refresh_that_landed_late_keeps_the_lease() {
+        let store = TestStore::new();
+        let a_store = store.view();
+        let (a, b) = (
+            tier(&a_store, LEASE_TTL, 1 << 30),
+            tier(&store, LEASE_TTL, 1 << 30),
+        );
+        let d = Digest::sha256_of(b"layer");
+        let Claim::Mine(lease) = a.claim(&d).await else {
+            panic!("A claims first")
+        };
+        assert_eq!(a.conditional.load(Ordering::Relaxed), YES);
+        // The first refresh (at a quarter of the lifetime) lands, but its answer comes after
+        // its timeout (another quarter).
+        a_store.hang_answers(true);
+        tokio::time::sleep(LEASE_TTL / 2 + Duration::from_secs(1)).await;
+        a_store.hang_answers(false);
+        // Long after: A kept refreshing it, and releases it.
+        tokio::time::sleep(LEASE_TTL * 2).await;
+        assert!(matches!(b.claim(&d).await, Claim::Theirs), "still A's");
+        a.release(lease).await;
+        assert!(!b.lease_held(&d).await, "deleted by its holder");
+        assert!(matches!(b.claim(&d).await, Claim::Mine(_)));
     }
 
     /// Regression: a lease dropped without `release` (a manifest fetch cancelled mid-way)

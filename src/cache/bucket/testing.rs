@@ -37,6 +37,9 @@ pub struct TestStore {
     stamps: Stamps,
     /// While `true`, this view's calls wait (a replica whose calls stall).
     hung: watch::Sender<bool>,
+    /// While `true`, this view's writes are done but their answers wait (a slow network:
+    /// the caller times out on a write that landed).
+    answers_hung: watch::Sender<bool>,
     /// Does the store honour `PutMode::Create` (`If-None-Match: *`)? If not, it overwrites.
     if_none_match: bool,
     /// Does the store honour `PutMode::Update` (`If-Match`)? If not, it overwrites.
@@ -55,6 +58,7 @@ impl TestStore {
             inner: Arc::new(InMemory::new()),
             stamps: Stamps::default(),
             hung: watch::Sender::new(false),
+            answers_hung: watch::Sender::new(false),
             if_none_match,
             if_match,
         })
@@ -66,6 +70,7 @@ impl TestStore {
             inner: self.inner.clone(),
             stamps: self.stamps.clone(),
             hung: watch::Sender::new(false),
+            answers_hung: watch::Sender::new(false),
             if_none_match: self.if_none_match,
             if_match: self.if_match,
         })
@@ -74,6 +79,11 @@ impl TestStore {
     /// Makes this view's calls wait (from their start) until `hang(false)`.
     pub fn hang(&self, hung: bool) {
         self.hung.send_replace(hung);
+    }
+
+    /// Makes this view's writes land, but their answers wait until `hang_answers(false)`.
+    pub fn hang_answers(&self, hung: bool) {
+        self.answers_hung.send_replace(hung);
     }
 
     async fn ready(&self) {
@@ -125,6 +135,8 @@ impl ObjectStore for TestStore {
         }
         let done = self.inner.put_opts(location, payload, opts).await?;
         self.stamp(location);
+        let mut rx = self.answers_hung.subscribe();
+        let _ = rx.wait_for(|hung| !hung).await;
         Ok(done)
     }
 
