@@ -30,7 +30,7 @@ pub enum Claim {
     Mine(Lease),
     /// Another replica holds a live lease.
     Theirs,
-    /// The store cannot arbitrate (no conditional writes, or down): fetch without a lease.
+    /// The store cannot arbitrate (it is down or failing): fetch without a lease.
     None,
 }
 
