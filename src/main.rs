@@ -258,9 +258,9 @@ fn cache_command(command: CacheCommand, config: &Config) -> anyhow::Result<()> {
             let metrics = std::sync::Arc::new(ocicache::metrics::Metrics::new());
             let runtime = tokio::runtime::Runtime::new()?;
             let r = runtime.block_on(async {
-                let shared = ocicache::cache::shared::Shared::open(
+                let shared = ocicache::cache::bucket::Bucket::open(
                     s3,
-                    ocicache::cache::shared::LEASE_TTL,
+                    ocicache::cache::bucket::LEASE_TTL,
                     metrics,
                 )?;
                 shared

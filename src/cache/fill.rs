@@ -132,7 +132,7 @@ fn reason(e: &Error) -> &'static str {
 pub enum Origin {
     /// An upstream registry; with a shared tier, the fill is uploaded to it (under `lease`
     /// when this replica won it).
-    Upstream { lease: Option<super::shared::Lease> },
+    Upstream { lease: Option<super::bucket::Lease> },
     /// The shared tier (verified again here, like any source).
     Shared,
 }

@@ -2,11 +2,11 @@
 //! (`index`), and the fills that bring misses in from upstreams (`fill`).
 
 pub mod admin;
+pub mod bucket;
 pub mod fill;
 pub mod local;
 pub mod outcome;
 pub mod records;
-pub mod shared;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -20,13 +20,13 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::reference::{Digest, Name};
 use crate::upstream::Upstream;
+use bucket::{Bucket, Claim};
 use fill::Fill;
 pub use fill::{Fetched, Origin, Progress, Reader, Source};
 use index::Index;
 pub use local::{index, store};
 pub use outcome::Outcome;
 pub use records::Record;
-use shared::{Claim, Shared};
 use store::Store;
 
 /// Where a blob GET is answered from.
@@ -50,7 +50,7 @@ pub struct Cache {
     pub store: Arc<Store>,
     pub index: Index,
     /// The tier shared with other replicas (`[cache.s3]`), behind the local one.
-    pub shared: Option<Arc<Shared>>,
+    pub shared: Option<Arc<Bucket>>,
     /// Fills under way, by digest. A std mutex: it is held for a map operation and the
     /// creation of a temp file, never across an await.
     fills: Mutex<HashMap<Digest, Arc<Fill>>>,
@@ -64,7 +64,7 @@ impl Cache {
     /// disk in recency order (evicting what no longer fits `max_size`).
     pub fn open(cfg: &CacheConfig, metrics: Arc<Metrics>) -> io::Result<Arc<Cache>> {
         let shared = match &cfg.s3 {
-            Some(s3) => Some(Shared::open(s3, shared::LEASE_TTL, metrics.clone())?),
+            Some(s3) => Some(Bucket::open(s3, bucket::LEASE_TTL, metrics.clone())?),
             None => None,
         };
         Self::open_at(
@@ -83,7 +83,7 @@ impl Cache {
         stall_timeout: Duration,
         fill_deadline: Duration,
         metrics: Arc<Metrics>,
-        shared: Option<Arc<Shared>>,
+        shared: Option<Arc<Bucket>>,
     ) -> io::Result<Arc<Cache>> {
         let store = Arc::new(Store::open(dir)?);
         let index = Index::new(max_size, store.clone(), metrics.clone());

@@ -9,7 +9,7 @@ use std::io;
 
 use bytes::Bytes;
 
-use super::shared::Claim;
+use super::bucket::Claim;
 use super::Cache;
 use crate::error::Error;
 use crate::reference::{Digest, Name, Tag};
@@ -137,7 +137,7 @@ impl Cache {
     }
 
     /// Gives a lease back at once.
-    pub async fn release(&self, lease: super::shared::Lease) {
+    pub async fn release(&self, lease: super::bucket::Lease) {
         if let Some(shared) = &self.shared {
             shared.release(lease).await;
         }

@@ -141,7 +141,9 @@ fn a_real_pull_through_one_replica_makes_the_other_answer_without_the_upstream()
     wait_until("the uploads", Duration::from_secs(30), || {
         objects(&g, "t2/blobs").len() >= 4
     });
-    std::thread::sleep(Duration::from_millis(300)); // the tag record's PUT
+    wait_until("the tag record", Duration::from_secs(10), || {
+        !objects(&g, "t2/tags").is_empty()
+    });
     let before_blobs = registry.count_requests("GET", "/blobs/");
     let before_manifests = registry.count_requests("GET", "/manifests/")
         + registry.count_requests("HEAD", "/manifests/");
@@ -232,7 +234,11 @@ fn a_corrupt_upstream_body_leaves_nothing_in_the_bucket() {
             );
         }
     }
-    std::thread::sleep(Duration::from_secs(2));
+    // Both uploads end (aborted with their fills) and release their leases.
+    wait_until("the uploads' end", Duration::from_secs(20), || {
+        a.metric(r#"ocicache_shared_store_operations_total{op="upload",result="aborted"}"#) >= 2.0
+            && objects(&g, "t4/leases").is_empty()
+    });
     assert_eq!(
         objects(&g, "t4/blobs"),
         vec![],
@@ -308,7 +314,13 @@ fn gc_keeps_the_bucket_under_its_bound_while_two_replicas_run_it() {
         let via = if i % 2 == 0 { &a } else { &b };
         let (status, _, _) = via.get(&format!("/v2/library/x/blobs/{digest}"), &[]);
         assert_eq!(status, 200);
-        std::thread::sleep(Duration::from_millis(300));
+        // Uploaded (so that the blobs land, and are used, in this order).
+        let uploaded = || {
+            via.metric(r#"ocicache_shared_store_operations_total{op="upload",result="completed"}"#)
+        };
+        wait_until("the upload", Duration::from_secs(20), || {
+            uploaded() >= (i / 2 + 1) as f64
+        });
     }
     wait_until("the GC", Duration::from_secs(15), || {
         let total: u64 = objects(&g, "t6/blobs").iter().map(|(_, s)| s).sum();

@@ -1,0 +1,267 @@
+//! Uploading a local fill to the bucket: one PUT for a small blob, a multipart upload for a
+//! large one, completed only once the fill has verified the content; retried when the store
+//! fails.
+
+use std::io;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use object_store::{PutMultipartOptions, PutOptions, PutPayload, WriteMultipart};
+
+use super::leases::Lease;
+use super::objects::attributes;
+use super::{Bucket, Fault, BACKOFF};
+use crate::cache::fill::Source;
+use crate::reference::Digest;
+
+/// Blobs up to this size are uploaded in one PUT; larger ones in parts of at least this.
+const PART: usize = 8 << 20;
+/// S3 allows 10,000 parts per upload.
+const MAX_PARTS: u64 = 9_000;
+
+/// Why an upload stopped.
+enum Upload {
+    /// The fill failed: nothing to upload.
+    Fill(io::Error),
+    /// The store failed.
+    Store(Fault),
+}
+
+/// Tries of an upload when the store fails.
+const UPLOAD_ATTEMPTS: u32 = 3;
+impl Bucket {
+    /// Uploads the blob a local fill is bringing in, in the background: completed only once
+    /// the fill has verified it (the reader's last byte waits for that), aborted if the fill
+    /// fails. A store that fails meanwhile gets `UPLOAD_ATTEMPTS` tries, `BACKOFF` apart (the
+    /// fill's file stays readable through its descriptor). Releases `lease` at the end.
+    pub fn upload(self: &Arc<Self>, d: Digest, src: Source, lease: Option<Lease>) {
+        let shared = self.clone();
+        tokio::spawn(async move {
+            let mut attempt = 1;
+            let result = loop {
+                match shared.upload_now(&d, src.clone()).await {
+                    Err(Upload::Store(f)) if attempt < UPLOAD_ATTEMPTS => {
+                        tracing::debug!(%d, fault = ?f, attempt, "upload failed: trying again");
+                        attempt += 1;
+                        tokio::time::sleep(BACKOFF).await;
+                    }
+                    other => break other,
+                }
+            };
+            match &result {
+                Ok(size) => {
+                    shared.count("upload", "completed");
+                    tracing::info!(%d, size, "uploaded to the shared store");
+                }
+                Err(Upload::Fill(e)) => {
+                    shared.count("upload", "aborted");
+                    tracing::debug!(%d, error = %e, "fill failed: upload aborted");
+                }
+                Err(Upload::Store(f)) => {
+                    shared.count("upload", "failed");
+                    tracing::warn!(%d, fault = ?f, "could not upload to the shared store");
+                }
+            }
+            if let Some(lease) = lease {
+                shared.release(lease).await;
+            }
+        });
+    }
+
+    async fn upload_now(&self, d: &Digest, mut src: Source) -> Result<u64, Upload> {
+        let size = src
+            .size()
+            .await
+            .map_err(|e| Upload::Fill(io::Error::other(e)))?;
+        let mut reader = src.reader(0, size);
+        let path = self.path("blobs", d);
+        let opts = attributes(src.media_type.as_deref());
+        if size as usize <= PART {
+            let mut buf = BytesMut::with_capacity(size as usize);
+            while let Some(chunk) = reader.next_chunk().await {
+                buf.extend_from_slice(&chunk.map_err(Upload::Fill)?);
+            }
+            let put = self.store.put_opts(
+                &path,
+                PutPayload::from(buf.freeze()),
+                PutOptions {
+                    attributes: opts,
+                    ..Default::default()
+                },
+            );
+            self.call("upload", put).await.map_err(Upload::Store)?;
+            return Ok(size);
+        }
+        let part = PART.max(size.div_ceil(MAX_PARTS) as usize);
+        let multipart = self.store.put_multipart_opts(
+            &path,
+            PutMultipartOptions {
+                attributes: opts,
+                ..Default::default()
+            },
+        );
+        let upload = self
+            .call("upload", multipart)
+            .await
+            .map_err(Upload::Store)?;
+        let mut w = WriteMultipart::new_with_chunk_size(upload, part);
+        let result: Result<(), Upload> = async {
+            while let Some(chunk) = reader.next_chunk().await {
+                let chunk = chunk.map_err(Upload::Fill)?;
+                self.call("upload", w.wait_for_capacity(2))
+                    .await
+                    .map_err(Upload::Store)?;
+                w.put(chunk);
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            // The reader ended cleanly: the fill is verified and committed.
+            Ok(()) => {
+                self.call("upload", w.finish())
+                    .await
+                    .map_err(Upload::Store)?;
+                Ok(size)
+            }
+            Err(e) => {
+                let _ = tokio::time::timeout(self.timeout, w.abort()).await;
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::bucket::testing::{keys, tier, TestStore};
+    use crate::cache::{Cache, Fetched, Origin, Progress};
+    use crate::metrics::Metrics;
+    use bytes::Bytes;
+    use futures_util::StreamExt;
+    use object_store::path::Path;
+    use object_store::ObjectStore;
+    use std::time::Duration;
+
+    /// Feeds a fill from a channel the test controls.
+    fn fill_from(
+        cache: &Arc<Cache>,
+        d: &Digest,
+        size: u64,
+    ) -> (
+        tokio::sync::mpsc::Sender<io::Result<Bytes>>,
+        Arc<crate::cache::fill::Fill>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let body =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|c| (c, rx)) },
+            )
+            .boxed();
+        let fetched = Fetched {
+            size: Some(size),
+            body,
+            origin: Origin::Upstream { lease: None },
+            source: "test".into(),
+        };
+        let fill = cache
+            .start_fill(d.clone(), async move { Ok(fetched) })
+            .unwrap();
+        (tx, fill)
+    }
+
+    async fn wait_done(fill: &crate::cache::fill::Fill) -> bool {
+        for _ in 0..200 {
+            match fill.progress() {
+                Progress::Done { .. } => return true,
+                Progress::Failed(_) => return false,
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+        panic!("the fill did not end")
+    }
+
+    /// Polls for `done`, for up to 10 s.
+    async fn wait_until(mut done: impl FnMut() -> bool) {
+        for _ in 0..1000 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out")
+    }
+
+    #[tokio::test]
+    async fn only_verified_fills_reach_the_bucket() {
+        let store = TestStore::new();
+        let shared = tier(&store, Duration::from_secs(60), 1 << 30);
+        // The upload's verdicts, counted: what the test waits for instead of sleeping.
+        let aborted = |n: u64| {
+            let text = shared.metrics.encode();
+            text.contains(&format!(r#"op="upload",result="aborted"}} {n}"#))
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open_at(
+            dir.path(),
+            1 << 30,
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+            Arc::new(Metrics::new()),
+            Some(shared.clone()),
+        )
+        .unwrap();
+        // 20 MiB: a multipart upload of several parts.
+        let data: Vec<u8> = (0..20u32 << 20).map(|i| (i % 251) as u8).collect();
+        let d = Digest::sha256_of(&data);
+
+        // A corrupt body: the bytes arrive, the digest does not match.
+        let (tx, fill) = fill_from(&cache, &d, data.len() as u64);
+        let mut bad = data.clone();
+        bad[7 << 20] ^= 1;
+        for c in bad.chunks(1 << 20) {
+            tx.send(Ok(Bytes::copy_from_slice(c))).await.unwrap();
+        }
+        drop(tx);
+        assert!(!wait_done(&fill).await);
+        wait_until(|| aborted(1)).await;
+        assert!(
+            keys(&store, "mirror/blobs").await.is_empty(),
+            "nothing unverified"
+        );
+
+        // Cut in the middle: nothing either.
+        let (tx, fill) = fill_from(&cache, &d, data.len() as u64);
+        tx.send(Ok(Bytes::copy_from_slice(&data[..9 << 20])))
+            .await
+            .unwrap();
+        wait_until(
+            || matches!(fill.progress(), Progress::Streaming { written, .. } if written >= 9 << 20),
+        )
+        .await;
+        assert!(keys(&store, "mirror/blobs").await.is_empty());
+        tx.send(Err(io::Error::other("reset"))).await.unwrap();
+        assert!(!wait_done(&fill).await);
+        wait_until(|| aborted(2)).await;
+        assert!(keys(&store, "mirror/blobs").await.is_empty());
+
+        // The right body: the upload completes after the fill.
+        let (tx, fill) = fill_from(&cache, &d, data.len() as u64);
+        for c in data.chunks(1 << 20) {
+            tx.send(Ok(Bytes::copy_from_slice(c))).await.unwrap();
+        }
+        drop(tx);
+        assert!(wait_done(&fill).await);
+        let key = Path::from(format!("mirror/blobs/sha256/{}", d.hex()));
+        for _ in 0..100 {
+            if store.head(&key).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let got = store.get(&key).await.unwrap().bytes().await.unwrap();
+        assert_eq!(Digest::sha256_of(&got), d);
+    }
+}
