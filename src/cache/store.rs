@@ -118,12 +118,29 @@ fn lock(root: &Path, role: &str) -> Result<File, OpenError> {
         .create(true)
         .truncate(false)
         .open(root.join(LOCK_FILE))?;
-    // SAFETY: flock on a descriptor we own; it touches no memory.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-            return Err(e.into());
+    let held = loop {
+        // SAFETY: flock on a descriptor we own; it touches no memory.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            break false;
         }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) => break true,
+            // A filesystem without locks (some FUSE and network mounts) served before the
+            // lock existed: it still does, unguarded, rather than refusing to start.
+            Some(libc::ENOLCK | libc::EOPNOTSUPP | libc::ENOSYS) => {
+                tracing::warn!(
+                    dir = %root.display(),
+                    error = %e,
+                    "the cache folder cannot be locked: nothing keeps a second ocicache off it"
+                );
+                break false;
+            }
+            _ => return Err(e.into()),
+        }
+    };
+    if held {
         let mut text = String::new();
         let _ = file.read_to_string(&mut text);
         let (pid, role) = match text.trim_end().split_once(' ') {
