@@ -49,7 +49,8 @@ enum Command {
         #[arg(long)]
         from_file: Option<PathBuf>,
     },
-    /// Inspect and maintain a cache folder.
+    /// Inspect and maintain a cache folder. Only while no server runs on it: a folder that a
+    /// server holds is refused with exit code 3, and nothing is done.
     Cache {
         #[command(subcommand)]
         command: CacheCommand,
@@ -200,12 +201,44 @@ fn main() -> ExitCode {
             };
             match cache_command(command, &config) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("ocicache: {e:#}");
-                    ExitCode::FAILURE
-                }
+                Err(e) => match e.downcast_ref::<ocicache::cache::admin::Error>() {
+                    Some(ocicache::cache::admin::Error::Held(held)) => {
+                        eprintln!("ocicache: {}", refusal(held));
+                        ExitCode::from(EXIT_HELD)
+                    }
+                    _ => {
+                        eprintln!("ocicache: {e:#}");
+                        ExitCode::FAILURE
+                    }
+                },
             }
         }
+    }
+}
+
+/// The exit code of a `cache` command refused because another process holds the folder
+/// (distinct from 1, a failure, and 2, a bad command line or configuration): nothing was
+/// done, and running it again later may work.
+const EXIT_HELD: u8 = 3;
+
+/// Why a `cache` command did nothing, and what to do about it. There is no admin API yet to
+/// ask a running server, so the message says what works today.
+fn refusal(held: &ocicache::cache::store::Held) -> String {
+    let dir = held.dir.display();
+    let pid = held.pid_text();
+    let ask = "these commands will take --server URL to ask a running server";
+    match held.role.as_deref() {
+        Some(ocicache::cache::store::SERVER) => {
+            format!("a running server ({pid}) holds {dir}; nothing was done. Stop it first: {ask}.")
+        }
+        Some(role) => format!(
+            "`ocicache {role}` ({pid}) is working on {dir}; nothing was done. Run this again \
+             when it has finished."
+        ),
+        None => format!(
+            "another ocicache ({pid}) holds {dir}; nothing was done. If it is a server, stop \
+             it first: {ask}."
+        ),
     }
 }
 
@@ -364,10 +397,13 @@ async fn prefetch(
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("listen {}: {e}", config.listen))?;
+    // The state first: it takes the cache folder's lock, so a second server on the folder is
+    // told who holds it even when it would also have failed to bind the same port.
+    let listen = config.listen;
     let state = ocicache::server::State::new(config)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("listen {listen}: {e}"))?;
     ocicache::server::run(listener, state, shutdown_signal()).await?;
     Ok(())
 }

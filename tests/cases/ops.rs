@@ -455,3 +455,155 @@ fn sigterm_during_a_fill_leaves_no_temp_file() {
         Ok((s, _, body)) => assert!(s != 200 || body.len() < data.len()),
     }
 }
+
+/// `ocicache serve` holds its cache folder: the `cache` commands beside it are refused
+/// without touching anything (they used to clear `tmp/`, failing the fills under way), and so
+/// is a second server on the folder.
+#[test]
+fn cache_commands_beside_a_running_server_are_refused_and_its_fill_completes() {
+    use crate::support::fake::{Fake, Fault};
+    let fake = Fake::start();
+    // 4 MiB in 32 KiB pieces 50 ms apart: a fill that lasts about 6 s, long enough for the
+    // commands below to run during it.
+    let data = random_bytes(4 << 20, 91);
+    let d = fake.add_blob(&data);
+    fake.fault(
+        "/blobs/",
+        Fault::Slow {
+            chunk: 32 << 10,
+            delay: Duration::from_millis(50),
+        },
+        None,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let child = ChildProxy::start(
+        dir.path(),
+        &toml_for(&cache, &fake.url(), ""),
+        std::process::Stdio::null(),
+    );
+    let pid = child.child.id();
+    let _reap = KillOnPanic(pid);
+    let url = format!("{}/v2/x/blobs/{d}", child.base);
+    let client = std::thread::spawn(move || {
+        crate::support::registry::try_http_request("GET", &url, &[], b"")
+    });
+    let start = Instant::now();
+    let fill = loop {
+        let writing = std::fs::read_dir(cache.join("tmp"))
+            .unwrap()
+            .flatten()
+            .find(|f| f.metadata().unwrap().len() > 0);
+        if let Some(f) = writing {
+            break f.path();
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "no fill started");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+
+    let cfg = dir.path().join("c.toml");
+    for command in [&["stats"][..], &["verify"], &["gc", "--size", "0"]] {
+        let out = Command::new(BIN)
+            .arg("cache")
+            .args(command)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "cache {command:?} refused: {err}"
+        );
+        assert!(
+            err.contains(&format!(
+                "a running server (pid {pid}) holds {}",
+                cache.display()
+            )) && err.contains("nothing was done")
+                && err.contains("--server URL"),
+            "cache {command:?}: {err}"
+        );
+        assert!(out.stdout.is_empty(), "cache {command:?} printed no result");
+    }
+    assert!(fill.exists(), "the fill's temp file is untouched");
+
+    // A second server on the folder (another port) stops at start, naming the holder.
+    let second = dir.path().join("second.toml");
+    std::fs::write(
+        &second,
+        format!(
+            "listen = \"127.0.0.1:{}\"\n{}",
+            crate::support::registry::free_port(),
+            toml_for(&cache, &fake.url(), "")
+        ),
+    )
+    .unwrap();
+    let mut other = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&second)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while other.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = other.kill();
+            panic!("a second server started on a held folder");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = other.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!(
+            "{} is held by a running ocicache server (pid {pid})",
+            cache.display()
+        )),
+        "{err}"
+    );
+    assert!(
+        fill.exists(),
+        "the fill is still under way: the refusals came during it"
+    );
+
+    // The fill completes and the blob is served right, then from the cache.
+    let (s, _, body) = client.join().unwrap().expect("the client's GET");
+    assert_eq!(s, 200);
+    assert!(body == data, "the filled blob is served whole and right");
+    fake.clear_faults();
+    let (s, h, body) = crate::support::registry::try_http_request(
+        "GET",
+        &format!("{}/v2/x/blobs/{d}", child.base),
+        &[],
+        b"",
+    )
+    .unwrap();
+    assert_eq!((s, header(&h, "x-cache")), (200, Some("HIT")));
+    assert!(body == data);
+
+    // Once the server has stopped, the commands work on the folder.
+    assert!(child.terminate().status.success());
+    let out = Command::new(BIN)
+        .args(["cache", "stats", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_success("cache stats after the server stopped", &out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("entries:  1\n"), "{stdout}");
+}
+
+/// Kills a child server if the test fails before stopping it, so that no server outlives it.
+struct KillOnPanic(u32);
+
+impl Drop for KillOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &self.0.to_string()])
+                .status();
+        }
+    }
+}

@@ -5,24 +5,158 @@
 //! <dir>/types/<algorithm>/<2 hex>/<hex>   media type of a blob that is a manifest
 //! <dir>/tags/<2 hex>/<hex>.json           tag records (see `manifests`)
 //! <dir>/tmp/<unique>                      fills under way; removed at start
+//! <dir>/ocicache.lock                     "<pid> <role>" of the process that holds the folder
 //! ```
+//!
+//! One process at a time works on a folder: it holds an exclusive `flock` on `ocicache.lock`
+//! for as long as its [`Store`] lives. The server takes it at start ([`Store::open`]), and only
+//! the holder may clear `tmp/`, which is what made it unsafe to open a live server's folder a
+//! second time: the second opener deleted the first one's fills under way. The maintenance
+//! commands take it too ([`Store::open_for_maintenance`]), so they never run beside a server
+//! and a server never starts under them. The kernel drops the lock when the process ends, by
+//! exit, crash or kill: a lock file left behind never blocks anyone, so it is never removed
+//! (removing it would let two processes lock two different files of the same name).
 //!
 //! Every path is built from a parsed [`Digest`] (whose hex is checked) or from a hash: never
 //! from raw request input. Content enters `blobs/` only through [`Store::commit`]: written to
 //! `tmp/`, verified by the caller, fsynced, renamed, the folder fsynced.
 
+use std::fmt;
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use crate::reference::{Algorithm, Digest};
 
+/// The lock file's name in the cache folder.
+pub const LOCK_FILE: &str = "ocicache.lock";
+
+/// The role [`Store::open`] writes in the lock file: a server (`serve`, or the loopback
+/// server of `prefetch --config`).
+pub const SERVER: &str = "serve";
+
 pub struct Store {
     root: PathBuf,
     /// Makes temp names unique within this process (the pid covers other processes).
     next_tmp: AtomicU64,
+    /// The open lock file, whose `flock` says this process owns the folder; closing it (when
+    /// the store is dropped or the process ends) releases the folder.
+    _lock: File,
+}
+
+/// The folder is held by another process (or another store of this one): nothing was done.
+#[derive(Debug)]
+pub struct Held {
+    pub dir: PathBuf,
+    /// The holder's pid, as its lock file says; `None` when the file is not readable yet
+    /// (the holder has the lock but has not written its pid).
+    pub pid: Option<u32>,
+    /// What the holder is: [`SERVER`], or the maintenance command (`cache gc`, ...).
+    pub role: Option<String>,
+}
+
+impl Held {
+    /// Whether the holder is (or may be, when its lock file does not say) a server.
+    pub fn by_server(&self) -> bool {
+        matches!(self.role.as_deref(), None | Some(SERVER))
+    }
+
+    /// "pid 123", or "pid unknown".
+    pub fn pid_text(&self) -> String {
+        match self.pid {
+            Some(p) => format!("pid {p}"),
+            None => "pid unknown".into(),
+        }
+    }
+}
+
+impl fmt::Display for Held {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dir = self.dir.display();
+        let pid = self.pid_text();
+        match self.role.as_deref() {
+            Some(SERVER) => write!(
+                f,
+                "{dir} is held by a running ocicache server ({pid}): one server per cache folder"
+            ),
+            Some(role) => write!(f, "{dir} is held by `ocicache {role}` ({pid})"),
+            None => write!(f, "{dir} is held by another ocicache ({pid})"),
+        }
+    }
+}
+
+impl std::error::Error for Held {}
+
+/// Why a folder could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Held(#[from] Held),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// For [`Store::open`]'s callers, which speak `io::Error`: a held folder is `WouldBlock`
+/// carrying the [`Held`] (its message names the folder and the holder's pid).
+impl From<OpenError> for io::Error {
+    fn from(e: OpenError) -> io::Error {
+        match e {
+            OpenError::Held(h) => io::Error::new(io::ErrorKind::WouldBlock, h),
+            OpenError::Io(e) => e,
+        }
+    }
+}
+
+/// Takes the folder's lock without waiting and writes `role` and our pid into it.
+fn lock(root: &Path, role: &str) -> Result<File, OpenError> {
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(root.join(LOCK_FILE))?;
+    let held = loop {
+        // SAFETY: flock on a descriptor we own; it touches no memory.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            break false;
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) => break true,
+            // A filesystem without locks (some FUSE and network mounts) served before the
+            // lock existed: it still does, unguarded, rather than refusing to start.
+            Some(libc::ENOLCK | libc::EOPNOTSUPP | libc::ENOSYS) => {
+                tracing::warn!(
+                    dir = %root.display(),
+                    error = %e,
+                    "the cache folder cannot be locked: nothing keeps a second ocicache off it"
+                );
+                break false;
+            }
+            _ => return Err(e.into()),
+        }
+    };
+    if held {
+        let mut text = String::new();
+        let _ = file.read_to_string(&mut text);
+        let (pid, role) = match text.trim_end().split_once(' ') {
+            Some((pid, role)) => (pid.parse().ok(), Some(role.to_string())),
+            None => (None, None),
+        };
+        return Err(Held {
+            dir: root.to_path_buf(),
+            pid,
+            role: role.filter(|_| pid.is_some()),
+        }
+        .into());
+    }
+    file.set_len(0)?;
+    file.write_all(format!("{} {role}\n", std::process::id()).as_bytes())?;
+    Ok(file)
 }
 
 /// A blob on disk, as found when the index is rebuilt.
@@ -34,17 +168,34 @@ pub struct Entry {
 }
 
 impl Store {
-    /// Opens (creating) the store at `root` and removes temp files a crash left behind.
+    /// Opens (creating) the store at `root` for a server: takes the folder's lock (a folder
+    /// held by another process is an error of kind `WouldBlock` carrying a [`Held`]) and
+    /// removes the temp files a crash left behind.
     pub fn open(root: &Path) -> io::Result<Store> {
+        fs::create_dir_all(root)?;
+        let lock = lock(root, SERVER)?;
         for sub in ["blobs", "types", "tags", "tmp"] {
             fs::create_dir_all(root.join(sub))?;
         }
         let store = Store {
             root: root.to_path_buf(),
             next_tmp: AtomicU64::new(0),
+            _lock: lock,
         };
         store.clear_tmp()?;
         Ok(store)
+    }
+
+    /// Opens the store at `root` for a maintenance command (`role`, e.g. `cache gc`): takes
+    /// the folder's lock or fails with [`OpenError::Held`], and leaves `tmp/` alone.
+    pub fn open_for_maintenance(root: &Path, role: &str) -> Result<Store, OpenError> {
+        fs::create_dir_all(root)?;
+        let lock = lock(root, role)?;
+        Ok(Store {
+            root: root.to_path_buf(),
+            next_tmp: AtomicU64::new(0),
+            _lock: lock,
+        })
     }
 
     /// Removes every temp file: at start (a crash's leftovers) and at shutdown.
@@ -165,6 +316,24 @@ impl Store {
     /// hit refreshes), so the LRU index is rebuilt in recency order.
     pub fn scan(&self) -> io::Result<Vec<Entry>> {
         let mut out = Vec::new();
+        self.walk(|blob| {
+            if let Some(digest) = blob.digest() {
+                out.push(Entry {
+                    digest,
+                    size: blob.size,
+                    modified: blob.modified,
+                });
+            }
+            Ok(())
+        })?;
+        out.sort_by_key(|e| e.modified);
+        Ok(out)
+    }
+
+    /// Calls `f` for every committed blob with a valid name, in directory order, keeping
+    /// nothing: what a caller needs to hold of each blob is its own choice. Folders that
+    /// cannot be read are skipped; the first error `f` returns stops the walk.
+    pub fn walk(&self, mut f: impl FnMut(Blob<'_>) -> io::Result<()>) -> io::Result<()> {
         for alg in [Algorithm::Sha256, Algorithm::Sha512] {
             let dir = self.root.join("blobs").join(alg.as_str());
             let Ok(prefixes) = fs::read_dir(&dir) else {
@@ -176,24 +345,44 @@ impl Store {
                 };
                 for file in files.flatten() {
                     let name = file.file_name();
-                    let Some(name) = name.to_str() else { continue };
-                    let Ok(digest) = Digest::parse(&format!("{}:{name}", alg.as_str())) else {
-                        continue;
-                    };
-                    let Ok(meta) = file.metadata() else { continue };
-                    if !meta.is_file() || prefix.file_name().to_str() != Some(&name[..2]) {
+                    let Some(hex) = name.to_str() else { continue };
+                    let lower_hex = hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+                    if hex.len() != alg.hex_len()
+                        || !lower_hex
+                        || prefix.file_name().to_str() != Some(&hex[..2])
+                    {
                         continue;
                     }
-                    out.push(Entry {
-                        digest,
+                    let Ok(meta) = file.metadata() else { continue };
+                    if !meta.is_file() {
+                        continue;
+                    }
+                    f(Blob {
+                        algorithm: alg,
+                        hex,
                         size: meta.len(),
                         modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                    });
+                    })?;
                 }
             }
         }
-        out.sort_by_key(|e| e.modified);
-        Ok(out)
+        Ok(())
+    }
+}
+
+/// A committed blob met by [`Store::walk`], borrowed for the call.
+#[derive(Debug, Clone, Copy)]
+pub struct Blob<'a> {
+    pub algorithm: Algorithm,
+    /// The file name: lowercase hex of the algorithm's length (checked).
+    pub hex: &'a str,
+    pub size: u64,
+    pub modified: SystemTime,
+}
+
+impl Blob<'_> {
+    pub fn digest(&self) -> Option<Digest> {
+        Digest::parse(&format!("{}:{}", self.algorithm.as_str(), self.hex)).ok()
     }
 }
 
