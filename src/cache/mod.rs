@@ -2,6 +2,7 @@
 //! (`index`), and the fills that bring misses in from upstreams (`fill`).
 
 pub mod admin;
+mod disk;
 pub mod fill;
 pub mod index;
 pub mod shared;
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use hyper::body::Incoming;
 
-use crate::config::CacheConfig;
+use crate::config::{CacheConfig, DEFAULT_MAX_FILLS};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::reference::Digest;
@@ -37,6 +38,9 @@ pub struct Cache {
     metrics: Arc<Metrics>,
     stall_timeout: Duration,
     fill_deadline: Duration,
+    /// Turns to run a fill (`cache.max_fills`). tokio's semaphore is fair: fills waiting
+    /// for a turn get it in the order they asked.
+    turns: tokio::sync::Semaphore,
 }
 
 impl Cache {
@@ -47,16 +51,16 @@ impl Cache {
             Some(s3) => Some(Shared::open(s3, shared::LEASE_TTL, metrics.clone())?),
             None => None,
         };
-        Self::open_at(
+        Self::open_with(
             &cfg.dir,
             cfg.max_size.0,
-            cfg.stall_timeout.0,
-            cfg.fill_deadline.0,
+            (cfg.stall_timeout.0, cfg.fill_deadline.0, cfg.max_fills),
             metrics,
             shared,
         )
     }
 
+    /// `open` from parts, with the default `max_fills`.
     pub fn open_at(
         dir: &Path,
         max_size: u64,
@@ -65,6 +69,19 @@ impl Cache {
         metrics: Arc<Metrics>,
         shared: Option<Arc<Shared>>,
     ) -> io::Result<Arc<Cache>> {
+        let fills = (stall_timeout, fill_deadline, DEFAULT_MAX_FILLS);
+        Self::open_with(dir, max_size, fills, metrics, shared)
+    }
+
+    /// `open` from parts; `fills` is `(stall_timeout, fill_deadline, max_fills)`.
+    pub fn open_with(
+        dir: &Path,
+        max_size: u64,
+        fills: (Duration, Duration, usize),
+        metrics: Arc<Metrics>,
+        shared: Option<Arc<Shared>>,
+    ) -> io::Result<Arc<Cache>> {
+        let (stall_timeout, fill_deadline, max_fills) = fills;
         let store = Arc::new(Store::open(dir)?);
         let index = Index::new(max_size, store.clone(), metrics.clone());
         for entry in store.scan()? {
@@ -78,6 +95,7 @@ impl Cache {
             metrics,
             stall_timeout,
             fill_deadline,
+            turns: tokio::sync::Semaphore::new(max_fills),
         }))
     }
 
@@ -123,6 +141,23 @@ impl Cache {
     where
         F: Future<Output = Result<hyper::Response<Incoming>, Error>> + Send + 'static,
     {
+        let source = || {
+            self.clone()
+                .source(digest.clone(), upstream.to_string(), fetch)
+        };
+        self.open_or_start(digest, source).await
+    }
+
+    /// `open_or_fill` with the source of a new fill made by `source` (called only when a new
+    /// fill starts).
+    async fn open_or_start<S>(
+        self: &Arc<Self>,
+        digest: &Digest,
+        source: impl FnOnce() -> S,
+    ) -> Result<Source, Error>
+    where
+        S: Future<Output = Result<Fetched, Error>> + Send + 'static,
+    {
         if let Some(src) = self.open_cached(digest).await? {
             self.metrics.hit("blob");
             if let Some(shared) = &self.shared {
@@ -137,10 +172,7 @@ impl Cache {
                 // A fill may have committed since we looked: check under the lock.
                 None if self.store.blob_path(digest).exists() => None,
                 None => {
-                    let source = self
-                        .clone()
-                        .source(digest.clone(), upstream.to_string(), fetch);
-                    let fill = self.start_fill(digest.clone(), source)?;
+                    let fill = self.start_fill(digest.clone(), source())?;
                     fills.insert(digest.clone(), fill.clone());
                     Some(fill)
                 }

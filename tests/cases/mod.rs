@@ -5,3 +5,4 @@ mod manifests;
 mod ops;
 mod real;
 mod shared;
+mod storm;
