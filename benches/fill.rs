@@ -15,8 +15,8 @@
 //!   another thread, publishing progress on a `watch` channel after each chunk;
 //! - `two_threads/<dir>`: the hash on one thread, the writes on another, fed the same
 //!   `Bytes` (std channels);
-//! - `sink/<dir>`: the fill's own disk half, `ocicache::cache::fill::Sink` (a writer and a
-//!   hasher on two blocking threads of a tokio runtime), fed from an async task.
+//! - `sink/<dir>`: the fill's own disk half, `ocicache::cache::fill::Sink` (write then hash
+//!   each chunk on one thread of the fills' disk pool), fed from an async task.
 //!
 //! `<dir>` is `tmpfs` (/dev/shm) and `disk` (the temp dir, or `FILL_BENCH_DIR`).
 //! After criterion, a summary measures the ratios again with alternated runs and prints
@@ -147,7 +147,7 @@ fn two_threads(data: &Bytes, file: &File) -> ocicache::reference::Digest {
 }
 
 /// The fill's own disk half: `Sink` fed from a task of a one-worker runtime (the network
-/// task's place), its writer and hasher on blocking threads.
+/// task's place), writing and hashing on its thread of the disk pool.
 fn sink(rt: &tokio::runtime::Runtime, data: &Bytes, file: &File) -> ocicache::reference::Digest {
     let file = Arc::new(file.try_clone().unwrap());
     rt.block_on(async {

@@ -45,6 +45,9 @@ pub struct CacheConfig {
     pub stall_timeout: HumanDuration,
     /// A fill that has not completed after this long is failed, even if bytes still arrive.
     pub fill_deadline: HumanDuration,
+    /// Fills (upstream downloads) running at once; further misses wait their turn, in
+    /// order, within their `fill_deadline`.
+    pub max_fills: usize,
     /// A shared tier on an S3-compatible bucket, for several replicas. With it, the local
     /// `dir` is a bounded tier in front of the bucket.
     pub s3: Option<S3Config>,
@@ -88,6 +91,10 @@ pub struct S3Config {
     #[serde(default)]
     pub redirect: bool,
 }
+
+/// Default of `cache.max_fills`: enough to keep a link busy with many slow upstream streams,
+/// few enough that their buffers and connections stay small.
+pub const DEFAULT_MAX_FILLS: usize = 64;
 
 fn default_region() -> String {
     "us-east-1".into()
@@ -242,6 +249,7 @@ impl Default for CacheConfig {
             max_size: ByteSize(20 << 30),
             stall_timeout: HumanDuration(Duration::from_secs(30)),
             fill_deadline: HumanDuration(Duration::from_secs(3600)),
+            max_fills: DEFAULT_MAX_FILLS,
             s3: None,
         }
     }
@@ -384,6 +392,9 @@ impl Config {
         }
         if self.cache.stall_timeout.0.is_zero() {
             return Err(invalid("cache.stall_timeout", "0s", "must be above zero"));
+        }
+        if self.cache.max_fills == 0 {
+            return Err(invalid("cache.max_fills", 0, "must be at least 1"));
         }
         if self.upstreams.is_empty() {
             return Err(invalid(
@@ -690,7 +701,9 @@ mod tests {
             )?;
             jail.set_env("OCICACHE_CACHE__DIR", "/tmp/y");
             jail.set_env("OCICACHE_OFFLINE", "true");
+            jail.set_env("OCICACHE_CACHE__MAX_FILLS", "8");
             let c = Config::load(Some(Path::new("o.toml"))).unwrap();
+            assert_eq!(c.cache.max_fills, 8);
             assert_eq!(c.listen.port(), 6000);
             assert_eq!(c.cache.dir, PathBuf::from("/tmp/y"));
             assert_eq!(c.cache.max_size.0, 1 << 30);
@@ -733,6 +746,12 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("tag_ttl") && e.contains("soon"), "{e}");
+
+            jail.create_file("e.toml", "[cache]\nmax_fills = 0\n")?;
+            let e = Config::load(Some(Path::new("e.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("cache.max_fills"), "{e}");
             Ok(())
         });
     }

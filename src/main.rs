@@ -126,7 +126,14 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             let _logs = init_logging(&config);
-            let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+            // The blocking pool is for short calls (file opens, reads of a blob, the commit's
+            // fsync); fills hash and write on their own pool (`cache::disk`). Capped so that a
+            // storm of misses cannot grow the process to hundreds of threads.
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .max_blocking_threads(32)
+                .build()
+                .expect("a tokio runtime");
             match runtime.block_on(serve(config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -54,6 +54,8 @@ pub struct Metrics {
     pub bytes_served: Family<SourceLabels, Counter>,
     pub upstream_requests: Family<UpstreamStatusLabels, Counter>,
     pub fills_in_flight: Gauge,
+    /// Fills waiting for their turn (`cache.max_fills`).
+    pub fills_queued: Gauge,
     pub fills_completed: Counter,
     pub fills_failed: Family<ReasonLabels, Counter>,
     pub evictions: Counter,
@@ -82,6 +84,7 @@ impl Metrics {
             bytes_served: Family::default(),
             upstream_requests: Family::default(),
             fills_in_flight: Gauge::default(),
+            fills_queued: Gauge::default(),
             fills_completed: Counter::default(),
             fills_failed: Family::default(),
             evictions: Counter::default(),
@@ -123,6 +126,11 @@ impl Metrics {
             "fills_in_flight",
             "Blob fills under way",
             m.fills_in_flight.clone(),
+        );
+        registry.register(
+            "fills_queued",
+            "Blob fills waiting for their turn (cache.max_fills)",
+            m.fills_queued.clone(),
         );
         registry.register(
             "fills_completed",

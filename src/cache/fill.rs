@@ -15,40 +15,47 @@
 //! is the file fsynced and renamed into `blobs/` (the inode is the same, so readers go on
 //! reading through their descriptor) and `Done` published. Until `Done`, every reader holds
 //! back the last byte of its range: a client can never hold a complete body that is wrong.
-//! A mismatch, a short body, a stall or a disk error publishes `Failed`, which every reader
-//! turns into an error chunk (the client's connection is aborted, never cleanly ended), and
-//! deletes the temp file. The fill is then forgotten, so the next request starts a new one.
 //!
-//! The disk half (`Sink`) is two blocking threads fed the same chunks through bounded
-//! channels, one writing and one hashing, so the network read, the write and the hash
-//! overlap and none blocks the runtime.
+//! A fill is a guard (`Guard`), like a cache lock: only its `commit` publishes `Done`.
+//! Dropped otherwise, whatever ended the task (a mismatch, a short body, a stall, a disk
+//! error, the deadline, a cancel, a panic), it deletes the temp file, forgets the fill (so
+//! the next request starts a new one) and publishes `Failed`, which every reader turns into
+//! an error chunk (the client's connection is aborted, never cleanly ended).
+//!
+//! Fills are bounded: at most `cache.max_fills` run at once, the others wait their turn in
+//! order (still joinable, their readers waiting for the first byte); their disk work (hash
+//! and `pwrite`) runs on the fixed pool of `disk`; and the chunks they keep in memory for
+//! their readers share one budget.
 
 use std::fs::File;
 use std::future::Future;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
+use super::disk::Lane;
 use super::Cache;
+use crate::clock::Instant;
 use crate::error::{Error, UpstreamError};
 use crate::reference::{Algorithm, Digest, DigestHasher};
 
 /// Largest chunk a reader takes from the file at once.
 const READ_CHUNK: usize = 256 << 10;
-/// Chunks queued between the network and each disk thread of one fill. A chunk is a network
+/// Chunks of one fill queued for its disk thread and not yet written. A chunk is a network
 /// frame (up to a few hundred KiB on a fast link), so this bounds a fill's memory to a few
-/// MiB when the disk or the hasher falls behind.
+/// MiB when the disk or the hash falls behind.
 const WRITE_QUEUE: usize = 16;
 
 /// Where a fill is, as every reader sees it.
 #[derive(Debug, Clone)]
 pub enum Progress {
-    /// Waiting for the upstream's response headers.
+    /// Waiting for its turn (`cache.max_fills`), then for the upstream's response headers.
     Connecting,
     /// `written` bytes are on disk; `size` is the upstream's `Content-Length`, if it sent one.
     Streaming { size: Option<u64>, written: u64 },
@@ -67,26 +74,94 @@ pub struct Fill {
     recent: Arc<Mutex<Recent>>,
 }
 
+/// Locks `m` even if a thread panicked while holding it: the data guarded here (a fill's
+/// recent chunks, its disk state, the map of fills) is checked, not trusted, by its users,
+/// and a fill's guard must clean up after a panic (a second panic would abort the process).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// The most recent chunks of a fill, as the network delivered them (the same `Bytes` the
 /// file was written from). A reader that has caught up with the writer takes its next
 /// chunk from here: no read from the file, no copy, no blocking thread. A reader further
-/// behind than `RECENT_BYTES` reads the file.
-#[derive(Default)]
+/// behind than `RECENT_BYTES`, or whose chunk was not kept (the budget of all fills was
+/// spent), reads the file.
 struct Recent {
-    /// `(offset in the blob, chunk)`, in order, contiguous.
+    /// `(offset in the blob, chunk)`, in order; not contiguous when a chunk was not kept.
     chunks: std::collections::VecDeque<(u64, Bytes)>,
     bytes: usize,
+    /// What all fills together may keep.
+    budget: &'static Budget,
 }
 
+/// The most a fill keeps for its readers.
 const RECENT_BYTES: usize = 4 << 20;
+/// The most all fills together keep for their readers. Past it, a fill keeps fewer chunks
+/// and its readers read the file (from the page cache: it was just written).
+const RECENT_BUDGET: usize = 64 << 20;
+
+/// Bytes shared by all fills' `Recent`, taken and given back atomically.
+struct Budget {
+    used: AtomicUsize,
+    cap: usize,
+}
+
+static BUDGET: Budget = Budget {
+    used: AtomicUsize::new(0),
+    cap: RECENT_BUDGET,
+};
+
+impl Budget {
+    fn take(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used + n <= self.cap).then_some(used + n)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+impl Default for Recent {
+    fn default() -> Self {
+        Recent::within(&BUDGET)
+    }
+}
+
+impl Drop for Recent {
+    fn drop(&mut self) {
+        self.budget.give(self.bytes);
+    }
+}
 
 impl Recent {
+    fn within(budget: &'static Budget) -> Recent {
+        Recent {
+            chunks: Default::default(),
+            bytes: 0,
+            budget,
+        }
+    }
+
+    /// Keeps `chunk`, written at `at`, making room with this fill's oldest chunks when it is
+    /// over its own bound or the budget is spent; if there is still no room, the chunk is not
+    /// kept.
     fn push(&mut self, at: u64, chunk: Bytes) {
-        self.bytes += chunk.len();
-        self.chunks.push_back((at, chunk));
-        while self.bytes > RECENT_BYTES && self.chunks.len() > 1 {
-            let (_, old) = self.chunks.pop_front().expect("not empty");
+        let len = chunk.len();
+        loop {
+            if self.bytes + len <= RECENT_BYTES && self.budget.take(len) {
+                self.bytes += len;
+                self.chunks.push_back((at, chunk));
+                return;
+            }
+            let Some((_, old)) = self.chunks.pop_front() else {
+                return;
+            };
             self.bytes -= old.len();
+            self.budget.give(old.len());
         }
     }
 
@@ -160,97 +235,31 @@ impl Fetched {
 
 impl Cache {
     /// Starts a fill of `digest` from the body `fetch` yields. Called with the fills lock
-    /// held, after a miss on disk; the caller records the returned fill.
+    /// held, after a miss on disk; the caller records the returned fill. The fill waits for
+    /// its turn (`max_fills`) before `fetch` is awaited; the deadline counts the wait.
     pub(super) fn start_fill<F>(self: &Arc<Self>, digest: Digest, fetch: F) -> io::Result<Arc<Fill>>
     where
         F: Future<Output = Result<Fetched, Error>> + Send + 'static,
     {
         let (file, temp) = self.store.temp()?;
-        let file = Arc::new(file);
         let (tx, rx) = watch::channel(Progress::Connecting);
-        let recent = Arc::new(Mutex::new(Recent::default()));
         let fill = Arc::new(Fill {
-            file: file.clone(),
+            file: Arc::new(file),
             progress: rx,
-            recent: recent.clone(),
+            recent: Arc::new(Mutex::new(Recent::default())),
         });
-        self.metrics.fills_in_flight.inc();
-        let cache = self.clone();
-        let handle = fill.clone();
-        tokio::spawn(async move {
-            let tx = Arc::new(tx);
-            let work = async {
-                let mut fetched = fetch.await?;
-                let origin = std::mem::replace(&mut fetched.origin, Origin::Shared);
-                let from_shared = matches!(origin, Origin::Shared);
-                if let (Origin::Upstream { lease }, Some(shared)) = (origin, &cache.shared) {
-                    // Uploaded as it arrives; completed only once verified (see `shared`).
-                    shared.upload(digest.clone(), Source::filling(&handle), lease);
-                }
-                let streamed = stream_to_file(
-                    fetched,
-                    &digest,
-                    file.clone(),
-                    tx.clone(),
-                    recent,
-                    cache.stall_timeout,
-                )
-                .await;
-                if let (true, Some(shared)) = (from_shared, &cache.shared) {
-                    if let Err(Error::Upstream {
-                        error: UpstreamError::DigestMismatch(_) | UpstreamError::Length(_),
-                        ..
-                    }) = &streamed
-                    {
-                        shared.discard(&digest).await;
-                    }
-                }
-                streamed
-            };
-            let outcome = tokio::time::timeout(cache.fill_deadline, work)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(Error::upstream(
-                        "fill",
-                        UpstreamError::Stalled(cache.fill_deadline),
-                    ))
-                });
-            let outcome = match outcome {
-                Ok(size) => cache.commit(&digest, file, temp.clone(), size).await,
-                Err(e) => Err(e),
-            };
-            let last = match outcome {
-                Ok(size) => {
-                    cache.metrics.fills_completed.inc();
-                    tracing::info!(%digest, size, "fill committed");
-                    Progress::Done { size }
-                }
-                Err(e) => {
-                    let _ = tokio::fs::remove_file(&temp).await;
-                    cache.metrics.fill_failed(reason(&e));
-                    match &e {
-                        // The upstream does not have it: the client's mistake, not a fault.
-                        e if e.is_client_side() => {
-                            tracing::debug!(%digest, error = %e, "fill failed")
-                        }
-                        _ => tracing::warn!(%digest, error = %e, "fill failed"),
-                    }
-                    Progress::Failed(e)
-                }
-            };
-            cache.metrics.fills_in_flight.dec();
-            // Forget the fill before telling its readers: from here a new request finds the
-            // committed blob on disk, or starts a new fill after a failure.
-            {
-                let mut fills = cache.fills.lock().unwrap();
-                if fills.get(&digest).is_some_and(|f| Arc::ptr_eq(f, &handle)) {
-                    fills.remove(&digest);
-                }
-            }
-            tx.send_replace(last);
-            // Readers still behind read the file; the chunks are not needed any more.
-            *handle.recent.lock().unwrap() = Recent::default();
-        });
+        // Made before the task is spawned: if the task never runs (the runtime shuts down),
+        // dropping it still cleans up.
+        let guard = Guard {
+            cache: self.clone(),
+            digest,
+            fill: fill.clone(),
+            progress: Arc::new(tx),
+            temp,
+            committed: None,
+            error: None,
+        };
+        tokio::spawn(guard.run(fetch));
         Ok(fill)
     }
 
@@ -268,6 +277,159 @@ impl Cache {
             .map_err(io::Error::other)??;
         self.index.insert(digest.clone(), size);
         Ok(size)
+    }
+}
+
+/// A fill's end, owned by its task. Only [`Guard::commit`] publishes `Done`. When the guard
+/// is dropped otherwise (the task failed, was cancelled, or panicked: tokio drops a task's
+/// future when it panics), it deletes the temp file, counts the failure, and publishes
+/// `Failed`. Either way it first removes the fill from the map of fills in flight (if the
+/// map still holds this very fill), so the next request finds the blob on disk or starts a
+/// new fill.
+struct Guard {
+    cache: Arc<Cache>,
+    digest: Digest,
+    fill: Arc<Fill>,
+    progress: Arc<watch::Sender<Progress>>,
+    temp: PathBuf,
+    /// Set by `commit`: the verified size, in `blobs/`.
+    committed: Option<u64>,
+    /// Set by `abort`: why the fill failed (`None` when dropped without either: a panic).
+    error: Option<Error>,
+}
+
+/// A gauge raised for as long as this lives (however the task holding it ends).
+struct Raised<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> Raised<'a> {
+    fn new(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Raised(gauge)
+    }
+}
+
+impl Drop for Raised<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl Guard {
+    /// The fill's task: wait for a turn, fetch, stream, verify, commit, all within the
+    /// fill's deadline.
+    async fn run<F>(self, fetch: F)
+    where
+        F: Future<Output = Result<Fetched, Error>> + Send + 'static,
+    {
+        let deadline = self.cache.fill_deadline;
+        let outcome = tokio::time::timeout(deadline, self.work(fetch))
+            .await
+            .unwrap_or_else(|_| Err(Error::upstream("fill", UpstreamError::Stalled(deadline))));
+        match outcome {
+            Ok(size) => self.commit(size),
+            Err(e) => self.abort(e),
+        }
+    }
+
+    async fn work<F>(&self, fetch: F) -> Result<u64, Error>
+    where
+        F: Future<Output = Result<Fetched, Error>> + Send + 'static,
+    {
+        let (cache, digest) = (&self.cache, &self.digest);
+        let _turn = {
+            let _queued = Raised::new(&cache.metrics.fills_queued);
+            cache.turns.acquire().await.map_err(io::Error::other)?
+        };
+        let _running = Raised::new(&cache.metrics.fills_in_flight);
+        let mut fetched = fetch.await?;
+        let origin = std::mem::replace(&mut fetched.origin, Origin::Shared);
+        let from_shared = matches!(origin, Origin::Shared);
+        if let (Origin::Upstream { lease }, Some(shared)) = (origin, &cache.shared) {
+            // Uploaded as it arrives; completed only once verified (see `shared`).
+            shared.upload(digest.clone(), Source::filling(&self.fill), lease);
+        }
+        let streamed = stream_to_file(
+            fetched,
+            digest,
+            self.fill.file.clone(),
+            self.progress.clone(),
+            self.fill.recent.clone(),
+            cache.stall_timeout,
+        )
+        .await;
+        if let (true, Some(shared)) = (from_shared, &cache.shared) {
+            if let Err(Error::Upstream {
+                error: UpstreamError::DigestMismatch(_) | UpstreamError::Length(_),
+                ..
+            }) = &streamed
+            {
+                shared.discard(digest).await;
+            }
+        }
+        let size = streamed?;
+        cache
+            .commit(digest, self.fill.file.clone(), self.temp.clone(), size)
+            .await
+    }
+
+    /// The blob is verified and in `blobs/`: tell the readers.
+    fn commit(mut self, size: u64) {
+        self.committed = Some(size);
+    }
+
+    /// The fill failed with `e`.
+    fn abort(mut self, e: Error) {
+        self.error = Some(e);
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let (cache, digest) = (&self.cache, &self.digest);
+        let last = match (self.committed, self.error.take()) {
+            (Some(size), _) => {
+                cache.metrics.fills_completed.inc();
+                tracing::info!(%digest, size, "fill committed");
+                Progress::Done { size }
+            }
+            (None, error) => {
+                // A plain unlink: cheap enough for a drop, and it must happen even when no
+                // runtime is left to run a task.
+                let _ = std::fs::remove_file(&self.temp);
+                let (why, e) = match error {
+                    Some(e) => (reason(&e), e),
+                    None => (
+                        "aborted",
+                        Error::from(io::Error::other(
+                            "the fill ended without a result (its task panicked or was cancelled)",
+                        )),
+                    ),
+                };
+                cache.metrics.fill_failed(why);
+                match &e {
+                    // The upstream does not have it: the client's mistake, not a fault.
+                    e if e.is_client_side() => {
+                        tracing::debug!(%digest, error = %e, "fill failed")
+                    }
+                    _ => tracing::warn!(%digest, error = %e, "fill failed"),
+                }
+                Progress::Failed(e)
+            }
+        };
+        // Forget the fill before telling its readers: from here a new request finds the
+        // committed blob on disk, or starts a new fill after a failure.
+        {
+            let mut fills = lock(&cache.fills);
+            if fills
+                .get(digest)
+                .is_some_and(|f| Arc::ptr_eq(f, &self.fill))
+            {
+                fills.remove(digest);
+            }
+        }
+        self.progress.send_replace(last);
+        // Readers still behind read the file; the chunks are not needed any more.
+        *lock(&self.fill.recent) = Recent::default();
     }
 }
 
@@ -339,16 +501,38 @@ async fn stream_to_file(
     Ok(written)
 }
 
-/// The disk half of a fill: one blocking thread writes the chunks and tells the readers,
-/// another hashes the same chunks (`Bytes` are shared, not copied). Running the two side by
-/// side makes a fill cost about what hashing alone costs, and readers see bytes as soon as
-/// they are written, not after they are hashed.
+/// The disk half of a fill: each chunk is written (`pwrite`), offered to the readers, then
+/// hashed, all on the fill's [`Lane`] of the disk pool, in order. One thread per fill doing
+/// both costs no more CPU than two threads (the work is the same), and the thread count no
+/// longer follows the number of fills (see `disk`). The network side queues chunks through
+/// `push` without blocking the runtime, at most `WRITE_QUEUE` ahead of the disk.
 pub struct Sink {
-    writer: (
-        mpsc::Sender<Bytes>,
-        tokio::task::JoinHandle<io::Result<u64>>,
-    ),
-    hasher: (mpsc::Sender<Bytes>, tokio::task::JoinHandle<Digest>),
+    lane: Lane,
+    state: Arc<SinkState>,
+    /// One permit per chunk queued and not yet written; the job gives it back.
+    credit: Arc<Semaphore>,
+}
+
+/// What a fill's disk jobs share. Only the lane's thread locks `disk`: the lock is never
+/// contended, it only makes the state shareable with the jobs.
+struct SinkState {
+    file: Arc<File>,
+    progress: Arc<watch::Sender<Progress>>,
+    recent: Option<Arc<Mutex<Recent>>>,
+    /// A write failed (or a job panicked): `push` refuses more chunks.
+    failed: AtomicBool,
+    disk: Mutex<Disk>,
+}
+
+struct Disk {
+    hasher: Option<DigestHasher>,
+    /// Bytes written.
+    offset: u64,
+    /// When the readers were last told, and of how much.
+    notified: (u64, Instant),
+    /// Where writeback was last started.
+    flushing: u64,
+    error: Option<io::Error>,
 }
 
 /// The writer asks the kernel to start writing back every this many bytes it has written,
@@ -378,8 +562,68 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
 const NOTIFY_BYTES: u64 = 64 << 10;
 const NOTIFY_AFTER: Duration = Duration::from_millis(2);
 
+impl SinkState {
+    fn publish(&self, offset: u64) {
+        self.progress.send_modify(|p| {
+            if let Progress::Streaming { written, .. } = p {
+                *written = offset;
+            }
+        })
+    }
+
+    /// Writes, offers and hashes one chunk (a job on the lane). After a failure, chunks are
+    /// dropped: `finish` reports the error.
+    fn write(&self, chunk: Bytes) {
+        let mut disk = match self.disk.lock() {
+            Ok(d) => d,
+            Err(_) => return, // a job panicked: `finish` reports it
+        };
+        if disk.error.is_some() {
+            return;
+        }
+        let offset = disk.offset;
+        if let Err(e) = self.file.write_all_at(&chunk, offset) {
+            disk.error = Some(e);
+            self.failed.store(true, Ordering::Release);
+            return;
+        }
+        let end = offset + chunk.len() as u64;
+        disk.offset = end;
+        // The readers first, the hash after: they need not wait for it.
+        if let Some(recent) = &self.recent {
+            lock(recent).push(offset, chunk.clone());
+        }
+        if end - disk.notified.0 >= NOTIFY_BYTES || disk.notified.1.elapsed() >= NOTIFY_AFTER {
+            self.publish(end);
+            disk.notified = (end, Instant::now());
+        }
+        if let Some(hasher) = &mut disk.hasher {
+            hasher.update(&chunk);
+        }
+        if end - disk.flushing >= WRITEBACK_AHEAD {
+            start_writeback(&self.file, disk.flushing, end - disk.flushing);
+            disk.flushing = end;
+        }
+    }
+
+    /// After the last chunk (a job on the lane): the bytes written and their digest.
+    fn finish(&self) -> io::Result<(u64, Digest)> {
+        let mut disk = self
+            .disk
+            .lock()
+            .map_err(|_| io::Error::other("a disk job of this fill panicked"))?;
+        if let Some(e) = disk.error.take() {
+            return Err(e);
+        }
+        let offset = disk.offset;
+        self.publish(offset);
+        let hasher = disk.hasher.take().expect("finished once");
+        Ok((offset, hasher.finalize()))
+    }
+}
+
 impl Sink {
-    /// Starts the writer and hasher threads for `file`, publishing `written` on `progress`.
+    /// A sink for `file` on a lane of the disk pool, publishing `written` on `progress`.
     pub fn start(
         file: Arc<File>,
         algorithm: Algorithm,
@@ -395,64 +639,50 @@ impl Sink {
         progress: Arc<watch::Sender<Progress>>,
         recent: Option<Arc<Mutex<Recent>>>,
     ) -> Sink {
-        let (wtx, mut wrx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
-        let writer = tokio::task::spawn_blocking(move || {
-            let mut offset = 0u64;
-            let mut notified = (0u64, Instant::now());
-            let mut flushing = 0u64;
-            let publish = |offset: u64| {
-                progress.send_modify(|p| {
-                    if let Progress::Streaming { written, .. } = p {
-                        *written = offset;
-                    }
-                })
-            };
-            while let Some(chunk) = wrx.blocking_recv() {
-                file.write_all_at(&chunk, offset)?;
-                let len = chunk.len() as u64;
-                if let Some(recent) = &recent {
-                    recent.lock().unwrap().push(offset, chunk);
-                }
-                offset += len;
-                if offset - notified.0 >= NOTIFY_BYTES || notified.1.elapsed() >= NOTIFY_AFTER {
-                    publish(offset);
-                    notified = (offset, Instant::now());
-                }
-                if offset - flushing >= WRITEBACK_AHEAD {
-                    start_writeback(&file, flushing, offset - flushing);
-                    flushing = offset;
-                }
-            }
-            publish(offset);
-            Ok(offset)
-        });
-        let (htx, mut hrx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
-        let hasher = tokio::task::spawn_blocking(move || {
-            let mut hasher = DigestHasher::new(algorithm);
-            while let Some(chunk) = hrx.blocking_recv() {
-                hasher.update(&chunk);
-            }
-            hasher.finalize()
-        });
         Sink {
-            writer: (wtx, writer),
-            hasher: (htx, hasher),
+            lane: Lane::new(),
+            state: Arc::new(SinkState {
+                file,
+                progress,
+                recent,
+                failed: AtomicBool::new(false),
+                disk: Mutex::new(Disk {
+                    hasher: Some(DigestHasher::new(algorithm)),
+                    offset: 0,
+                    notified: (0, Instant::now()),
+                    flushing: 0,
+                    error: None,
+                }),
+            }),
+            credit: Arc::new(Semaphore::new(WRITE_QUEUE)),
         }
     }
 
-    /// Queues a chunk; `false` when the writer has failed (its error comes from `finish`).
+    /// Queues a chunk; `false` when the sink has failed (its error comes from `finish`).
     pub async fn push(&self, chunk: Bytes) -> bool {
-        self.hasher.0.send(chunk.clone()).await.is_ok() && self.writer.0.send(chunk).await.is_ok()
+        if self.state.failed.load(Ordering::Acquire) {
+            return false;
+        }
+        let Ok(permit) = self.credit.clone().acquire_owned().await else {
+            return false;
+        };
+        let state = self.state.clone();
+        self.lane.run(move || {
+            let _permit: OwnedSemaphorePermit = permit;
+            state.write(chunk);
+        });
+        true
     }
 
-    /// Waits for both threads: the bytes written and their digest.
+    /// Waits for the chunks queued: the bytes written and their digest.
     pub async fn finish(self) -> io::Result<(u64, Digest)> {
-        let (wtx, writer) = self.writer;
-        let (htx, hasher) = self.hasher;
-        drop((wtx, htx));
-        let written = writer.await.map_err(io::Error::other)??;
-        let digest = hasher.await.map_err(io::Error::other)?;
-        Ok((written, digest))
+        let (tx, rx) = oneshot::channel();
+        let state = self.state.clone();
+        self.lane.run(move || {
+            let _ = tx.send(state.finish());
+        });
+        rx.await
+            .map_err(|_| io::Error::other("a disk job of this fill panicked"))?
     }
 }
 
@@ -577,7 +807,7 @@ impl Reader {
         };
         let limit = available.min(self.end);
         if let Some(recent) = &self.recent {
-            let hit = recent.lock().unwrap().slice(self.pos, limit);
+            let hit = lock(recent).slice(self.pos, limit);
             if let Some(chunk) = hit {
                 self.pos += chunk.len() as u64;
                 return Some(Ok(chunk));
@@ -765,6 +995,191 @@ mod tests {
     use super::*;
     use futures_util::TryStreamExt;
     use std::io::Write;
+
+    /// A cache in `dir` with `max_fills` turns.
+    fn cache(
+        dir: &std::path::Path,
+        max_fills: usize,
+    ) -> (Arc<Cache>, Arc<crate::metrics::Metrics>) {
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let limits = (Duration::from_secs(5), Duration::from_secs(60), max_fills);
+        let cache = Cache::open_with(dir, 1 << 30, limits, metrics.clone(), None).unwrap();
+        (cache, metrics)
+    }
+
+    fn fetched(
+        size: usize,
+        body: futures_util::stream::BoxStream<'static, io::Result<Bytes>>,
+    ) -> Fetched {
+        Fetched {
+            size: Some(size as u64),
+            body,
+            origin: Origin::Upstream { lease: None },
+            source: "test".into(),
+        }
+    }
+
+    fn blob(len: u32) -> (Vec<u8>, Digest) {
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let d = Digest::sha256_of(&data);
+        (data, d)
+    }
+
+    fn chunks(data: &[u8]) -> Vec<io::Result<Bytes>> {
+        data.chunks(256 << 10)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect()
+    }
+
+    async fn read_all(src: &Source, len: usize) -> io::Result<Vec<u8>> {
+        let got: Vec<Bytes> = src
+            .reader(0, len as u64)
+            .into_stream()
+            .try_collect()
+            .await?;
+        Ok(got.concat())
+    }
+
+    fn temp_files(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir.join("tmp")).unwrap().count()
+    }
+
+    /// A panic inside a fill's task (here: its body panics when polled after 1 MiB) fails
+    /// its readers, forgets the fill and deletes its temp file; the next request starts a new
+    /// fill, which succeeds.
+    #[tokio::test]
+    async fn a_fill_that_panics_fails_its_readers_and_is_forgotten() {
+        use futures_util::StreamExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, metrics) = cache(dir.path(), 4);
+        let (data, d) = blob(3 << 20);
+        let len = data.len();
+        let first = chunks(&data[..1 << 20]);
+        // The panic waits for the test's word, so that the second request finds the fill.
+        let (go, wait) = oneshot::channel::<()>();
+        let panicking = futures_util::stream::iter(first)
+            .chain(futures_util::stream::once(async move {
+                let _ = wait.await;
+                panic!("injected: the body panics mid-way")
+            }))
+            .boxed();
+        let src = cache
+            .open_or_start(&d, || async move { Ok(fetched(len, panicking)) })
+            .await
+            .unwrap();
+        let joined = cache
+            .open_or_start(&d, || async { panic!("a second fill of the same digest") })
+            .await
+            .unwrap();
+        go.send(()).unwrap();
+        let (a, b) = tokio::join!(read_all(&src, len), read_all(&joined, len));
+        assert!(a.is_err() && b.is_err(), "every reader gets an error");
+        assert_eq!(cache.fills_in_flight(), 0, "the fill is forgotten");
+        assert_eq!(temp_files(dir.path()), 0, "the temp file is gone");
+        assert!(cache.open_cached(&d).await.unwrap().is_none());
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"ocicache_fills_failed_total{reason="aborted"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains("ocicache_fills_in_flight 0"), "{text}");
+
+        let body = futures_util::stream::iter(chunks(&data)).boxed();
+        let src = cache
+            .open_or_start(&d, || async move { Ok(fetched(len, body)) })
+            .await
+            .unwrap();
+        assert!(src.is_fill(), "a new fill");
+        assert_eq!(read_all(&src, len).await.unwrap(), data);
+        assert!(cache.open_cached(&d).await.unwrap().is_some(), "committed");
+        assert_eq!(cache.fills_in_flight(), 0);
+    }
+
+    /// With one turn, a second fill waits (visible in `fills_queued`) without fetching,
+    /// and runs once the first is done.
+    #[tokio::test]
+    async fn fills_beyond_max_fills_wait_their_turn() {
+        use futures_util::StreamExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, metrics) = cache(dir.path(), 1);
+        let (one, d1) = blob(1 << 20);
+        let (two, d2) = blob((1 << 20) + 1);
+        let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(64);
+        let body =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|c| (c, rx)) },
+            )
+            .boxed();
+        let (l1, l2) = (one.len(), two.len());
+        let first = cache
+            .open_or_start(&d1, || async move { Ok(fetched(l1, body)) })
+            .await
+            .unwrap();
+        let fetched_second = Arc::new(AtomicBool::new(false));
+        let flag = fetched_second.clone();
+        let body2 = futures_util::stream::iter(chunks(&two)).boxed();
+        let second = cache
+            .open_or_start(&d2, || async move {
+                flag.store(true, Ordering::SeqCst);
+                Ok(fetched(l2, body2))
+            })
+            .await
+            .unwrap();
+        for _ in 0..500 {
+            if metrics.fills_queued.get() == 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(metrics.fills_queued.get(), 1);
+        assert_eq!(metrics.fills_in_flight.get(), 1);
+        assert!(
+            !fetched_second.load(Ordering::SeqCst),
+            "no fetch before its turn"
+        );
+        for c in chunks(&one) {
+            tx.send(c).await.unwrap();
+        }
+        drop(tx);
+        assert_eq!(read_all(&first, l1).await.unwrap(), one);
+        assert_eq!(read_all(&second, l2).await.unwrap(), two);
+        assert!(fetched_second.load(Ordering::SeqCst));
+        assert_eq!(metrics.fills_queued.get(), 0);
+    }
+
+    #[test]
+    fn recent_chunks_share_one_budget() {
+        let budget: &'static Budget = Box::leak(Box::new(Budget {
+            used: AtomicUsize::new(0),
+            cap: 3 << 20,
+        }));
+        let mb = |n: u8| Bytes::from(vec![n; 1 << 20]);
+        let mut a = Recent::within(budget);
+        let mut b = Recent::within(budget);
+        a.push(0, mb(1));
+        a.push(1 << 20, mb(2));
+        b.push(0, mb(3));
+        assert_eq!(budget.used.load(Ordering::SeqCst), 3 << 20);
+        // Spent: b makes room with its own oldest chunk.
+        b.push(1 << 20, mb(4));
+        assert!(b.slice(0, 10).is_none());
+        assert_eq!(b.slice(1 << 20, 2 << 20).unwrap(), mb(4));
+        // A fill with nothing to give back keeps nothing: its readers read the file.
+        let mut c = Recent::within(budget);
+        c.push(0, mb(5));
+        assert!(c.slice(0, 10).is_none());
+        drop(a);
+        assert_eq!(
+            budget.used.load(Ordering::SeqCst),
+            1 << 20,
+            "given back on drop"
+        );
+        c.push(1 << 20, mb(6));
+        assert_eq!(c.slice(1 << 20, 2 << 20).unwrap(), mb(6));
+        drop((b, c));
+        assert_eq!(budget.used.load(Ordering::SeqCst), 0);
+    }
 
     #[test]
     fn recent_chunks_are_sliced_and_bounded() {

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod bucket;
+mod disk;
 pub mod fill;
 pub mod local;
 pub mod outcome;
@@ -15,7 +16,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::config::CacheConfig;
+use crate::config::{CacheConfig, DEFAULT_MAX_FILLS};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::reference::{Digest, Name};
@@ -57,6 +58,9 @@ pub struct Cache {
     metrics: Arc<Metrics>,
     stall_timeout: Duration,
     fill_deadline: Duration,
+    /// Turns to run a fill (`cache.max_fills`). tokio's semaphore is fair: fills waiting
+    /// for a turn get it in the order they asked.
+    turns: tokio::sync::Semaphore,
 }
 
 impl Cache {
@@ -67,16 +71,16 @@ impl Cache {
             Some(s3) => Some(Bucket::open(s3, bucket::LEASE_TTL, metrics.clone())?),
             None => None,
         };
-        Self::open_at(
+        Self::open_with(
             &cfg.dir,
             cfg.max_size.0,
-            cfg.stall_timeout.0,
-            cfg.fill_deadline.0,
+            (cfg.stall_timeout.0, cfg.fill_deadline.0, cfg.max_fills),
             metrics,
             shared,
         )
     }
 
+    /// `open` from parts, with the default `max_fills`.
     pub fn open_at(
         dir: &Path,
         max_size: u64,
@@ -85,6 +89,19 @@ impl Cache {
         metrics: Arc<Metrics>,
         shared: Option<Arc<Bucket>>,
     ) -> io::Result<Arc<Cache>> {
+        let fills = (stall_timeout, fill_deadline, DEFAULT_MAX_FILLS);
+        Self::open_with(dir, max_size, fills, metrics, shared)
+    }
+
+    /// `open` from parts; `fills` is `(stall_timeout, fill_deadline, max_fills)`.
+    pub fn open_with(
+        dir: &Path,
+        max_size: u64,
+        fills: (Duration, Duration, usize),
+        metrics: Arc<Metrics>,
+        shared: Option<Arc<Bucket>>,
+    ) -> io::Result<Arc<Cache>> {
+        let (stall_timeout, fill_deadline, max_fills) = fills;
         let store = Arc::new(Store::open(dir)?);
         let index = Index::new(max_size, store.clone(), metrics.clone());
         for entry in store.scan()? {
@@ -98,6 +115,7 @@ impl Cache {
             metrics,
             stall_timeout,
             fill_deadline,
+            turns: tokio::sync::Semaphore::new(max_fills),
         }))
     }
 
@@ -169,13 +187,34 @@ impl Cache {
     }
 
     /// Serves `digest` of `name` from the cache or from a fill: the one under way, or a new
-    /// one fed by the shared tier when it has the blob, else by the upstream `up`.
+    /// one fed by the bucket when it has the blob, else by the upstream `up`.
     pub async fn open_or_fill(
         self: &Arc<Self>,
         digest: &Digest,
         up: &Arc<Upstream>,
         name: &Name,
     ) -> Result<Source, Error> {
+        let source = || {
+            let (up, name, d) = (up.clone(), name.clone(), digest.clone());
+            let fetch = async move {
+                let body = up.blob(&name, &d, None).await?;
+                Ok(Fetched::from_upstream(&up.name, body))
+            };
+            self.clone().source(digest.clone(), fetch)
+        };
+        self.open_or_start(digest, source).await
+    }
+
+    /// `open_or_fill` with the source of a new fill made by `source` (called only when a new
+    /// fill starts).
+    async fn open_or_start<S>(
+        self: &Arc<Self>,
+        digest: &Digest,
+        source: impl FnOnce() -> S,
+    ) -> Result<Source, Error>
+    where
+        S: Future<Output = Result<Fetched, Error>> + Send + 'static,
+    {
         if let Some(src) = self.local_hit(digest).await? {
             return Ok(src);
         }
@@ -186,15 +225,7 @@ impl Cache {
                 // A fill may have committed since we looked: check under the lock.
                 None if self.store.blob_path(digest).exists() => None,
                 None => {
-                    let fetch = {
-                        let (up, name, digest) = (up.clone(), name.clone(), digest.clone());
-                        async move {
-                            let body = up.blob(&name, &digest, None).await?;
-                            Ok(Fetched::from_upstream(&up.name, body))
-                        }
-                    };
-                    let source = self.clone().source(digest.clone(), fetch);
-                    let fill = self.start_fill(digest.clone(), source)?;
+                    let fill = self.start_fill(digest.clone(), source())?;
                     fills.insert(digest.clone(), fill.clone());
                     Some(fill)
                 }
