@@ -207,7 +207,7 @@ fn reason(e: &Error) -> &'static str {
 pub enum Origin {
     /// An upstream registry; with a shared tier, the fill is uploaded to it (under `lease`
     /// when this replica won it).
-    Upstream { lease: Option<super::bucket::Lease> },
+    Upstream { lease: Option<super::tier::Lease> },
     /// The shared tier (verified again here, like any source).
     Shared,
 }
@@ -344,9 +344,9 @@ impl Guard {
         let mut fetched = fetch.await?;
         let origin = std::mem::replace(&mut fetched.origin, Origin::Shared);
         let from_shared = matches!(origin, Origin::Shared);
-        if let (Origin::Upstream { lease }, Some(shared)) = (origin, &cache.shared) {
-            // Uploaded as it arrives; completed only once verified (see `shared`).
-            shared.upload(digest.clone(), Source::filling(&self.fill), lease);
+        if let Origin::Upstream { lease } = origin {
+            // Kept by the tiers behind as it arrives; completed only once verified.
+            cache.keep_behind(digest, &Source::filling(&self.fill), lease);
         }
         let streamed = stream_to_file(
             fetched,
@@ -357,14 +357,15 @@ impl Guard {
             cache.stall_timeout,
         )
         .await;
-        if let (true, Some(shared)) = (from_shared, &cache.shared) {
-            if let Err(Error::Upstream {
+        if let (
+            true,
+            Err(Error::Upstream {
                 error: UpstreamError::DigestMismatch(_) | UpstreamError::Length(_),
                 ..
-            }) = &streamed
-            {
-                shared.discard(digest).await;
-            }
+            }),
+        ) = (from_shared, &streamed)
+        {
+            cache.discard_behind(digest).await;
         }
         let size = streamed?;
         cache

@@ -8,6 +8,7 @@ pub mod fill;
 pub mod local;
 pub mod outcome;
 pub mod records;
+pub mod tier;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -21,7 +22,7 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::reference::{Digest, Name};
 use crate::upstream::Upstream;
-use bucket::{Bucket, Claim};
+use bucket::Bucket;
 use fill::Fill;
 pub use fill::{Fetched, Origin, Progress, Reader, Source};
 use index::Index;
@@ -29,6 +30,7 @@ pub use local::{index, store};
 pub use outcome::Outcome;
 pub use records::Record;
 use store::Store;
+use tier::{Claim, Lease, Tier};
 
 /// Where a blob GET is answered from.
 pub enum Found {
@@ -48,10 +50,13 @@ pub struct Head {
 }
 
 pub struct Cache {
+    /// The local tier's store and index, which fills write into and hits are served from.
     pub store: Arc<Store>,
-    pub index: Index,
-    /// The tier shared with other replicas (`[cache.s3]`), behind the local one.
-    pub shared: Option<Arc<Bucket>>,
+    pub index: Arc<Index>,
+    /// Every tier, in order: the local one first, then those behind it (the bucket shared
+    /// with other replicas, `[cache.s3]`). The one list of tiers: nothing outside the cache
+    /// holds or checks one.
+    tiers: Vec<Arc<dyn Tier>>,
     /// Fills under way, by digest. A std mutex: it is held for a map operation and the
     /// creation of a temp file, never across an await.
     fills: Mutex<HashMap<Digest, Arc<Fill>>>,
@@ -103,14 +108,22 @@ impl Cache {
     ) -> io::Result<Arc<Cache>> {
         let (stall_timeout, fill_deadline, max_fills) = fills;
         let store = Arc::new(Store::open(dir)?);
-        let index = Index::new(max_size, store.clone(), metrics.clone());
+        let index = Arc::new(Index::new(max_size, store.clone(), metrics.clone()));
         for entry in store.scan()? {
             index.insert(entry.digest, entry.size);
+        }
+        let local = Arc::new(local::Local {
+            store: store.clone(),
+            index: index.clone(),
+        });
+        let mut tiers: Vec<Arc<dyn Tier>> = vec![local];
+        if let Some(bucket) = shared {
+            tiers.push(bucket);
         }
         Ok(Arc::new(Cache {
             store,
             index,
-            shared,
+            tiers,
             fills: Mutex::new(HashMap::new()),
             metrics,
             stall_timeout,
@@ -149,29 +162,55 @@ impl Cache {
         Ok(found)
     }
 
-    /// Where a blob GET is answered from, decided here once: a redirect to the bucket when
-    /// `redirect = true` and it holds the blob; else the local tier; else (offline: nowhere)
-    /// a fill, fed by the bucket or the upstream `upstream`. `upstream` is `None` offline.
+    /// Where a blob GET is answered from, decided here once: the local tier (or, when a
+    /// tier behind it redirects and is known to hold the blob, a redirect to it, which costs
+    /// no call); else (offline: nowhere) a redirect to a tier behind that holds it; else a
+    /// fill, fed by a tier behind or the upstream `upstream`. `upstream` is `None` offline.
     pub async fn blob(
         self: &Arc<Self>,
         digest: &Digest,
         upstream: Option<(&Arc<Upstream>, &Name)>,
     ) -> Result<Found, Error> {
-        let Some((up, name)) = upstream else {
-            return match self.local_hit(digest).await? {
-                Some(src) => Ok(Found::Source(src)),
-                None => Err(Error::client(
-                    crate::error::ErrorCode::BlobUnknown,
-                    "blob not cached (offline)",
-                )),
-            };
-        };
-        if let Some(shared) = self.shared.as_ref().filter(|s| s.redirects()) {
-            if let Some(url) = shared.presigned(digest).await {
-                return Ok(Found::Redirect(url));
+        if let Some(src) = self.local_hit(digest).await? {
+            if upstream.is_some() {
+                if let Some(url) = self.redirect(digest, true).await {
+                    return Ok(Found::Redirect(url));
+                }
             }
+            return Ok(Found::Source(src));
+        }
+        let Some((up, name)) = upstream else {
+            return Err(Error::client(
+                crate::error::ErrorCode::BlobUnknown,
+                "blob not cached (offline)",
+            ));
+        };
+        if let Some(url) = self.redirect(digest, false).await {
+            return Ok(Found::Redirect(url));
         }
         self.open_or_fill(digest, up, name).await.map(Found::Source)
+    }
+
+    /// The tiers behind the local one.
+    fn behind(&self) -> &[Arc<dyn Tier>] {
+        &self.tiers[1..]
+    }
+
+    /// A redirect to a tier behind that holds `digest` (see [`Tier::redirect`]).
+    async fn redirect(&self, digest: &Digest, known_only: bool) -> Option<url::Url> {
+        for tier in self.behind() {
+            if let Some(url) = tier.redirect(digest, known_only).await {
+                return Some(url);
+            }
+        }
+        None
+    }
+
+    /// Starts the background work of the tiers (the bucket's GC).
+    pub fn start(&self) {
+        for tier in self.behind() {
+            tier.clone().start();
+        }
     }
 
     /// A blob served from the local tier: counted, and its use marked in the bucket.
@@ -179,8 +218,8 @@ impl Cache {
         let found = self.open_cached(digest).await?;
         if found.is_some() {
             self.metrics.hit("blob");
-            if let Some(shared) = &self.shared {
-                shared.touch(digest);
+            for tier in self.behind() {
+                tier.touch(digest);
             }
         }
         Ok(found)
@@ -241,30 +280,32 @@ impl Cache {
         Ok(Source::filling(&fill))
     }
 
-    /// Where a new fill of `digest` reads from: the shared tier if it has the blob; else the
-    /// upstream, by this replica if it wins the blob's lease (or the store cannot arbitrate),
-    /// or the shared tier again once the replica that won it has uploaded it.
+    /// Where a new fill of `digest` reads from: a tier behind the local one if it has the
+    /// blob; else the upstream, by this replica if it wins the blob's lease (or nobody
+    /// arbitrates), or the tier again once the replica that won it has landed it there.
     async fn source<F>(self: Arc<Self>, digest: Digest, fetch: F) -> Result<Fetched, Error>
     where
         F: Future<Output = Result<Fetched, Error>> + Send + 'static,
     {
-        let from_shared = |(size, body)| Fetched {
+        let from_tier = |tier: &Arc<dyn Tier>, (size, body)| Fetched {
             size: Some(size),
             body,
             origin: Origin::Shared,
-            source: "shared store".into(),
+            source: format!("{} tier", tier.name()),
         };
-        let mut lease = None;
-        if let Some(shared) = &self.shared {
-            if let Some(found) = shared.get_blob(&digest).await {
-                return Ok(from_shared(found));
+        for tier in self.behind() {
+            if let Some(found) = tier.get_blob(&digest).await {
+                return Ok(from_tier(tier, found));
             }
-            match shared.claim(&digest).await {
+        }
+        let mut lease = None;
+        if let Some(tier) = self.behind().first() {
+            match tier.claim(&digest).await {
                 Claim::Mine(l) => lease = Some(l),
                 Claim::Theirs => {
-                    if shared.wait_for(&digest).await {
-                        if let Some(found) = shared.get_blob(&digest).await {
-                            return Ok(from_shared(found));
+                    if tier.wait_for(&digest).await {
+                        if let Some(found) = tier.get_blob(&digest).await {
+                            return Ok(from_tier(tier, found));
                         }
                     }
                 }
@@ -277,11 +318,27 @@ impl Cache {
                 Ok(fetched)
             }
             Err(e) => {
-                if let (Some(shared), Some(lease)) = (&self.shared, lease) {
-                    shared.release(lease).await;
+                if let (Some(tier), Some(lease)) = (self.behind().first(), lease) {
+                    tier.release(lease).await;
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// A fill from the upstream is under way: the tiers behind keep it once verified (the
+    /// first one under `lease`, which it granted).
+    fn keep_behind(&self, digest: &Digest, source: &Source, mut lease: Option<Lease>) {
+        for tier in self.behind() {
+            tier.clone()
+                .keep(digest.clone(), source.clone(), lease.take());
+        }
+    }
+
+    /// What a tier behind fed a fill proved wrong: it is dropped there.
+    async fn discard_behind(&self, digest: &Digest) {
+        for tier in self.behind() {
+            tier.discard(digest).await;
         }
     }
 
@@ -296,10 +353,14 @@ impl Cache {
             Some(Progress::Streaming { size: Some(s), .. }) | Some(Progress::Done { size: s }) => {
                 Some((s, None))
             }
-            _ => match &self.shared {
-                Some(shared) => shared.head_blob(digest).await.map(|s| (s, None)),
-                None => None,
-            },
+            _ => {
+                for tier in self.behind() {
+                    if let Some(size) = tier.head_blob(digest).await {
+                        return Ok(Some((size, None)));
+                    }
+                }
+                None
+            }
         })
     }
 
@@ -350,30 +411,5 @@ impl Cache {
         if let Err(e) = self.store.clear_tmp() {
             tracing::warn!(error = %e, "could not clear the temp folder");
         }
-    }
-
-    /// Reads a cached manifest whole: its bytes and media type.
-    async fn read_manifest(
-        &self,
-        digest: &Digest,
-    ) -> Result<Option<(bytes::Bytes, String)>, Error> {
-        let store = self.store.clone();
-        let d = digest.clone();
-        let found = tokio::task::spawn_blocking(move || {
-            let Some(mt) = store.media_type(&d) else {
-                return Ok::<_, io::Error>(None);
-            };
-            match std::fs::read(store.blob_path(&d)) {
-                Ok(bytes) => Ok(Some((bytes::Bytes::from(bytes), mt))),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(e),
-            }
-        })
-        .await
-        .map_err(io::Error::other)??;
-        if found.is_some() {
-            self.index.touch(digest);
-        }
-        Ok(found)
     }
 }

@@ -5,11 +5,9 @@
 //! manifest is a few KiB: hashing it is cheap next to serving a wrong one); one that does not
 //! match is removed from the tier that held it.
 
-use std::io;
-
 use bytes::Bytes;
 
-use super::bucket::Claim;
+use super::tier::{Claim, Lease};
 use super::Cache;
 use crate::error::Error;
 use crate::reference::{Digest, Name, Tag};
@@ -35,7 +33,7 @@ impl Record {
     }
 
     /// Under the local tier's root: `tags/<2 hex>/<hex>.json` or `<hex>.list.json`.
-    fn local_path(&self) -> std::path::PathBuf {
+    pub(super) fn local_path(&self) -> std::path::PathBuf {
         let (hex, suffix) = match self {
             Record::Tag(hex) => (hex, "json"),
             Record::TagList(hex) => (hex, "list.json"),
@@ -50,132 +48,115 @@ fn key_hex(key: &str) -> String {
     Digest::sha256_of(key.as_bytes()).hex().to_string()
 }
 
-/// Records are small: a larger one is not ours.
-const MAX_RECORD: u64 = 64 << 10;
-
 impl Cache {
-    /// A manifest by digest, verified: from the local tier, else from the bucket (then kept
-    /// locally too). Its media type: as stored, else its `mediaType` field.
+    /// A manifest by digest, verified: from the first tier that has it (then kept in the
+    /// tiers before it too). Its media type: as stored, else its `mediaType` field.
     pub async fn manifest(
         &self,
         digest: &Digest,
         max: u64,
     ) -> Result<Option<(Bytes, String)>, Error> {
-        if let Some((bytes, media_type)) = self.read_manifest(digest).await? {
-            if digest.matches(&bytes) {
-                return Ok(Some((bytes, media_type)));
+        for (i, tier) in self.tiers.iter().enumerate() {
+            let Some((bytes, media_type)) = tier.get_manifest(digest, max).await else {
+                continue;
+            };
+            if !digest.matches(&bytes) {
+                tracing::error!(%digest, tier = tier.name(), "a cached manifest does not match its digest: removed");
+                tier.discard(digest).await;
+                continue;
             }
-            tracing::error!(%digest, "cached manifest does not match its digest: removed");
-            self.store.remove(digest);
-            self.index.forget(digest);
+            let media_type = media_type
+                .filter(|m| !m.is_empty() && m != "application/octet-stream")
+                .or_else(|| media_type_in(&bytes))
+                .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".into());
+            for before in &self.tiers[..i] {
+                before
+                    .put_manifest(digest, bytes.clone(), &media_type)
+                    .await?;
+            }
+            return Ok(Some((bytes, media_type)));
         }
-        let Some(shared) = &self.shared else {
-            return Ok(None);
-        };
-        let Some((bytes, media_type)) = shared.get_manifest(digest, max).await else {
-            return Ok(None);
-        };
-        if !digest.matches(&bytes) {
-            tracing::error!(%digest, "manifest in the bucket does not match its digest: removed");
-            shared.discard(digest).await;
-            return Ok(None);
-        }
-        let media_type = media_type
-            .filter(|m| !m.is_empty() && m != "application/octet-stream")
-            .or_else(|| media_type_in(&bytes))
-            .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".into());
-        self.put_local_manifest(digest, bytes.clone(), &media_type)
-            .await?;
-        Ok(Some((bytes, media_type)))
+        Ok(None)
     }
 
     /// A record from the local tier.
     pub async fn record(&self, record: &Record) -> Option<Bytes> {
-        let path = self.store.root().join(record.local_path());
-        let bytes = tokio::fs::read(path).await.ok()?;
-        (bytes.len() as u64 <= MAX_RECORD).then(|| Bytes::from(bytes))
+        self.tiers[0].get_record(record).await
     }
 
-    /// A record from the bucket, if there is one (tag records only).
+    /// A record from a tier shared with other replicas, if one has it.
     pub async fn shared_record(&self, record: &Record) -> Option<Bytes> {
-        match (record, &self.shared) {
-            (Record::Tag(hex), Some(shared)) => shared.get_tag(hex).await,
-            _ => None,
+        for tier in &self.tiers[1..] {
+            if let Some(bytes) = tier.get_record(record).await {
+                return Some(bytes);
+            }
         }
+        None
     }
 
-    /// Keeps a record locally and, when `share` (tag records), in the bucket.
+    /// Keeps a record locally and, when `share`, in the tiers shared with other replicas
+    /// (in the background).
     pub async fn put_record(&self, record: &Record, bytes: Vec<u8>, share: bool) {
-        if let (true, Record::Tag(hex), Some(shared)) = (share, record, self.shared.clone()) {
-            let (hex, bytes) = (hex.clone(), bytes.clone());
-            tokio::spawn(async move { shared.put_tag(&hex, bytes).await });
+        if share {
+            for tier in &self.tiers[1..] {
+                let (tier, record, bytes) = (tier.clone(), record.clone(), bytes.clone());
+                tokio::spawn(async move { tier.put_record(&record, bytes).await });
+            }
         }
-        let path = self.store.root().join(record.local_path());
-        let store = self.store.clone();
-        let written = tokio::task::spawn_blocking(move || store.write_atomic(&path, &bytes)).await;
-        if !matches!(written, Ok(Ok(()))) {
-            tracing::warn!(?record, "could not keep a record on disk");
+        if let Err(e) = self.tiers[0].put_record(record, bytes).await {
+            tracing::warn!(?record, error = %e, "could not keep a record on disk");
         }
     }
 
     /// Who fetches the object named by `key` from the upstream, when replicas share a
-    /// bucket: this replica (it holds the lease until released or dropped), another, or
-    /// anyone (no bucket, or it cannot arbitrate).
+    /// tier: this replica (it holds the lease until released or dropped), another, or
+    /// anyone (no shared tier, or it cannot arbitrate).
     pub async fn claim(&self, key: &Digest) -> Claim {
-        match &self.shared {
-            Some(shared) => shared.claim(key).await,
+        match self.tiers.get(1) {
+            Some(tier) => tier.claim(key).await,
             None => Claim::None,
         }
     }
 
     /// Does a replica hold a live lease on `key`?
     pub async fn lease_held(&self, key: &Digest) -> bool {
-        match &self.shared {
-            Some(shared) => shared.lease_held(key).await,
+        match self.tiers.get(1) {
+            Some(tier) => tier.lease_held(key).await,
             None => false,
         }
     }
 
     /// Gives a lease back at once.
-    pub async fn release(&self, lease: super::bucket::Lease) {
-        if let Some(shared) = &self.shared {
-            shared.release(lease).await;
+    pub async fn release(&self, lease: Lease) {
+        if let Some(tier) = self.tiers.get(1) {
+            tier.release(lease).await;
         }
     }
 
-    /// Whether there is a bucket to share with (and wait for).
+    /// Whether a tier is shared with other replicas (and worth waiting for).
     pub fn is_shared(&self) -> bool {
-        self.shared.is_some()
+        self.tiers.len() > 1
     }
 
-    /// Stores a verified manifest in the local tier only.
-    async fn put_local_manifest(
-        &self,
-        digest: &Digest,
-        bytes: Bytes,
-        media_type: &str,
-    ) -> Result<(), Error> {
-        let store = self.store.clone();
-        let (d, mt, len) = (digest.clone(), media_type.to_string(), bytes.len() as u64);
-        tokio::task::spawn_blocking(move || store.put_manifest(&d, &bytes, &mt))
-            .await
-            .map_err(io::Error::other)??;
-        self.index.insert(digest.clone(), len);
-        Ok(())
-    }
-
-    /// Stores a verified manifest by digest (small: written whole), here and in the bucket.
+    /// Stores a verified manifest by digest (small: written whole): locally, then in the
+    /// tiers behind (in the background).
     pub async fn put_manifest(
         &self,
         digest: &Digest,
         bytes: Bytes,
         media_type: &str,
     ) -> Result<(), Error> {
-        self.put_local_manifest(digest, bytes.clone(), media_type)
+        self.tiers[0]
+            .put_manifest(digest, bytes.clone(), media_type)
             .await?;
-        if let Some(shared) = self.shared.clone() {
-            let (d, mt) = (digest.clone(), media_type.to_string());
-            tokio::spawn(async move { shared.put_manifest(&d, bytes, &mt).await });
+        for tier in &self.tiers[1..] {
+            let tier = tier.clone();
+            let (d, b, mt) = (digest.clone(), bytes.clone(), media_type.to_string());
+            tokio::spawn(async move {
+                if let Err(e) = tier.put_manifest(&d, b, &mt).await {
+                    tracing::debug!(%d, error = %e, tier = tier.name(), "manifest not kept");
+                }
+            });
         }
         Ok(())
     }

@@ -27,8 +27,8 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue};
 use serde::{Deserialize, Serialize};
 
-use crate::cache::bucket::Claim;
 use crate::cache::records::media_type_in;
+use crate::cache::tier::Claim;
 use crate::cache::{Cache, Outcome, Record};
 use crate::clock::{self, Clock};
 use crate::coalesce::Coalesce;

@@ -134,9 +134,7 @@ pub async fn run(
         .max_header_list_size(limits.max_header_size.0.min(u32::MAX as u64) as u32)
         .keep_alive_interval(Some(limits.idle_timeout.0));
     let builder = Arc::new(builder);
-    if let (Some(shared), Some(s3)) = (&state.cache.shared, &state.config.cache.s3) {
-        shared.spawn_gc(s3.gc_interval.0);
-    }
+    state.cache.start();
     tokio::pin!(shutdown);
     tracing::info!(addr = %listener.local_addr()?, "serving");
     loop {

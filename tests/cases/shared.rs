@@ -351,8 +351,18 @@ fn redirect_sends_hits_to_a_presigned_url_of_the_bucket() {
     wait_until("the upload", Duration::from_secs(20), || {
         objects(&g, "t7/blobs").len() == 1
     });
+    // A local hit of a blob this replica uploaded: redirected without asking the store.
+    let heads = |p: &crate::support::proxy::Proxy| {
+        p.metric("ocicache_shared_store_operations_total{op=\"head_blob\"")
+    };
+    let heads_before = heads(&a);
     let (status, headers, _) = a.get(&path, &[]);
     assert_eq!(status, 307);
+    assert_eq!(
+        heads(&a),
+        heads_before,
+        "a local hit makes no call to the bucket"
+    );
     let location = header(&headers, "location").unwrap().to_string();
     assert!(
         location.starts_with(&g.endpoint(0)),

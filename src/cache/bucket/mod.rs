@@ -47,6 +47,12 @@ use object_store::path::Path;
 use object_store::signer::Signer;
 use object_store::ObjectStore;
 
+use bytes::Bytes;
+use futures_util::future::{BoxFuture, FutureExt};
+
+use super::fill::Source;
+use super::records::Record;
+use super::tier::{self, Tier, TierBody};
 use crate::clock::{self, Instant};
 use crate::config::S3Config;
 use crate::metrics::Metrics;
@@ -102,8 +108,17 @@ pub struct Bucket {
     /// Blobs marked as used by this replica, and when (by `clock`, so that tests can
     /// advance it; moka's own expiry reads another clock).
     touched: moka::sync::Cache<Digest, Instant>,
+    /// Blobs this replica saw in the bucket lately (uploaded, read, or found by a HEAD):
+    /// a local hit is redirected to one of these without asking the store. Forgotten after
+    /// `PRESENT_FOR`, well under the time the bucket's LRU GC takes to reach a blob in use.
+    present: moka::sync::Cache<Digest, ()>,
+    /// Every how long this replica runs the bucket's GC (`gc_interval`); none: never.
+    gc_interval: Option<Duration>,
     metrics: Arc<Metrics>,
 }
+
+/// How long a blob seen in the bucket is taken to be there still.
+const PRESENT_FOR: Duration = Duration::from_secs(600);
 
 impl fmt::Debug for Bucket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -161,6 +176,7 @@ impl Bucket {
         );
         shared.signer = Some(s3);
         shared.redirect = cfg.redirect;
+        shared.gc_interval = Some(cfg.gc_interval.0);
         Ok(Arc::new(shared))
     }
 
@@ -198,6 +214,11 @@ impl Bucket {
             conditional: AtomicU8::new(UNKNOWN),
             down_until: Mutex::new(None),
             touched: moka::sync::Cache::new(100_000),
+            present: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(PRESENT_FOR)
+                .build(),
+            gc_interval: None,
             metrics,
         }
     }
@@ -262,6 +283,125 @@ impl Bucket {
         tracing::warn!(op, %error, backoff = ?BACKOFF, "shared store failed: using the local tier and upstreams");
         *self.down_until.lock().unwrap() = Some(Instant::now() + BACKOFF);
         Err(Fault::Unavailable)
+    }
+}
+
+/// The bucket as the cache's second tier.
+impl Tier for Bucket {
+    fn name(&self) -> &'static str {
+        "bucket"
+    }
+
+    fn get_blob<'a>(&'a self, digest: &'a Digest) -> BoxFuture<'a, Option<TierBody>> {
+        Bucket::get_blob(self, digest).boxed()
+    }
+
+    fn head_blob<'a>(&'a self, digest: &'a Digest) -> BoxFuture<'a, Option<u64>> {
+        Bucket::head_blob(self, digest).boxed()
+    }
+
+    fn discard<'a>(&'a self, digest: &'a Digest) -> BoxFuture<'a, ()> {
+        Bucket::discard(self, digest).boxed()
+    }
+
+    fn get_manifest<'a>(
+        &'a self,
+        digest: &'a Digest,
+        max: u64,
+    ) -> BoxFuture<'a, Option<(Bytes, Option<String>)>> {
+        Bucket::get_manifest(self, digest, max).boxed()
+    }
+
+    fn put_manifest<'a>(
+        &'a self,
+        digest: &'a Digest,
+        bytes: Bytes,
+        media_type: &'a str,
+    ) -> BoxFuture<'a, io::Result<()>> {
+        async move {
+            Bucket::put_manifest(self, digest, bytes, media_type).await;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn get_record<'a>(&'a self, record: &'a Record) -> BoxFuture<'a, Option<Bytes>> {
+        async move {
+            match record {
+                Record::Tag(hex) => self.get_tag(hex).await,
+                Record::TagList(_) => None,
+            }
+        }
+        .boxed()
+    }
+
+    fn put_record<'a>(
+        &'a self,
+        record: &'a Record,
+        bytes: Vec<u8>,
+    ) -> BoxFuture<'a, io::Result<()>> {
+        async move {
+            if let Record::Tag(hex) = record {
+                self.put_tag(hex, bytes).await;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn touch(&self, digest: &Digest) {
+        Bucket::touch(self, digest)
+    }
+
+    fn claim<'a>(&'a self, key: &'a Digest) -> BoxFuture<'a, tier::Claim> {
+        async move {
+            match Bucket::claim(self, key).await {
+                Claim::Mine(lease) => tier::Claim::Mine(tier::Lease(Box::new(lease))),
+                Claim::Theirs => tier::Claim::Theirs,
+                Claim::None => tier::Claim::None,
+            }
+        }
+        .boxed()
+    }
+
+    fn wait_for<'a>(&'a self, key: &'a Digest) -> BoxFuture<'a, bool> {
+        Bucket::wait_for(self, key).boxed()
+    }
+
+    fn lease_held<'a>(&'a self, key: &'a Digest) -> BoxFuture<'a, bool> {
+        Bucket::lease_held(self, key).boxed()
+    }
+
+    fn release(&self, lease: tier::Lease) -> BoxFuture<'_, ()> {
+        match lease.0.downcast::<Lease>() {
+            Ok(lease) => Bucket::release(self, *lease).boxed(),
+            Err(_) => futures_util::future::ready(()).boxed(),
+        }
+    }
+
+    fn keep(self: Arc<Self>, digest: Digest, source: Source, lease: Option<tier::Lease>) {
+        let lease = lease.and_then(|l| l.0.downcast::<Lease>().ok().map(|l| *l));
+        self.upload(digest, source, lease);
+    }
+
+    fn redirect<'a>(
+        &'a self,
+        digest: &'a Digest,
+        known_only: bool,
+    ) -> BoxFuture<'a, Option<url::Url>> {
+        async move {
+            if !self.redirects() {
+                return None;
+            }
+            self.presigned(digest, known_only).await
+        }
+        .boxed()
+    }
+
+    fn start(self: Arc<Self>) {
+        if let Some(interval) = self.gc_interval {
+            self.spawn_gc(interval);
+        }
     }
 }
 

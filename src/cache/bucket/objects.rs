@@ -29,6 +29,7 @@ impl Bucket {
         match self.call("get_blob", self.store.get(&path)).await {
             Ok(got) => {
                 self.count("get_blob", "hit");
+                self.present.insert(d.clone(), ());
                 self.touch(d);
                 let size = got.meta.size;
                 let body = got.into_stream().map_err(io::Error::other).boxed();
@@ -45,15 +46,19 @@ impl Bucket {
     /// The size of the blob in the bucket, if it is there.
     pub async fn head_blob(&self, d: &Digest) -> Option<u64> {
         let path = self.path("blobs", d);
-        self.call("head_blob", self.store.head(&path))
+        let size = self
+            .call("head_blob", self.store.head(&path))
             .await
             .ok()
-            .map(|m| m.size)
+            .map(|m| m.size)?;
+        self.present.insert(d.clone(), ());
+        Some(size)
     }
 
     /// Deletes a blob that proved wrong (bit rot, or someone wrote it behind our back).
     pub async fn discard(&self, d: &Digest) {
         tracing::error!(%d, "the shared store's copy does not match its digest: deleted");
+        self.present.invalidate(d);
         let path = self.path("blobs", d);
         let _ = self.call("discard", self.store.delete(&path)).await;
     }
@@ -125,10 +130,15 @@ impl Bucket {
         });
     }
 
-    /// A presigned GET URL of blob `d`, if the bucket holds it.
-    pub async fn presigned(&self, d: &Digest) -> Option<url::Url> {
+    /// A presigned GET URL of blob `d`, if the bucket holds it. `known_only`: only if this
+    /// replica saw it there lately (it uploaded, read or found it), without asking the store.
+    pub async fn presigned(&self, d: &Digest, known_only: bool) -> Option<url::Url> {
         let signer = self.signer.as_ref()?;
-        self.head_blob(d).await?;
+        if known_only {
+            self.present.get(d)?;
+        } else {
+            self.head_blob(d).await?;
+        }
         let path = self.path("blobs", d);
         let url = self
             .call(

@@ -50,6 +50,7 @@ impl Bucket {
             };
             match &result {
                 Ok(size) => {
+                    shared.present.insert(d.clone(), ());
                     shared.count("upload", "completed");
                     tracing::info!(%d, size, "uploaded to the shared store");
                 }

@@ -1,0 +1,125 @@
+//! The trait of a storage tier: what the cache asks of the places verified content is kept.
+//!
+//! The tiers, in order: the local disk with its LRU index (`local`, always present, always
+//! first), then the S3-compatible bucket shared by replicas (`bucket`, optional). The cache
+//! holds them as one list and is the one place that decides where a blob or manifest comes
+//! from: the first tier that has it, else the upstream. What a tier finds is verified again
+//! by whoever takes it (a fill hashes every byte; a manifest is hashed before use), so a
+//! tier that lies costs a refetch, never a wrong byte.
+//!
+//! Beside get / head / put / touch, a tier that several replicas share offers what only it
+//! can: leases (who fetches a blob from the upstream), keeping a fill once it is verified
+//! (the upload), and redirects to its own copy. The defaults are those of a tier that has
+//! none of these (the local disk).
+
+use std::any::Any;
+use std::io;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::future::{self, BoxFuture, FutureExt};
+use futures_util::stream::BoxStream;
+
+use super::fill::Source;
+use super::records::Record;
+use crate::reference::Digest;
+
+/// A blob's body as a tier streams it: its size and its chunks.
+pub type TierBody = (u64, BoxStream<'static, io::Result<Bytes>>);
+
+/// Who fetches an object that is in no tier.
+pub enum Claim {
+    /// This replica holds the lease: it fetches (and keeps), then releases.
+    Mine(Lease),
+    /// Another replica holds a live lease: wait for the object to land.
+    Theirs,
+    /// Nobody arbitrates (no shared tier, or it is down): fetch.
+    None,
+}
+
+/// A held lease, as the tier that granted it made it. A guard: dropped without
+/// [`Tier::release`], the tier still gives it back (see `bucket::leases`).
+pub struct Lease(pub Box<dyn Any + Send + Sync>);
+
+pub trait Tier: Send + Sync + 'static {
+    /// The tier's name in logs and metrics: `local`, `bucket`.
+    fn name(&self) -> &'static str;
+
+    /// A blob's body, if this tier has it.
+    fn get_blob<'a>(&'a self, digest: &'a Digest) -> BoxFuture<'a, Option<TierBody>>;
+
+    /// A blob's size, if this tier has it.
+    fn head_blob<'a>(&'a self, digest: &'a Digest) -> BoxFuture<'a, Option<u64>>;
+
+    /// Drops what this tier holds for `digest` (it proved wrong).
+    fn discard<'a>(&'a self, digest: &'a Digest) -> BoxFuture<'a, ()>;
+
+    /// A manifest's bytes (at most `max`) and stored media type, if this tier has it.
+    fn get_manifest<'a>(
+        &'a self,
+        digest: &'a Digest,
+        max: u64,
+    ) -> BoxFuture<'a, Option<(Bytes, Option<String>)>>;
+
+    /// Keeps a verified manifest.
+    fn put_manifest<'a>(
+        &'a self,
+        digest: &'a Digest,
+        bytes: Bytes,
+        media_type: &'a str,
+    ) -> BoxFuture<'a, io::Result<()>>;
+
+    /// A record, if this tier keeps records of its kind and has it.
+    fn get_record<'a>(&'a self, record: &'a Record) -> BoxFuture<'a, Option<Bytes>>;
+
+    /// Keeps a record (a tier that keeps none of its kind ignores it).
+    fn put_record<'a>(
+        &'a self,
+        record: &'a Record,
+        bytes: Vec<u8>,
+    ) -> BoxFuture<'a, io::Result<()>>;
+
+    /// Marks a use of `digest` (recency for eviction).
+    fn touch(&self, digest: &Digest);
+
+    /// Who fetches `key` from the upstream.
+    fn claim<'a>(&'a self, _key: &'a Digest) -> BoxFuture<'a, Claim> {
+        future::ready(Claim::None).boxed()
+    }
+
+    /// Waits (up to the tier's bound) for the holder of `key`'s lease to land it; `true` if
+    /// it did.
+    fn wait_for<'a>(&'a self, _key: &'a Digest) -> BoxFuture<'a, bool> {
+        future::ready(false).boxed()
+    }
+
+    /// Does a replica hold a live lease on `key`?
+    fn lease_held<'a>(&'a self, _key: &'a Digest) -> BoxFuture<'a, bool> {
+        future::ready(false).boxed()
+    }
+
+    /// Gives a lease back now (dropping it does too, in the background).
+    fn release(&self, lease: Lease) -> BoxFuture<'_, ()> {
+        drop(lease);
+        future::ready(()).boxed()
+    }
+
+    /// Keeps the blob a fill is bringing in, once the fill has verified it (the tier reads
+    /// `source` like a client: its last byte waits for the verdict); a failed fill keeps
+    /// nothing. Releases `lease` at the end.
+    fn keep(self: Arc<Self>, _digest: Digest, _source: Source, _lease: Option<Lease>) {}
+
+    /// A URL a client can fetch the blob from directly, if this tier redirects and has it.
+    /// `known_only`: answer only from what the tier knows without asking its store (a local
+    /// hit must not cost a call).
+    fn redirect<'a>(
+        &'a self,
+        _digest: &'a Digest,
+        _known_only: bool,
+    ) -> BoxFuture<'a, Option<url::Url>> {
+        future::ready(None).boxed()
+    }
+
+    /// Starts the tier's own background work (the bucket's GC).
+    fn start(self: Arc<Self>) {}
+}
