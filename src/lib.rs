@@ -6,22 +6,42 @@
 //!
 //! # Layout
 //!
-//! - [`clock`]: wall and monotonic time that tests can pause (`tokio::time::pause`).
-//! - [`coalesce`]: concurrent resolutions of one key share one run; entries live while
-//!   someone waits.
-//! - [`config`]: the configuration (figment: defaults, TOML file, `OCICACHE_` variables).
+//! Requests flow one way, down through layers that each own one decision:
+//!
+//! - [`server`]: HTTP in and out: the listener loop (`server::run`, over a bound listener),
+//!   limits, TLS (`server::tls`), client auth (`server::auth`), the handlers that route a
+//!   request to an endpoint and answer with headers and status codes (`server::handlers`),
+//!   the response body that writes the request's log line when it ends (`server::body`),
+//!   and our error as the spec's envelope (`server::envelope`). Knows nothing of S3 or of
+//!   upstream HTTP.
+//! - [`manifests`]: what to answer for manifests, tags, tag lists and referrers: TTLs,
+//!   stale-if-error, offline, coalescing (`manifests::digest`, `tags`, `lists`,
+//!   `referrers`).
+//! - [`cache`]: where bytes come from, decided once: the tiers (`cache::tier`, the trait;
+//!   `cache::local`, the disk store and its LRU index, always first; `cache::bucket`, the
+//!   S3-compatible tier shared by replicas: objects, leases, uploads, GC), the fills that
+//!   stream misses in, verified (`cache::fill`, on the disk pool of `cache::disk`),
+//!   manifests and records through the tiers (`cache::records`), the outcome of a request
+//!   (`cache::outcome`) and the offline commands (`cache::admin`).
+//! - [`upstream`]: a registry client that speaks the domain (blob, blob size, manifest, tag
+//!   digest, tags, referrers) and turns an upstream's answer into our error in one place;
+//!   HTTP, tokens and redirects in `upstream::client`, `upstream::auth` and
+//!   `upstream::challenge`.
+//!
+//! Beside them, used by all:
+//!
+//! - [`error`]: the one error type, classified by side, mapped to status and OCI code in
+//!   one place.
 //! - [`reference`]: names, tags and digests, validated by the spec's grammar.
 //! - [`route`]: a request path to an endpoint and an upstream (`?ns=`, prefix, default).
 //! - [`range`]: `Range` headers and `multipart/byteranges` framing.
-//! - [`error`]: the one error type, mapped to status and OCI error envelope in one place.
-//! - [`upstream`]: the HTTP client per upstream, token auth (`upstream::auth`), redirects.
-//! - [`cache`]: the content-addressed store (`cache::store`), the LRU index
-//!   (`cache::index`) and the fills that stream misses in, verified (`cache::fill`).
-//! - [`manifests`]: manifests by digest, tags with their TTL, stale-if-error, tag lists,
-//!   referrers.
+//! - [`coalesce`]: concurrent resolutions of one key share one run; an entry lives while
+//!   someone waits on it.
+//! - [`clock`]: wall and monotonic time that tests pause (`tokio::time::pause`) or skip ahead
+//!   (`clock::Clock::advance`).
+//! - [`config`]: the configuration (figment: defaults, TOML file, `OCICACHE_` variables).
 //! - [`metrics`]: Prometheus metrics.
 //! - [`prefetch`]: `ocicache prefetch`, warming a cache through an ocicache.
-//! - [`server`]: the listener loop (`server::run`) and the request handlers.
 //!
 //! `main.rs` is glue: it parses the command line and calls into these.
 
