@@ -2,7 +2,7 @@
 //! domain. [`Upstream::blob`], [`Upstream::blob_size`], [`Upstream::manifest`],
 //! [`Upstream::manifest_digest`], [`Upstream::tags`] and [`Upstream::referrers`] return our
 //! types (a body stream with its length, a manifest's bytes, a list, our [`Error`]), and
-//! [`Upstream::refusal`] is the one place that turns an upstream's answer that is not a
+//! `Upstream::refusal` is the one place that turns an upstream's answer that is not a
 //! success into our error type, keeping the upstream's own code and message.
 //!
 //! The HTTP underneath (pooled connections, TLS, tokens, redirects, timeouts) is in
