@@ -52,7 +52,7 @@ fn skopeo_pulls_through_the_proxy_and_the_second_pull_is_served_from_cache() {
         ),
     );
     assert_eq!(verify_dir_copy(&dest).len(), got.len());
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    reg.flush_access_log();
     assert_eq!(
         reg.count_requests("GET", "/blobs/"),
         3,
@@ -88,7 +88,7 @@ fn containerd_pulls_through_the_proxy_with_ns_and_every_digest_arrives() {
         "ctr pull",
         &ctrd.pull_via_mirror(proxy.addr, "docker.io/library/web:2"),
     );
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    reg.flush_access_log();
     assert_eq!(
         reg.count_requests("GET", "/blobs/"),
         4,

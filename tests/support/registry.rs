@@ -454,6 +454,31 @@ impl Registry {
             .count()
     }
 
+    /// Waits until every request the registry received before this call is in its access
+    /// log: a marker request of our own, logged after them, shows up (the log is written in
+    /// order). Counting afterwards needs no sleep.
+    pub fn flush_access_log(&self) {
+        static MARK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let mark = format!(
+            "/v2/?flush={}-{}",
+            std::process::id(),
+            MARK.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let (status, _, _) = http_request("GET", &format!("{}{mark}", self.url()), &[], b"");
+        assert!(
+            status == 200 || status == 401,
+            "the registry answers: {status}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.access_log().iter().any(|l| l.contains(&mark)) {
+            assert!(
+                Instant::now() < deadline,
+                "the marker request is never logged"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Poll `count_requests` until it reaches at least `min` (max 5 s) and
     /// return the final count.
     pub fn wait_for_requests(&self, method: &str, path_contains: &str, min: usize) -> usize {
