@@ -1177,6 +1177,42 @@ mod tests {
         assert_eq!(metrics.fills_queued.get(), 0);
     }
 
+    /// A fill waiting for its turn is bounded by the fill deadline, like a running one.
+    #[tokio::test(start_paused = true)]
+    async fn a_queued_fill_fails_at_the_fill_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, metrics) = cache(dir.path(), 1);
+        let never = || std::future::pending::<Result<Fetched, Error>>();
+        let start = Instant::now();
+        let running = cache.start_fill(blob(10).1, never()).unwrap();
+        let queued = cache.start_fill(blob(11).1, never()).unwrap();
+        while metrics.fills_queued.get() != 1 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert!(matches!(queued.progress(), Progress::Connecting));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        for fill in [&running, &queued] {
+            let mut rx = fill.progress.clone();
+            let failed = rx.wait_for(|p| matches!(p, Progress::Failed(_))).await;
+            let Progress::Failed(e) = &*failed.unwrap() else {
+                unreachable!()
+            };
+            assert!(e.to_string().contains("stalled"), "{e}");
+        }
+        // Not a deadline counted from its turn (that would be at 120 s).
+        assert!(
+            start.elapsed() < Duration::from_secs(62),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(
+            (metrics.fills_queued.get(), metrics.fills_in_flight.get()),
+            (0, 0)
+        );
+        assert_eq!(temp_files(dir.path()), 0);
+    }
+
     #[test]
     fn recent_chunks_share_one_budget() {
         let budget: &'static Budget = Box::leak(Box::new(Budget {
