@@ -1031,7 +1031,11 @@ mod tests {
         max_fills: usize,
     ) -> (Arc<Cache>, Arc<crate::metrics::Metrics>) {
         let metrics = Arc::new(crate::metrics::Metrics::new());
-        let limits = (Duration::from_secs(5), Duration::from_secs(60), max_fills);
+        let limits = super::super::FillLimits {
+            stall_timeout: Duration::from_secs(5),
+            fill_deadline: Duration::from_secs(60),
+            max_fills,
+        };
         let cache = Cache::open_with(dir, 1 << 30, limits, metrics.clone(), None).unwrap();
         (cache, metrics)
     }
