@@ -124,7 +124,7 @@ impl Metrics {
         );
         registry.register(
             "fills_in_flight",
-            "Blob fills under way",
+            "Blob fills running (each holds one of cache.max_fills turns)",
             m.fills_in_flight.clone(),
         );
         registry.register(

@@ -1003,7 +1003,11 @@ mod tests {
         max_fills: usize,
     ) -> (Arc<Cache>, Arc<crate::metrics::Metrics>) {
         let metrics = Arc::new(crate::metrics::Metrics::new());
-        let limits = (Duration::from_secs(5), Duration::from_secs(60), max_fills);
+        let limits = super::super::FillLimits {
+            stall_timeout: Duration::from_secs(5),
+            fill_deadline: Duration::from_secs(60),
+            max_fills,
+        };
         let cache = Cache::open_with(dir, 1 << 30, limits, metrics.clone(), None).unwrap();
         (cache, metrics)
     }
@@ -1147,6 +1151,42 @@ mod tests {
         assert_eq!(read_all(&second, l2).await.unwrap(), two);
         assert!(fetched_second.load(Ordering::SeqCst));
         assert_eq!(metrics.fills_queued.get(), 0);
+    }
+
+    /// A fill waiting for its turn is bounded by the fill deadline, like a running one.
+    #[tokio::test(start_paused = true)]
+    async fn a_queued_fill_fails_at_the_fill_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, metrics) = cache(dir.path(), 1);
+        let never = || std::future::pending::<Result<Fetched, Error>>();
+        let start = Instant::now();
+        let running = cache.start_fill(blob(10).1, never()).unwrap();
+        let queued = cache.start_fill(blob(11).1, never()).unwrap();
+        while metrics.fills_queued.get() != 1 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert!(matches!(queued.progress(), Progress::Connecting));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        for fill in [&running, &queued] {
+            let mut rx = fill.progress.clone();
+            let failed = rx.wait_for(|p| matches!(p, Progress::Failed(_))).await;
+            let Progress::Failed(e) = &*failed.unwrap() else {
+                unreachable!()
+            };
+            assert!(e.to_string().contains("stalled"), "{e}");
+        }
+        // Not a deadline counted from its turn (that would be at 120 s).
+        assert!(
+            start.elapsed() < Duration::from_secs(62),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(
+            (metrics.fills_queued.get(), metrics.fills_in_flight.get()),
+            (0, 0)
+        );
+        assert_eq!(temp_files(dir.path()), 0);
     }
 
     #[test]

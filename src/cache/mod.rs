@@ -68,6 +68,17 @@ pub struct Cache {
     turns: tokio::sync::Semaphore,
 }
 
+/// The bounds of fills, from `[cache]`.
+#[derive(Debug, Clone, Copy)]
+pub struct FillLimits {
+    /// A fill that receives no byte for this long fails.
+    pub stall_timeout: Duration,
+    /// A fill not done this long after it started (its wait for a turn included) fails.
+    pub fill_deadline: Duration,
+    /// Fills running at once; the others wait their turn.
+    pub max_fills: usize,
+}
+
 impl Cache {
     /// Opens the store, removes temp files left by a crash, and rebuilds the index from the
     /// disk in recency order (evicting what no longer fits `max_size`).
@@ -76,13 +87,12 @@ impl Cache {
             Some(s3) => Some(Bucket::open(s3, bucket::LEASE_TTL, metrics.clone())?),
             None => None,
         };
-        Self::open_with(
-            &cfg.dir,
-            cfg.max_size.0,
-            (cfg.stall_timeout.0, cfg.fill_deadline.0, cfg.max_fills),
-            metrics,
-            shared,
-        )
+        let limits = FillLimits {
+            stall_timeout: cfg.stall_timeout.0,
+            fill_deadline: cfg.fill_deadline.0,
+            max_fills: cfg.max_fills,
+        };
+        Self::open_with(&cfg.dir, cfg.max_size.0, limits, metrics, shared)
     }
 
     /// `open` from parts, with the default `max_fills`.
@@ -94,19 +104,27 @@ impl Cache {
         metrics: Arc<Metrics>,
         shared: Option<Arc<Bucket>>,
     ) -> io::Result<Arc<Cache>> {
-        let fills = (stall_timeout, fill_deadline, DEFAULT_MAX_FILLS);
-        Self::open_with(dir, max_size, fills, metrics, shared)
+        let limits = FillLimits {
+            stall_timeout,
+            fill_deadline,
+            max_fills: DEFAULT_MAX_FILLS,
+        };
+        Self::open_with(dir, max_size, limits, metrics, shared)
     }
 
-    /// `open` from parts; `fills` is `(stall_timeout, fill_deadline, max_fills)`.
+    /// `open` from parts.
     pub fn open_with(
         dir: &Path,
         max_size: u64,
-        fills: (Duration, Duration, usize),
+        limits: FillLimits,
         metrics: Arc<Metrics>,
         shared: Option<Arc<Bucket>>,
     ) -> io::Result<Arc<Cache>> {
-        let (stall_timeout, fill_deadline, max_fills) = fills;
+        let FillLimits {
+            stall_timeout,
+            fill_deadline,
+            max_fills,
+        } = limits;
         let store = Arc::new(Store::open(dir)?);
         let index = Arc::new(Index::new(max_size, store.clone(), metrics.clone()));
         for entry in store.scan()? {
