@@ -60,8 +60,10 @@ pub struct Cache {
 }
 
 impl Cache {
-    /// Opens the store, removes temp files left by a crash, and rebuilds the index from the
-    /// disk in recency order (evicting what no longer fits `max_size`).
+    /// Opens the store and removes temp files left by a crash, then returns at once: the
+    /// index is rebuilt from the disk in recency order on a thread of its own (see
+    /// [`index::Scan`]; `index.scan_done()` tells when), evicting what does not fit
+    /// `max_size` once it ends. Meanwhile a blob on disk is served and indexed when asked.
     pub fn open(cfg: &CacheConfig, metrics: Arc<Metrics>) -> io::Result<Arc<Cache>> {
         let shared = match &cfg.s3 {
             Some(s3) => Some(Shared::open(s3, shared::LEASE_TTL, metrics.clone())?),
@@ -77,6 +79,7 @@ impl Cache {
         )
     }
 
+    /// [`Cache::open`] with its parts given; the scan starts on its thread.
     pub fn open_at(
         dir: &Path,
         max_size: u64,
@@ -85,12 +88,26 @@ impl Cache {
         metrics: Arc<Metrics>,
         shared: Option<Arc<Shared>>,
     ) -> io::Result<Arc<Cache>> {
+        let (cache, scan) =
+            Self::open_unindexed(dir, max_size, stall_timeout, fill_deadline, metrics, shared)?;
+        scan.spawn();
+        Ok(cache)
+    }
+
+    /// The cache with an empty index, and the scan that rebuilds it, not started: the
+    /// caller runs it (a test steps it through [`index::Scan::gate`]).
+    pub fn open_unindexed(
+        dir: &Path,
+        max_size: u64,
+        stall_timeout: Duration,
+        fill_deadline: Duration,
+        metrics: Arc<Metrics>,
+        shared: Option<Arc<Shared>>,
+    ) -> io::Result<(Arc<Cache>, index::Scan)> {
         let store = Arc::new(Store::open(dir)?);
         let index = Index::new(max_size, store.clone(), metrics.clone());
-        for entry in store.scan()? {
-            index.insert(entry.digest, entry.size);
-        }
-        Ok(Arc::new(Cache {
+        let scan = index::Scan::new(index.clone(), store.clone());
+        let cache = Arc::new(Cache {
             store,
             index,
             shared,
@@ -98,7 +115,8 @@ impl Cache {
             metrics,
             stall_timeout,
             fill_deadline,
-        }))
+        });
+        Ok((cache, scan))
     }
 
     /// A committed blob, with recency refreshed, or `None`.
@@ -110,25 +128,23 @@ impl Cache {
                 return Ok::<_, io::Error>(None);
             };
             store::touch(&file);
-            Ok(Some(Source::committed(file, size, store.media_type(&d))))
+            let media_type = store.media_type(&d);
+            Ok(Some((Source::committed(file, size, media_type), size)))
         })
         .await
         .map_err(io::Error::other)??;
-        if found.is_some() {
-            if !self.index.contains(digest) {
-                // Written by another path (a manifest) or found late: index it now.
-                let size = self
-                    .store
-                    .blob_path(digest)
-                    .metadata()
-                    .map(|m| m.len())
-                    .unwrap_or(0);
-                self.index.insert(digest.clone(), size);
-            } else {
-                self.index.touch(digest);
-            }
+        let Some((source, size)) = found else {
+            return Ok(None);
+        };
+        if !self.index.contains(digest) {
+            // Written by another path (a manifest), or on disk but not yet reached by the
+            // scan at start: index it now, as the most recently used (the scan will leave it
+            // there).
+            self.index.insert(digest.clone(), size);
+        } else {
+            self.index.touch(digest);
         }
-        Ok(found)
+        Ok(Some(source))
     }
 
     /// Where a blob GET is answered from, decided here once: a redirect to the bucket when

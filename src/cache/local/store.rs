@@ -165,6 +165,14 @@ impl Store {
     /// hit refreshes), so the LRU index is rebuilt in recency order.
     pub fn scan(&self) -> io::Result<Vec<Entry>> {
         let mut out = Vec::new();
+        self.walk(|e| out.push(e));
+        out.sort_by_key(|e| e.modified);
+        Ok(out)
+    }
+
+    /// Calls `found` on every committed blob with a valid name, in the order of the
+    /// folders, holding nothing: the index's rebuild keeps a compact form of each.
+    pub fn walk(&self, mut found: impl FnMut(Entry)) {
         for alg in [Algorithm::Sha256, Algorithm::Sha512] {
             let dir = self.root.join("blobs").join(alg.as_str());
             let Ok(prefixes) = fs::read_dir(&dir) else {
@@ -184,7 +192,7 @@ impl Store {
                     if !meta.is_file() || prefix.file_name().to_str() != Some(&name[..2]) {
                         continue;
                     }
-                    out.push(Entry {
+                    found(Entry {
                         digest,
                         size: meta.len(),
                         modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
@@ -192,8 +200,6 @@ impl Store {
                 }
             }
         }
-        out.sort_by_key(|e| e.modified);
-        Ok(out)
     }
 }
 
