@@ -20,7 +20,7 @@
 //! (which holds from then on) evicts the oldest scanned blobs first and never something used
 //! since the start in favour of them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::SyncSender;
@@ -44,7 +44,7 @@ const SHA512: u64 = 1 << 63;
 pub const SCAN_BATCH: usize = 4096;
 
 /// A digest as the index keeps it: binary, fixed size.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Key {
     Sha256([u8; 32]),
     Sha512([u8; 64]),
@@ -118,6 +118,10 @@ struct Lru {
     scan_tail: u32,
     bytes: u64,
     len: u64,
+    /// While the scan runs: blobs deleted or forgotten since the start, which the scan may
+    /// have found before and must not bring back. Few: only what a request evicted or an
+    /// admin removed in those seconds.
+    gone: Option<HashSet<Key>>,
 }
 
 impl Lru {
@@ -133,6 +137,7 @@ impl Lru {
             scan_tail: NIL,
             bytes: 0,
             len: 0,
+            gone: Some(HashSet::new()),
         }
     }
 
@@ -285,6 +290,13 @@ impl Lru {
         }
     }
 
+    /// Notes, while the scan runs, that `key`'s file is gone.
+    fn note_gone(&mut self, key: Key) {
+        if let Some(gone) = &mut self.gone {
+            gone.insert(key);
+        }
+    }
+
     /// Keys from the least to the most recently used.
     fn keys(&self) -> Vec<Key> {
         let mut out = Vec::with_capacity(self.len as usize);
@@ -354,6 +366,9 @@ impl Index {
                 }
             }
             lru.evict_over(self.inner.max_size, &mut evicted);
+            for key in &evicted {
+                lru.note_gone(*key);
+            }
         }
         self.delete(evicted);
     }
@@ -365,7 +380,8 @@ impl Index {
         {
             let mut lru = self.inner.lru.lock().unwrap();
             for (key, size) in batch {
-                if lru.find(&key).is_some() {
+                let gone = lru.gone.as_ref().is_some_and(|g| g.contains(&key));
+                if gone || lru.find(&key).is_some() {
                     continue;
                 }
                 let i = lru.add(key, size);
@@ -409,6 +425,7 @@ impl Index {
         if let Some(i) = lru.find(&key) {
             lru.remove(i);
         }
+        lru.note_gone(key);
     }
 
     /// Bytes and entries indexed.
@@ -551,6 +568,7 @@ impl Scan {
         drop(merged);
         drop(sha256);
         drop(sha512);
+        index.inner.lru.lock().unwrap().gone = None;
         index.inner.scan_done.store(true, Ordering::Release);
         index.inner.metrics.index_scan_done.set(1);
         let (bytes, entries) = index.usage();
@@ -641,7 +659,20 @@ mod tests {
         index.insert_scanned(std::iter::once((Key::of(&later), 1)));
         assert_eq!(
             index.recency(),
-            vec![old[3].clone(), later, old[4].clone(), new, old[5].clone()]
+            vec![
+                old[3].clone(),
+                later.clone(),
+                old[4].clone(),
+                new.clone(),
+                old[5].clone()
+            ]
+        );
+        // What was evicted or forgotten while the scan runs does not come back from it.
+        index.forget(&later);
+        index.insert_scanned(std::iter::once((Key::of(&later), 1)));
+        assert_eq!(
+            index.recency(),
+            vec![old[3].clone(), old[4].clone(), new, old[5].clone()]
         );
     }
 
