@@ -13,6 +13,7 @@ on an empty cache (the baseline RSS), then on the N blobs, and prints:
   v2_s         seconds from the start of the process until `GET /v2/` answers 200
   ready_s      seconds until `GET /readyz` answers 200 (the index scan is done)
   rss_mib      VmRSS once ready (after a settle of 1 s)
+  peak_mib     VmHWM then: the peak, which includes the scan's transient list
   bytes_blob   (RSS with N blobs - RSS empty) / N
 
 Usage: index.py BINARY DIR N [N...]
@@ -63,12 +64,12 @@ def status(port, path):
         return None
 
 
-def rss_kib(pid):
+def status_kib(pid, field):
     with open("/proc/%d/status" % pid) as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError("no " + field)
 
 
 def run(binary, cache, workdir):
@@ -95,7 +96,7 @@ def run(binary, cache, workdir):
                 ready = time.monotonic() - t0
             time.sleep(0.005)
         time.sleep(1)
-        return v2, ready, rss_kib(proc.pid)
+        return v2, ready, status_kib(proc.pid, "VmRSS"), status_kib(proc.pid, "VmHWM")
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -112,14 +113,17 @@ def main():
     os.makedirs(workdir, exist_ok=True)
     empty = os.path.join(workdir, "cache-empty")
     os.makedirs(empty, exist_ok=True)
-    _, _, base = run(binary, empty, workdir)
-    print("blobs\tv2_s\tready_s\trss_mib\tbytes_blob")
-    print("0\t-\t-\t%.1f\t-" % (base / 1024))
+    _, _, base, base_peak = run(binary, empty, workdir)
+    print("blobs\tv2_s\tready_s\trss_mib\tpeak_mib\tbytes_blob")
+    print("0\t-\t-\t%.1f\t%.1f\t-" % (base / 1024, base_peak / 1024))
     for n in counts:
         cache = os.path.join(workdir, "cache-%d" % n)
         build_cache(cache, n)
-        v2, ready, rss = run(binary, cache, workdir)
-        print("%d\t%.3f\t%.3f\t%.1f\t%.0f" % (n, v2, ready, rss / 1024, (rss - base) * 1024 / n))
+        v2, ready, rss, peak = run(binary, cache, workdir)
+        print(
+            "%d\t%.3f\t%.3f\t%.1f\t%.1f\t%.0f"
+            % (n, v2, ready, rss / 1024, peak / 1024, (rss - base) * 1024 / n)
+        )
         sys.stdout.flush()
 
 

@@ -6,3 +6,4 @@ mod manifests;
 mod ops;
 mod real;
 mod shared;
+mod start;
