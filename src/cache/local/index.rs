@@ -509,7 +509,7 @@ impl Scan {
 
     /// Runs the scan to its end on this thread.
     pub fn run(mut self) {
-        let started = std::time::Instant::now();
+        let started = crate::clock::Instant::now();
         let mut sha256: Vec<Found256> = Vec::new();
         let mut sha512: Vec<(u64, u64, [u8; 64])> = Vec::new();
         let mut pending = 0;
@@ -703,7 +703,7 @@ mod tests {
     /// apart from a day ago: the scan's order is their order here.
     fn blobs_on_disk(dir: &std::path::Path, n: u32) -> Vec<(Digest, Vec<u8>)> {
         let store = Store::open(dir).unwrap();
-        let base = SystemTime::now() - std::time::Duration::from_secs(86_400);
+        let base = crate::clock::now() - std::time::Duration::from_secs(86_400);
         (0..n)
             .map(|i| {
                 let data = format!("{i:08}").into_bytes();
