@@ -11,6 +11,9 @@ scan restores) follow their numbers.
 Then starts `ocicache serve` twice, on loopback, with an upstream that is never contacted:
 on an empty cache (the baseline RSS), then on the N blobs, and prints:
   v2_s         seconds from the start of the process until `GET /v2/` answers 200
+  blob_s       seconds until a GET of the newest blob (the last in the scan's order), sent
+               as soon as /v2/ answers, has its whole body; `*` when /readyz still
+               answered 503 right after it (served before the scan was done)
   ready_s      seconds until `GET /readyz` answers 200 (the index scan is done)
   rss_mib      VmRSS once ready (after a settle of 1 s)
   peak_mib     VmHWM then: the peak, which includes the scan's transient list
@@ -53,15 +56,25 @@ def free_port():
         return s.getsockname()[1]
 
 
-def status(port, path):
-    """The HTTP status of GET path, or None when nothing answers yet."""
+def get(port, path):
+    """The HTTP status and body of GET path, or (None, None) when nothing answers yet."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
             s.sendall(b"GET %s HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n" % path.encode())
-            head = s.recv(64)
-            return int(head.split()[1])
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        return int(head.split()[1]), body
     except (OSError, IndexError, ValueError):
-        return None
+        return None, None
+
+
+def status(port, path):
+    return get(port, path)[0]
 
 
 def status_kib(pid, field):
@@ -72,7 +85,7 @@ def status_kib(pid, field):
     raise RuntimeError("no " + field)
 
 
-def run(binary, cache, workdir):
+def run(binary, cache, workdir, newest=None):
     port = free_port()
     conf = os.path.join(workdir, "bench-%d.toml" % port)
     with open(conf, "w") as f:
@@ -86,17 +99,26 @@ def run(binary, cache, workdir):
     t0 = time.monotonic()
     proc = subprocess.Popen([binary, "serve", "--config", conf], stdout=log, stderr=log)
     try:
-        v2 = ready = None
+        v2 = ready = blob = None
         while ready is None:
             if proc.poll() is not None:
                 raise RuntimeError("ocicache exited: see %s" % log.name)
             if v2 is None and status(port, "/v2/") == 200:
                 v2 = time.monotonic() - t0
+                if newest is not None:
+                    data = str(newest).encode()
+                    path = "/v2/library/x/blobs/sha256:" + hashlib.sha256(data).hexdigest()
+                    code, body = get(port, path)
+                    if (code, body) != (200, data):
+                        raise RuntimeError("blob %d: %s %r" % (newest, code, body))
+                    blob = "%.3f" % (time.monotonic() - t0)
+                    if status(port, "/readyz") == 503:
+                        blob += "*"
             if v2 is not None and status(port, "/readyz") == 200:
                 ready = time.monotonic() - t0
             time.sleep(0.005)
         time.sleep(1)
-        return v2, ready, status_kib(proc.pid, "VmRSS"), status_kib(proc.pid, "VmHWM")
+        return v2, blob, ready, status_kib(proc.pid, "VmRSS"), status_kib(proc.pid, "VmHWM")
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -113,16 +135,16 @@ def main():
     os.makedirs(workdir, exist_ok=True)
     empty = os.path.join(workdir, "cache-empty")
     os.makedirs(empty, exist_ok=True)
-    _, _, base, base_peak = run(binary, empty, workdir)
-    print("blobs\tv2_s\tready_s\trss_mib\tpeak_mib\tbytes_blob")
-    print("0\t-\t-\t%.1f\t%.1f\t-" % (base / 1024, base_peak / 1024))
+    _, _, _, base, base_peak = run(binary, empty, workdir)
+    print("blobs\tv2_s\tblob_s\tready_s\trss_mib\tpeak_mib\tbytes_blob")
+    print("0\t-\t-\t-\t%.1f\t%.1f\t-" % (base / 1024, base_peak / 1024))
     for n in counts:
         cache = os.path.join(workdir, "cache-%d" % n)
         build_cache(cache, n)
-        v2, ready, rss, peak = run(binary, cache, workdir)
+        v2, blob, ready, rss, peak = run(binary, cache, workdir, newest=n - 1)
         print(
-            "%d\t%.3f\t%.3f\t%.1f\t%.1f\t%.0f"
-            % (n, v2, ready, rss / 1024, peak / 1024, (rss - base) * 1024 / n)
+            "%d\t%.3f\t%s\t%.3f\t%.1f\t%.1f\t%.0f"
+            % (n, v2, blob, ready, rss / 1024, peak / 1024, (rss - base) * 1024 / n)
         )
         sys.stdout.flush()
 
