@@ -66,6 +66,10 @@ pub struct Metrics {
     pub ratelimit_remaining: Family<UpstreamLabels, Gauge>,
     pub ratelimit_limit: Family<UpstreamLabels, Gauge>,
     pub shared_ops: Family<SharedLabels, Counter>,
+    /// 1 once the index's rebuild at start is done, 0 while it runs.
+    pub index_scan_done: Gauge,
+    /// Blobs the index's rebuild at start has found so far.
+    pub index_scanned_blobs: Gauge,
 }
 
 impl Default for Metrics {
@@ -95,6 +99,8 @@ impl Metrics {
             ratelimit_remaining: Family::default(),
             ratelimit_limit: Family::default(),
             shared_ops: Family::default(),
+            index_scan_done: Gauge::default(),
+            index_scanned_blobs: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -182,6 +188,16 @@ impl Metrics {
             "Calls to the shared store (S3), by operation and result; result=error counts \
              failures and timeouts, result=skipped calls avoided while it is down",
             m.shared_ops.clone(),
+        );
+        registry.register(
+            "index_scan_done",
+            "1 once the cache index's rebuild from the disk at start is done, 0 while it runs",
+            m.index_scan_done.clone(),
+        );
+        registry.register(
+            "index_scanned_blobs",
+            "Blobs found on disk so far by the cache index's rebuild at start",
+            m.index_scanned_blobs.clone(),
         );
         Metrics { registry, ..m }
     }

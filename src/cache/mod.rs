@@ -52,7 +52,7 @@ pub struct Head {
 pub struct Cache {
     /// The local tier's store and index, which fills write into and hits are served from.
     pub store: Arc<Store>,
-    pub index: Arc<Index>,
+    pub index: Index,
     /// Every tier, in order: the local one first, then those behind it (the bucket shared
     /// with other replicas, `[cache.s3]`). The one list of tiers: nothing outside the cache
     /// holds or checks one.
@@ -80,8 +80,10 @@ pub struct FillLimits {
 }
 
 impl Cache {
-    /// Opens the store, removes temp files left by a crash, and rebuilds the index from the
-    /// disk in recency order (evicting what no longer fits `max_size`).
+    /// Opens the store and removes temp files left by a crash, then returns at once: the
+    /// index is rebuilt from the disk in recency order on a thread of its own (see
+    /// [`index::Scan`]; `index.scan_done()` tells when), evicting what does not fit
+    /// `max_size` once it ends. Meanwhile a blob on disk is served and indexed when asked.
     pub fn open(cfg: &CacheConfig, metrics: Arc<Metrics>) -> io::Result<Arc<Cache>> {
         let shared = match &cfg.s3 {
             Some(s3) => Some(Bucket::open(s3, bucket::LEASE_TTL, metrics.clone())?),
@@ -95,7 +97,7 @@ impl Cache {
         Self::open_with(&cfg.dir, cfg.max_size.0, limits, metrics, shared)
     }
 
-    /// `open` from parts, with the default `max_fills`.
+    /// `open` from parts, with the default `max_fills`; the scan starts on its thread.
     pub fn open_at(
         dir: &Path,
         max_size: u64,
@@ -112,7 +114,7 @@ impl Cache {
         Self::open_with(dir, max_size, limits, metrics, shared)
     }
 
-    /// `open` from parts.
+    /// `open` from parts; the scan starts on its thread.
     pub fn open_with(
         dir: &Path,
         max_size: u64,
@@ -120,16 +122,28 @@ impl Cache {
         metrics: Arc<Metrics>,
         shared: Option<Arc<Bucket>>,
     ) -> io::Result<Arc<Cache>> {
+        let (cache, scan) = Self::open_unindexed(dir, max_size, limits, metrics, shared)?;
+        scan.spawn();
+        Ok(cache)
+    }
+
+    /// The cache with an empty index, and the scan that rebuilds it, not started: the
+    /// caller runs it (a test steps it through [`index::Scan::gate`]).
+    pub fn open_unindexed(
+        dir: &Path,
+        max_size: u64,
+        limits: FillLimits,
+        metrics: Arc<Metrics>,
+        shared: Option<Arc<Bucket>>,
+    ) -> io::Result<(Arc<Cache>, index::Scan)> {
         let FillLimits {
             stall_timeout,
             fill_deadline,
             max_fills,
         } = limits;
         let store = Arc::new(Store::open(dir)?);
-        let index = Arc::new(Index::new(max_size, store.clone(), metrics.clone()));
-        for entry in store.scan()? {
-            index.insert(entry.digest, entry.size);
-        }
+        let index = Index::new(max_size, store.clone(), metrics.clone());
+        let scan = index::Scan::new(index.clone(), store.clone());
         let local = Arc::new(local::Local {
             store: store.clone(),
             index: index.clone(),
@@ -138,7 +152,7 @@ impl Cache {
         if let Some(bucket) = shared {
             tiers.push(bucket);
         }
-        Ok(Arc::new(Cache {
+        let cache = Arc::new(Cache {
             store,
             index,
             tiers,
@@ -147,7 +161,8 @@ impl Cache {
             stall_timeout,
             fill_deadline,
             turns: tokio::sync::Semaphore::new(max_fills),
-        }))
+        });
+        Ok((cache, scan))
     }
 
     /// A committed blob, with recency refreshed, or `None`.
@@ -159,25 +174,23 @@ impl Cache {
                 return Ok::<_, io::Error>(None);
             };
             store::touch(&file);
-            Ok(Some(Source::committed(file, size, store.media_type(&d))))
+            let media_type = store.media_type(&d);
+            Ok(Some((Source::committed(file, size, media_type), size)))
         })
         .await
         .map_err(io::Error::other)??;
-        if found.is_some() {
-            if !self.index.contains(digest) {
-                // Written by another path (a manifest) or found late: index it now.
-                let size = self
-                    .store
-                    .blob_path(digest)
-                    .metadata()
-                    .map(|m| m.len())
-                    .unwrap_or(0);
-                self.index.insert(digest.clone(), size);
-            } else {
-                self.index.touch(digest);
-            }
+        let Some((source, size)) = found else {
+            return Ok(None);
+        };
+        if !self.index.contains(digest) {
+            // Written by another path (a manifest), or on disk but not yet reached by the
+            // scan at start: index it now, as the most recently used (the scan will leave it
+            // there).
+            self.index.insert(digest.clone(), size);
+        } else {
+            self.index.touch(digest);
         }
-        Ok(found)
+        Ok(Some(source))
     }
 
     /// Where a blob GET is answered from, decided here once: the local tier (or, when a

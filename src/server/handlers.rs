@@ -236,13 +236,26 @@ async fn readyz(state: &State) -> Response<Body> {
         std::fs::remove_file(path)
     })
     .await;
-    match writable {
-        Ok(Ok(())) => text(StatusCode::OK, "ready\n"),
-        _ => text(
+    if !matches!(writable, Ok(Ok(()))) {
+        return text(
             StatusCode::SERVICE_UNAVAILABLE,
             "cache folder not writable\n",
-        ),
+        );
     }
+    // Blobs are served while the index is rebuilt, but the bound does not hold yet: a
+    // load balancer may prefer a replica that is done.
+    let index = &state.cache.index;
+    if !index.scan_done() {
+        let mut resp = Response::new(body::full(format!(
+            "index scan under way: {} blobs scanned\n",
+            index.scanned()
+        )));
+        *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        return resp;
+    }
+    text(StatusCode::OK, "ready\n")
 }
 
 fn metrics(state: &State) -> Response<Body> {

@@ -6,4 +6,5 @@ mod manifests;
 mod ops;
 mod real;
 mod shared;
+mod start;
 mod storm;

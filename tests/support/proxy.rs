@@ -64,6 +64,10 @@ impl Proxy {
             });
         });
         let (addr, state) = ready_rx.recv().expect("proxy started");
+        // The index is rebuilt in the background: tests start from a whole one.
+        while !state.cache.index.scan_done() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         Proxy {
             addr,
             state,

@@ -24,7 +24,7 @@ const MAX_RECORD: u64 = 64 << 10;
 /// The disk store with its index.
 pub struct Local {
     pub store: Arc<Store>,
-    pub index: Arc<Index>,
+    pub index: Index,
 }
 
 impl Local {
