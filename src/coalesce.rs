@@ -1,32 +1,99 @@
-//! Coalescing of concurrent resolutions: callers that ask for the same key at the same time
-//! share one run of the work and its result.
+//! Coalescing: the one mechanism by which concurrent requests for the same thing share one
+//! piece of work, for blobs (fills) and manifests (tag, digest and tag-list resolutions).
 //!
-//! An entry lives exactly as long as someone waits on it. Each caller holds a [`Waiter`]
-//! guard; the last guard to go (the work finished, or every caller was cancelled) removes the
-//! entry. So the map holds at most one entry per key being resolved right now, whatever the
-//! keys are made of (a client's `Accept` header is part of a tag's key, and clients choose
-//! it freely), and a resolution that everyone abandoned leaves nothing behind.
+//! [`Flights`] is the map under both: one entry per key in flight, and an entry is removed
+//! by identity (it is this very flight, not a newer one under the same key) by whoever ends
+//! it. A blob's fill is detached from its clients by design (it outlives them, to fill the
+//! cache), so its entry lives while the fill runs and the fill's guard ends it. A resolution
+//! lives exactly as long as someone waits on it ([`Coalesce`]): each caller holds a
+//! `Waiter` guard, and the last guard to go (the work finished, or every caller was
+//! cancelled) removes the entry. So the map holds at most one entry per key being resolved
+//! right now, whatever the keys are made of (a client's `Accept` header is part of a tag's
+//! key, and clients choose it freely), and a resolution that everyone abandoned leaves
+//! nothing behind.
 //!
-//! If the caller that runs the work goes away, a waiting caller runs it instead
+//! If the caller that runs a resolution goes away, a waiting caller runs it instead
 //! (`OnceCell::get_or_init`): cancelling one client never fails the others.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::OnceCell;
 
+/// Work in flight by key: at most one entry per key, each an `Arc` whose identity tells one
+/// flight from a later one under the same key.
+pub struct Flights<K, T> {
+    /// A std mutex: held for a map operation (and a fill's temp file creation), never
+    /// across an await.
+    map: Mutex<HashMap<K, Arc<T>>>,
+}
+
+impl<K: Eq + Hash + Clone, T> Default for Flights<K, T> {
+    fn default() -> Self {
+        Flights {
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: Eq + Hash + Clone, T> Flights<K, T> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<K, Arc<T>>> {
+        self.map.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The flight of `key`, if one is under way.
+    pub fn get(&self, key: &K) -> Option<Arc<T>> {
+        self.lock().get(key).cloned()
+    }
+
+    /// The flight of `key`: the one under way, else the one `start` makes (under the map's
+    /// lock, so two callers never both start one). `start` may decide there is nothing to
+    /// start (`Ok(None)`).
+    pub fn join_or_start<E>(
+        &self,
+        key: &K,
+        start: impl FnOnce() -> Result<Option<Arc<T>>, E>,
+    ) -> Result<Option<Arc<T>>, E> {
+        let mut map = self.lock();
+        if let Some(flight) = map.get(key) {
+            return Ok(Some(flight.clone()));
+        }
+        let started = start()?;
+        if let Some(flight) = &started {
+            map.insert(key.clone(), flight.clone());
+        }
+        Ok(started)
+    }
+
+    /// Ends `flight`: its entry goes, unless a newer flight holds the key.
+    pub fn end(&self, key: &K, flight: &Arc<T>) {
+        let mut map = self.lock();
+        if map.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+            map.remove(key);
+        }
+    }
+
+    /// Keys in flight now.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Runs one future per key at a time; callers with the same key share its result.
 pub struct Coalesce<K: Eq + Hash + Clone, V> {
-    /// A std mutex: held for a map operation, never across an await.
-    flights: Mutex<HashMap<K, Arc<OnceCell<V>>>>,
+    flights: Flights<K, OnceCell<V>>,
 }
 
 impl<K: Eq + Hash + Clone, V: Clone> Default for Coalesce<K, V> {
     fn default() -> Self {
         Coalesce {
-            flights: Mutex::new(HashMap::new()),
+            flights: Flights::default(),
         }
     }
 }
@@ -42,11 +109,7 @@ struct Waiter<'a, K: Eq + Hash + Clone, V> {
 
 impl<K: Eq + Hash + Clone, V> Drop for Waiter<'_, K, V> {
     fn drop(&mut self) {
-        let mut flights = self
-            .coalesce
-            .flights
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut flights = self.coalesce.flights.lock();
         let Some(cell) = self.cell.take() else { return };
         // The map's own reference and ours: nobody else waits.
         let last = Arc::strong_count(&cell) <= 2;
@@ -68,10 +131,10 @@ impl<K: Eq + Hash + Clone, V: Clone> Coalesce<K, V> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = V>,
     {
-        let cell = {
-            let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
-            flights.entry(key.clone()).or_default().clone()
-        };
+        let started = self
+            .flights
+            .join_or_start(&key, || Ok::<_, ()>(Some(Arc::default())));
+        let cell = started.ok().flatten().expect("a cell is always started");
         let waiter = Waiter {
             coalesce: self,
             key,
@@ -80,21 +143,13 @@ impl<K: Eq + Hash + Clone, V: Clone> Coalesce<K, V> {
         let cell = waiter.cell.as_ref().expect("set above");
         let value = cell.get_or_init(f).await.clone();
         // Done: later callers start a new run (the result may be stale by then).
-        {
-            let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
-            if flights
-                .get(&waiter.key)
-                .is_some_and(|c| Arc::ptr_eq(c, cell))
-            {
-                flights.remove(&waiter.key);
-            }
-        }
+        self.flights.end(&waiter.key, cell);
         value
     }
 
     /// Keys being resolved now.
     pub fn len(&self) -> usize {
-        self.flights.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.flights.len()
     }
 
     pub fn is_empty(&self) -> bool {

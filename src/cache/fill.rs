@@ -419,15 +419,7 @@ impl Drop for Guard {
         };
         // Forget the fill before telling its readers: from here a new request finds the
         // committed blob on disk, or starts a new fill after a failure.
-        {
-            let mut fills = lock(&cache.fills);
-            if fills
-                .get(digest)
-                .is_some_and(|f| Arc::ptr_eq(f, &self.fill))
-            {
-                fills.remove(digest);
-            }
-        }
+        cache.fills.end(digest, &self.fill);
         self.progress.send_replace(last);
         // Readers still behind read the file; the chunks are not needed any more.
         *lock(&self.fill.recent) = Recent::default();

@@ -10,13 +10,13 @@ pub mod outcome;
 pub mod records;
 pub mod tier;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::coalesce::Flights;
 use crate::config::{CacheConfig, DEFAULT_MAX_FILLS};
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -57,9 +57,9 @@ pub struct Cache {
     /// with other replicas, `[cache.s3]`). The one list of tiers: nothing outside the cache
     /// holds or checks one.
     tiers: Vec<Arc<dyn Tier>>,
-    /// Fills under way, by digest. A std mutex: it is held for a map operation and the
-    /// creation of a temp file, never across an await.
-    fills: Mutex<HashMap<Digest, Arc<Fill>>>,
+    /// Fills under way, by digest: the same coalescing as manifests' resolutions (a fill's
+    /// guard ends its entry).
+    fills: Flights<Digest, Fill>,
     metrics: Arc<Metrics>,
     stall_timeout: Duration,
     fill_deadline: Duration,
@@ -156,7 +156,7 @@ impl Cache {
             store,
             index,
             tiers,
-            fills: Mutex::new(HashMap::new()),
+            fills: Flights::default(),
             metrics,
             stall_timeout,
             fill_deadline,
@@ -288,19 +288,13 @@ impl Cache {
         if let Some(src) = self.local_hit(digest).await? {
             return Ok(src);
         }
-        let fill = {
-            let mut fills = self.fills.lock().unwrap();
-            match fills.get(digest) {
-                Some(fill) => Some(fill.clone()),
-                // A fill may have committed since we looked: check under the lock.
-                None if self.store.blob_path(digest).exists() => None,
-                None => {
-                    let fill = self.start_fill(digest.clone(), source())?;
-                    fills.insert(digest.clone(), fill.clone());
-                    Some(fill)
-                }
+        let fill = self.fills.join_or_start(digest, || {
+            // A fill may have committed since we looked: check under the lock.
+            if self.store.blob_path(digest).exists() {
+                return Ok(None);
             }
-        };
+            self.start_fill(digest.clone(), source()).map(Some)
+        })?;
         let Some(fill) = fill else {
             return match self.open_cached(digest).await? {
                 Some(src) => Ok(src),
@@ -379,7 +373,7 @@ impl Cache {
             let size = src.size().await?;
             return Ok(Some((size, src.media_type.clone())));
         }
-        let fill = self.fills.lock().unwrap().get(digest).cloned();
+        let fill = self.fills.get(digest);
         Ok(match fill.map(|f| f.progress()) {
             Some(Progress::Streaming { size: Some(s), .. }) | Some(Progress::Done { size: s }) => {
                 Some((s, None))
@@ -425,7 +419,7 @@ impl Cache {
 
     /// Fills under way (for shutdown and tests).
     pub fn fills_in_flight(&self) -> usize {
-        self.fills.lock().unwrap().len()
+        self.fills.len()
     }
 
     /// At shutdown: waits up to `deadline` for the fills under way (so the cache keeps what
