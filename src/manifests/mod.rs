@@ -235,4 +235,95 @@ mod tests {
         assert!(!accepts(Some(&format!("{oci};q=0")), oci), "q=0 refuses");
         assert!(accepts(Some(&format!("{oci};q=0.5")), oci));
     }
+
+    /// A registry of one manifest, answering every manifest request with it (HEAD without
+    /// the body), counting GETs: just enough upstream for the manifests service.
+    async fn one_manifest_upstream(
+        body: &'static [u8],
+    ) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let gets = Arc::new(AtomicUsize::new(0));
+        let counted = gets.clone();
+        let digest = Digest::sha256_of(body).to_string();
+        tokio::spawn(async move {
+            loop {
+                let (mut sock, _) = listener.accept().await.unwrap();
+                let (digest, counted) = (digest.clone(), counted.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let get = buf.starts_with(b"GET ");
+                            buf.drain(..end + 4);
+                            if get {
+                                counted.fetch_add(1, Ordering::SeqCst);
+                            }
+                            let head = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-type: application/vnd.oci.image.manifest.v1+json\r\n\
+                                 docker-content-digest: {digest}\r\ncontent-length: {}\r\n\r\n",
+                                body.len()
+                            );
+                            let _ = sock.write_all(head.as_bytes()).await;
+                            if get {
+                                let _ = sock.write_all(body).await;
+                            }
+                        }
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        (format!("http://{addr}"), gets)
+    }
+
+    /// Regression (issue 13): a tag fetched under the bucket's lease wrote its record twice
+    /// (two disk writes and two PUTs), once before releasing the lease and once after.
+    #[tokio::test]
+    async fn a_tag_fetched_under_a_lease_is_recorded_once() {
+        use crate::cache::bucket::testing::{tier, TestStore};
+        use crate::cache::bucket::LEASE_TTL;
+        let store = TestStore::new();
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let cache = Cache::open_at(
+            dir.path(),
+            1 << 30,
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+            metrics.clone(),
+            Some(tier(&store, LEASE_TTL, 1 << 30)),
+        )
+        .unwrap();
+        let body: &'static [u8] = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
+        let (url, gets) = one_manifest_upstream(body).await;
+        let config = crate::config::UpstreamConfig::new("docker.io", &url, true);
+        let up = Arc::new(Upstream::new(&config, metrics.clone()).unwrap());
+        let manifests = Manifests::new(cache, metrics, false, 1 << 20, Arc::default());
+        let name = Name::parse("library/x").unwrap();
+        let tag = Reference::parse("1").unwrap();
+        let answer = manifests.get(&up, &name, &tag, None).await.unwrap();
+        assert_eq!(answer.value.digest, Digest::sha256_of(body));
+        assert_eq!(gets.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // The bucket's copy is written in the background: wait for it. Every task spawned
+        // with it runs in the same turns of this single-threaded runtime.
+        let start = clock::Instant::now();
+        while store.writes_under("mirror/tags/") == 0 {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no tag record written"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(store.writes_under("mirror/tags/"), 1, "one tag record PUT");
+    }
 }

@@ -44,6 +44,8 @@ pub struct TestStore {
     if_none_match: bool,
     /// Does the store honour `PutMode::Update` (`If-Match`)? If not, it overwrites.
     if_match: bool,
+    /// Every path written through any view, in order (tests count writes).
+    writes: Arc<Mutex<Vec<String>>>,
 }
 
 impl TestStore {
@@ -61,6 +63,7 @@ impl TestStore {
             answers_hung: watch::Sender::new(false),
             if_none_match,
             if_match,
+            writes: Arc::default(),
         })
     }
 
@@ -73,7 +76,14 @@ impl TestStore {
             answers_hung: watch::Sender::new(false),
             if_none_match: self.if_none_match,
             if_match: self.if_match,
+            writes: self.writes.clone(),
         })
+    }
+
+    /// How many writes (PUTs) were made under `prefix`, through every view.
+    pub fn writes_under(&self, prefix: &str) -> usize {
+        let writes = self.writes.lock().unwrap();
+        writes.iter().filter(|p| p.starts_with(prefix)).count()
     }
 
     /// Makes this view's calls wait (from their start) until `hang(false)`.
@@ -134,6 +144,7 @@ impl ObjectStore for TestStore {
             opts.mode = PutMode::Overwrite;
         }
         let done = self.inner.put_opts(location, payload, opts).await?;
+        self.writes.lock().unwrap().push(location.to_string());
         self.stamp(location);
         let mut rx = self.answers_hung.subscribe();
         let _ = rx.wait_for(|hung| !hung).await;
