@@ -386,13 +386,13 @@ async fn blob_get(
         }
     };
     let size = src.size().await?;
-    let outcome = if src.is_fill() {
-        Outcome::Fill
-    } else {
-        Outcome::Hit
+    // After `size`: a fill knows by then whether the bucket or the upstream feeds it.
+    let (outcome, source_label) = match (src.is_fill(), src.is_from_tier()) {
+        (true, true) => (Outcome::Bucket, "bucket"),
+        (true, false) => (Outcome::Fill, "upstream"),
+        (false, _) => (Outcome::Hit, "cache"),
     };
     let media_type = src.media_type.clone();
-    let source_label = if src.is_fill() { "upstream" } else { "cache" };
     let served = state
         .metrics
         .bytes_served

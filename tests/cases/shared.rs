@@ -101,13 +101,20 @@ fn a_blob_pulled_through_one_replica_is_served_by_the_other_without_the_upstream
         header(&headers, "content-length"),
         Some(data.len().to_string().as_str())
     );
-    let (status, _, body) = b.get(&path, &[("Range", "bytes=100-199")]);
+    let (status, headers, body) = b.get(&path, &[("Range", "bytes=100-199")]);
     assert_eq!(status, 206);
     assert_eq!(body, &data[100..200]);
+    // A fill fed by the bucket is not a miss to the upstream.
+    assert_eq!(
+        header(&headers, "x-cache"),
+        Some("HIT"),
+        "a fill from the bucket"
+    );
     let (status, _, body) = b.get(&path, &[]);
     assert_eq!(status, 200);
     assert_eq!(crate::support::fake::sha256(&body), digest);
     assert_eq!(fake.count("GET", "/blobs/"), 0, "served from the bucket");
+    assert!(b.metric("ocicache_served_bytes_total{source=\"bucket\"}") > 0.0);
     assert_eq!(fake.count("HEAD", "/blobs/"), 0);
     // Now in b's local tier too.
     assert!(b
