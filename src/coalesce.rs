@@ -1,7 +1,7 @@
 //! Coalescing of concurrent resolutions: callers that ask for the same key at the same time
 //! share one run of the work and its result.
 //!
-//! An entry lives exactly as long as someone waits on it. Each caller holds a [`Waiter`]
+//! An entry lives exactly as long as someone waits on it. Each caller holds a `Waiter`
 //! guard; the last guard to go (the work finished, or every caller was cancelled) removes the
 //! entry. So the map holds at most one entry per key being resolved right now, whatever the
 //! keys are made of (a client's `Accept` header is part of a tag's key, and clients choose

@@ -220,7 +220,7 @@ pub struct Fetched {
     pub size: Option<u64>,
     pub body: futures_util::stream::BoxStream<'static, io::Result<Bytes>>,
     pub origin: Origin,
-    /// Names the source in errors: the upstream's name, or `shared store`.
+    /// Names the source in errors: the upstream's name, or the tier's (`bucket tier`).
     pub source: String,
 }
 
@@ -509,7 +509,7 @@ async fn stream_to_file(
 }
 
 /// The disk half of a fill: each chunk is written (`pwrite`), offered to the readers, then
-/// hashed, all on the fill's [`Lane`] of the disk pool, in order. One thread per fill doing
+/// hashed, all on the fill's `Lane` of the disk pool, in order. One thread per fill doing
 /// both costs no more CPU than two threads (the work is the same), and the thread count no
 /// longer follows the number of fills (see `disk`). The network side queues chunks through
 /// `push` without blocking the runtime, at most `WRITE_QUEUE` ahead of the disk.

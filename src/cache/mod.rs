@@ -1,5 +1,13 @@
-//! The blob cache: the content-addressed store on disk (`store`), the LRU index over it
-//! (`index`), and the fills that bring misses in from upstreams (`fill`).
+//! The cache: where a blob or a manifest comes from, decided here once. [`Cache::blob`] and
+//! [`Cache::head`] answer a blob from the local tier, a redirect to a tier behind it, or a
+//! fill fed by that tier or, failing it, by the upstream; [`Cache::manifest`] (in `records`)
+//! answers a manifest from the first tier that has it.
+//!
+//! The tiers, as one list (`tier`, the trait): the local disk with its LRU index (`local`,
+//! always first), then the S3-compatible bucket shared by replicas (`bucket`, optional).
+//! Fills (`fill`) run on the fixed disk pool of `disk`; `records` keeps manifests and small
+//! records through the tiers; `outcome` says how a request was answered; `admin` is the
+//! offline maintenance of a cache folder.
 
 pub mod admin;
 pub mod bucket;
