@@ -197,12 +197,14 @@ impl Cache {
         digest: &Digest,
         upstream: Option<(&Arc<Upstream>, &Name)>,
     ) -> Result<Found, Error> {
-        if let Some(src) = self.local_hit(digest).await? {
+        if let Some(src) = self.open_cached(digest).await? {
             if upstream.is_some() {
                 if let Some(url) = self.redirect(digest, true).await {
+                    // Not a hit: the bytes come from the bucket (which the redirect touched).
                     return Ok(Found::Redirect(url));
                 }
             }
+            self.count_hit(digest);
             return Ok(Found::Source(src));
         }
         let Some((up, name)) = upstream else {
@@ -243,12 +245,17 @@ impl Cache {
     async fn local_hit(&self, digest: &Digest) -> Result<Option<Source>, Error> {
         let found = self.open_cached(digest).await?;
         if found.is_some() {
-            self.metrics.hit("blob");
-            for tier in self.behind() {
-                tier.touch(digest);
-            }
+            self.count_hit(digest);
         }
         Ok(found)
+    }
+
+    /// Counts a hit of the local tier and marks the use in the tiers behind.
+    fn count_hit(&self, digest: &Digest) {
+        self.metrics.hit("blob");
+        for tier in self.behind() {
+            tier.touch(digest);
+        }
     }
 
     /// Serves `digest` of `name` from the cache or from a fill: the one under way, or a new

@@ -363,6 +363,9 @@ fn redirect_sends_hits_to_a_presigned_url_of_the_bucket() {
         p.metric("ocicache_shared_store_operations_total{op=\"head_blob\"")
     };
     let heads_before = heads(&a);
+    let hits =
+        |p: &crate::support::proxy::Proxy| p.metric("ocicache_cache_hits_total{kind=\"blob\"}");
+    let hits_before = hits(&a);
     let (status, headers, _) = a.get(&path, &[]);
     assert_eq!(status, 307);
     assert_eq!(
@@ -370,6 +373,7 @@ fn redirect_sends_hits_to_a_presigned_url_of_the_bucket() {
         heads_before,
         "a local hit makes no call to the bucket"
     );
+    assert_eq!(hits(&a), hits_before, "a redirect is not counted as a hit");
     let location = header(&headers, "location").unwrap().to_string();
     assert!(
         location.starts_with(&g.endpoint(0)),
