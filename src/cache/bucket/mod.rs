@@ -62,7 +62,7 @@ mod gc;
 mod leases;
 mod objects;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 mod uploads;
 
 pub use gc::GcReport;
