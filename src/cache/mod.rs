@@ -425,6 +425,22 @@ impl Cache {
         })
     }
 
+    /// Can the local tier write (a temp file made and removed)? For `/readyz`.
+    pub async fn writable(&self) -> bool {
+        let store = self.store.clone();
+        let made = tokio::task::spawn_blocking(move || {
+            let (_, path) = store.temp()?;
+            std::fs::remove_file(path)
+        })
+        .await;
+        matches!(made, Ok(Ok(())))
+    }
+
+    /// Bytes and blobs in the local tier, for the metrics.
+    pub fn usage(&self) -> (u64, u64) {
+        self.index.usage()
+    }
+
     /// Fills under way (for shutdown and tests).
     pub fn fills_in_flight(&self) -> usize {
         self.fills.lock().unwrap().len()

@@ -230,23 +230,18 @@ fn text(status: StatusCode, s: &'static str) -> Response<Body> {
 }
 
 async fn readyz(state: &State) -> Response<Body> {
-    let store = state.cache.store.clone();
-    let writable = tokio::task::spawn_blocking(move || {
-        let (_, path) = store.temp()?;
-        std::fs::remove_file(path)
-    })
-    .await;
-    match writable {
-        Ok(Ok(())) => text(StatusCode::OK, "ready\n"),
-        _ => text(
+    if state.cache.writable().await {
+        text(StatusCode::OK, "ready\n")
+    } else {
+        text(
             StatusCode::SERVICE_UNAVAILABLE,
             "cache folder not writable\n",
-        ),
+        )
     }
 }
 
 fn metrics(state: &State) -> Response<Body> {
-    let (bytes, entries) = state.cache.index.usage();
+    let (bytes, entries) = state.cache.usage();
     state.metrics.cache_bytes.set(bytes as i64);
     state.metrics.cache_entries.set(entries as i64);
     let mut resp = Response::new(body::full(state.metrics.encode()));
