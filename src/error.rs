@@ -207,8 +207,16 @@ impl Error {
                     {
                         (StatusCode::FORBIDDEN, ErrorCode::Denied)
                     }
+                    // A gateway's statuses: an upstream's 500 from us would read as our own
+                    // failure. Its 503 and 504 keep their meaning (try later, too slow).
                     UpstreamError::Status { status, .. } if status.is_server_error() => {
-                        (*status, ErrorCode::Unavailable)
+                        let status = match *status {
+                            StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT => {
+                                *status
+                            }
+                            _ => StatusCode::BAD_GATEWAY,
+                        };
+                        (status, ErrorCode::Unavailable)
                     }
                     UpstreamError::Timeout | UpstreamError::Stalled(_) => {
                         (StatusCode::GATEWAY_TIMEOUT, ErrorCode::Unavailable)
@@ -261,5 +269,45 @@ impl From<ReferenceError> for Error {
             ReferenceError::UnsupportedAlgorithm(_) => ErrorCode::DigestInvalid,
         };
         Error::client(code, e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answered(status: u16) -> Error {
+        Error::upstream(
+            "docker.io",
+            UpstreamError::Status {
+                status: StatusCode::from_u16(status).unwrap(),
+                retry_after: Some(HeaderValue::from_static("7")),
+                said: None,
+            },
+        )
+    }
+
+    #[test]
+    fn an_upstream_failure_is_a_gateway_status_with_the_specs_code() {
+        for (upstream, ours, code) in [
+            (500, 502, "UNAVAILABLE"),
+            (501, 502, "UNAVAILABLE"),
+            (502, 502, "UNAVAILABLE"),
+            (503, 503, "UNAVAILABLE"),
+            (504, 504, "UNAVAILABLE"),
+            (505, 502, "UNAVAILABLE"),
+            (429, 429, "TOOMANYREQUESTS"),
+            (401, 403, "DENIED"),
+            (403, 403, "DENIED"),
+        ] {
+            let e = answered(upstream);
+            let (status, c, _, _) = e.parts();
+            assert_eq!((status.as_u16(), c.as_ref()), (ours, code), "{upstream}");
+        }
+        assert_eq!(answered(429).retry_after().unwrap(), "7");
+        let timeout = Error::upstream("docker.io", UpstreamError::Timeout);
+        assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
+        let refused = Error::upstream("docker.io", UpstreamError::Connect("refused".into()));
+        assert_eq!(refused.status(), StatusCode::BAD_GATEWAY);
     }
 }

@@ -32,7 +32,7 @@
 //!
 //! - [`error`]: the one error type, classified by side, mapped to status and OCI code in
 //!   one place.
-//! - [`reference`]: names, tags and digests, validated by the spec's grammar.
+//! - [`reference`](mod@reference): names, tags and digests, validated by the spec's grammar.
 //! - [`route`]: a request path to an endpoint and an upstream (`?ns=`, prefix, default).
 //! - [`range`]: `Range` headers and `multipart/byteranges` framing.
 //! - [`coalesce`]: concurrent resolutions of one key share one run; an entry lives while

@@ -72,6 +72,9 @@ pub struct Fill {
     progress: watch::Receiver<Progress>,
     /// The last chunks written, for readers that keep up with the writer.
     recent: Arc<Mutex<Recent>>,
+    /// Set before the first byte when a tier behind the local one (the bucket) feeds the
+    /// fill rather than the upstream: the answer is then labelled `bucket`, not `fill`.
+    from_tier: Arc<AtomicBool>,
 }
 
 /// Locks `m` even if a thread panicked while holding it: the data guarded here (a fill's
@@ -217,7 +220,7 @@ pub struct Fetched {
     pub size: Option<u64>,
     pub body: futures_util::stream::BoxStream<'static, io::Result<Bytes>>,
     pub origin: Origin,
-    /// Names the source in errors: the upstream's name, or `shared store`.
+    /// Names the source in errors: the upstream's name, or the tier's (`bucket tier`).
     pub source: String,
 }
 
@@ -247,6 +250,7 @@ impl Cache {
             file: Arc::new(file),
             progress: rx,
             recent: Arc::new(Mutex::new(Recent::default())),
+            from_tier: Arc::new(AtomicBool::new(false)),
         });
         // Made before the task is spawned: if the task never runs (the runtime shuts down),
         // dropping it still cleans up.
@@ -344,6 +348,8 @@ impl Guard {
         let mut fetched = fetch.await?;
         let origin = std::mem::replace(&mut fetched.origin, Origin::Shared);
         let from_shared = matches!(origin, Origin::Shared);
+        // Before any progress is published: a reader that knows the size knows this too.
+        self.fill.from_tier.store(from_shared, Ordering::Release);
         if let Origin::Upstream { lease } = origin {
             // Kept by the tiers behind as it arrives; completed only once verified.
             cache.keep_behind(digest, &Source::filling(&self.fill), lease);
@@ -495,7 +501,7 @@ async fn stream_to_file(
 }
 
 /// The disk half of a fill: each chunk is written (`pwrite`), offered to the readers, then
-/// hashed, all on the fill's [`Lane`] of the disk pool, in order. One thread per fill doing
+/// hashed, all on the fill's `Lane` of the disk pool, in order. One thread per fill doing
 /// both costs no more CPU than two threads (the work is the same), and the thread count no
 /// longer follows the number of fills (see `disk`). The network side queues chunks through
 /// `push` without blocking the runtime, at most `WRITE_QUEUE` ahead of the disk.
@@ -691,6 +697,8 @@ pub struct Source {
     size: Option<u64>,
     /// The media type, when the blob is a manifest.
     pub media_type: Option<String>,
+    /// A fill's flag: fed by a tier behind the local one.
+    from_tier: Option<Arc<AtomicBool>>,
 }
 
 impl Source {
@@ -701,6 +709,7 @@ impl Source {
             recent: None,
             size: Some(size),
             media_type,
+            from_tier: None,
         }
     }
 
@@ -711,12 +720,21 @@ impl Source {
             recent: Some(fill.recent.clone()),
             size: None,
             media_type: None,
+            from_tier: Some(fill.from_tier.clone()),
         }
     }
 
-    /// Is this served from a fill (bytes coming from the upstream right now)?
+    /// Is this served from a fill (bytes coming from the upstream or the bucket right now)?
     pub fn is_fill(&self) -> bool {
         self.progress.is_some()
+    }
+
+    /// Is this a fill fed by a tier behind the local one (the bucket), not the upstream?
+    /// Known once [`Source::size`] has answered.
+    pub fn is_from_tier(&self) -> bool {
+        self.from_tier
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::Acquire))
     }
 
     /// The blob's size: at once for a committed file; for a fill, once the upstream has

@@ -1,5 +1,13 @@
-//! The blob cache: the content-addressed store on disk (`store`), the LRU index over it
-//! (`index`), and the fills that bring misses in from upstreams (`fill`).
+//! The cache: where a blob or a manifest comes from, decided here once. [`Cache::blob`] and
+//! [`Cache::head`] answer a blob from the local tier, a redirect to a tier behind it, or a
+//! fill fed by that tier or, failing it, by the upstream; [`Cache::manifest`] (in `records`)
+//! answers a manifest from the first tier that has it.
+//!
+//! The tiers, as one list (`tier`, the trait): the local disk with its LRU index (`local`,
+//! always first), then the S3-compatible bucket shared by replicas (`bucket`, optional).
+//! Fills (`fill`) run on the fixed disk pool of `disk`; `records` keeps manifests and small
+//! records through the tiers; `outcome` says how a request was answered; `admin` is the
+//! offline maintenance of a cache folder.
 
 pub mod admin;
 pub mod bucket;
@@ -202,12 +210,14 @@ impl Cache {
         digest: &Digest,
         upstream: Option<(&Arc<Upstream>, &Name)>,
     ) -> Result<Found, Error> {
-        if let Some(src) = self.local_hit(digest).await? {
+        if let Some(src) = self.open_cached(digest).await? {
             if upstream.is_some() {
                 if let Some(url) = self.redirect(digest, true).await {
+                    // Not a hit: the bytes come from the bucket (which the redirect touched).
                     return Ok(Found::Redirect(url));
                 }
             }
+            self.count_hit(digest);
             return Ok(Found::Source(src));
         }
         let Some((up, name)) = upstream else {
@@ -248,12 +258,17 @@ impl Cache {
     async fn local_hit(&self, digest: &Digest) -> Result<Option<Source>, Error> {
         let found = self.open_cached(digest).await?;
         if found.is_some() {
-            self.metrics.hit("blob");
-            for tier in self.behind() {
-                tier.touch(digest);
-            }
+            self.count_hit(digest);
         }
         Ok(found)
+    }
+
+    /// Counts a hit of the local tier and marks the use in the tiers behind.
+    fn count_hit(&self, digest: &Digest) {
+        self.metrics.hit("blob");
+        for tier in self.behind() {
+            tier.touch(digest);
+        }
     }
 
     /// Serves `digest` of `name` from the cache or from a fill: the one under way, or a new
@@ -415,6 +430,27 @@ impl Cache {
             media_type: None,
             from_upstream: true,
         })
+    }
+
+    /// Can the local tier write (a temp file made and removed)? For `/readyz`.
+    pub async fn writable(&self) -> bool {
+        let store = self.store.clone();
+        let made = tokio::task::spawn_blocking(move || {
+            let (_, path) = store.temp()?;
+            std::fs::remove_file(path)
+        })
+        .await;
+        matches!(made, Ok(Ok(())))
+    }
+
+    /// While the index of the local tier is rebuilt at start: the blobs scanned so far.
+    pub fn scan_under_way(&self) -> Option<u64> {
+        (!self.index.scan_done()).then(|| self.index.scanned())
+    }
+
+    /// Bytes and blobs in the local tier, for the metrics.
+    pub fn usage(&self) -> (u64, u64) {
+        self.index.usage()
     }
 
     /// Fills under way (for shutdown and tests).

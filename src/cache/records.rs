@@ -171,3 +171,50 @@ pub fn media_type_in(bytes: &[u8]) -> Option<String> {
     }
     serde_json::from_slice::<M>(bytes).ok()?.media_type
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::bucket::testing::{keys, tier, TestStore};
+    use crate::metrics::Metrics;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_manifest_found_in_the_bucket_is_verified_and_adopted_locally() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TestStore::new();
+        let bucket = tier(&store, Duration::from_secs(60), 1 << 30);
+        let cache = Cache::open_at(
+            dir.path(),
+            1 << 30,
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+            Arc::new(Metrics::new()),
+            Some(bucket.clone()),
+        )
+        .unwrap();
+        let oci = "application/vnd.oci.image.index.v1+json";
+        let bytes = Bytes::from_static(br#"{"schemaVersion":2,"manifests":[]}"#);
+        let d = Digest::sha256_of(&bytes);
+        bucket.put_manifest(&d, bytes.clone(), oci).await;
+
+        let (got, media_type) = cache.manifest(&d, 1 << 20).await.unwrap().unwrap();
+        assert_eq!((got, media_type.as_str()), (bytes.clone(), oci));
+        assert_eq!(
+            cache.store.media_type(&d).as_deref(),
+            Some(oci),
+            "kept locally"
+        );
+        assert!(cache.index.contains(&d), "and indexed");
+        assert_eq!(std::fs::read(cache.store.blob_path(&d)).unwrap(), bytes);
+
+        // A copy that does not match its digest is not served, and leaves the bucket.
+        let wrong = Digest::sha256_of(b"another");
+        bucket.put_manifest(&wrong, bytes.clone(), oci).await;
+        assert!(cache.manifest(&wrong, 1 << 20).await.unwrap().is_none());
+        assert!(cache.store.media_type(&wrong).is_none());
+        let left = keys(&store, "mirror/blobs").await;
+        assert_eq!(left, [format!("mirror/blobs/sha256/{}", d.hex())]);
+    }
+}

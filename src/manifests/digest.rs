@@ -71,8 +71,9 @@ impl Manifests {
             Digest::sha256_of(format!("manifest\0{}\0{name}\0{reference}", up.name).as_bytes());
         match self.cache.claim(&lease_key).await {
             Claim::Mine(lease) => {
-                // The tag is recorded (and published) before the lease goes, so that the
-                // waiters find it.
+                // The tag is recorded before the lease goes. Its copies in the bucket (record
+                // and manifest) are written in the background, so a waiter that sees the lease
+                // gone polls a few more times for them (`released_polls`) before fetching.
                 let fetched = self.fetch_and_record(up, name, reference, accept).await;
                 self.cache.release(lease).await;
                 fetched

@@ -230,13 +230,7 @@ fn text(status: StatusCode, s: &'static str) -> Response<Body> {
 }
 
 async fn readyz(state: &State) -> Response<Body> {
-    let store = state.cache.store.clone();
-    let writable = tokio::task::spawn_blocking(move || {
-        let (_, path) = store.temp()?;
-        std::fs::remove_file(path)
-    })
-    .await;
-    if !matches!(writable, Ok(Ok(()))) {
+    if !state.cache.writable().await {
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
             "cache folder not writable\n",
@@ -244,11 +238,9 @@ async fn readyz(state: &State) -> Response<Body> {
     }
     // Blobs are served while the index is rebuilt, but the bound does not hold yet: a
     // load balancer may prefer a replica that is done.
-    let index = &state.cache.index;
-    if !index.scan_done() {
+    if let Some(scanned) = state.cache.scan_under_way() {
         let mut resp = Response::new(body::full(format!(
-            "index scan under way: {} blobs scanned\n",
-            index.scanned()
+            "index scan under way: {scanned} blobs scanned\n"
         )));
         *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
         resp.headers_mut()
@@ -259,7 +251,7 @@ async fn readyz(state: &State) -> Response<Body> {
 }
 
 fn metrics(state: &State) -> Response<Body> {
-    let (bytes, entries) = state.cache.index.usage();
+    let (bytes, entries) = state.cache.usage();
     state.metrics.cache_bytes.set(bytes as i64);
     state.metrics.cache_entries.set(entries as i64);
     let mut resp = Response::new(body::full(state.metrics.encode()));
@@ -399,13 +391,13 @@ async fn blob_get(
         }
     };
     let size = src.size().await?;
-    let outcome = if src.is_fill() {
-        Outcome::Fill
-    } else {
-        Outcome::Hit
+    // After `size`: a fill knows by then whether the bucket or the upstream feeds it.
+    let (outcome, source_label) = match (src.is_fill(), src.is_from_tier()) {
+        (true, true) => (Outcome::Bucket, "bucket"),
+        (true, false) => (Outcome::Fill, "upstream"),
+        (false, _) => (Outcome::Hit, "cache"),
     };
     let media_type = src.media_type.clone();
-    let source_label = if src.is_fill() { "upstream" } else { "cache" };
     let served = state
         .metrics
         .bytes_served

@@ -6,7 +6,7 @@
 //! sensitive, errors name the realm's host, never its answer.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
 use http::{header, HeaderValue, Request, StatusCode};
@@ -15,6 +15,7 @@ use url::Url;
 
 use super::challenge::{self, Challenge};
 use super::client::{read_body, send_with_timeout, HttpClient};
+use crate::clock::Instant;
 use crate::config::Secret;
 use crate::error::UpstreamError;
 use crate::metrics::{Metrics, UpstreamStatusLabels};
@@ -161,5 +162,36 @@ impl Auth {
             })?;
         value.set_sensitive(true);
         Ok((value, token.expires_in))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::UpstreamConfig;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_is_not_used_past_its_expiry() {
+        let cfg = UpstreamConfig::new("docker.io", "http://127.0.0.1:1", true);
+        let client = super::super::client::http_client(&cfg).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let auth = Auth::new(
+            "docker.io".into(),
+            None,
+            client,
+            Duration::from_secs(5),
+            metrics,
+        );
+        let lifetime = Duration::from_secs(60);
+        let token = HeaderValue::from_static("Bearer t");
+        auth.tokens
+            .insert("s".into(), (token, Instant::now() + lifetime))
+            .await;
+        assert!(auth.cached("s").await.is_some());
+        tokio::time::advance(lifetime + Duration::from_secs(1)).await;
+        assert!(
+            auth.cached("s").await.is_none(),
+            "expired on the library's clock"
+        );
     }
 }

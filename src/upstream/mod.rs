@@ -6,7 +6,7 @@
 //! success into our error type, keeping the upstream's own code and message.
 //!
 //! The HTTP underneath (pooled connections, TLS, tokens, redirects, timeouts) is in
-//! [`client`]; token auth in [`auth`], its challenge parser in [`challenge`].
+//! `client`; token auth in [`auth`], its challenge parser in [`challenge`].
 
 pub mod auth;
 pub mod challenge;

@@ -307,3 +307,37 @@ fn a_client_that_leaves_before_the_answer_is_logged_499_with_the_upstream_it_wai
         "not the read timeout's answer: {f}"
     );
 }
+
+#[test]
+fn a_head_that_fails_sends_no_body_and_is_not_an_abort() {
+    let fake = Fake::start();
+    let dir = tempfile::tempdir().unwrap();
+    let p = Logged::start(dir.path(), &docker_io(&fake.url(), ""));
+    let path = format!("/v2/a/blobs/sha256:{}", "d".repeat(64));
+    let (s, h, body) = p.request("HEAD", &path).unwrap();
+    assert_eq!((s, body.len()), (404, 0));
+    assert!(header(&h, "content-length").is_some());
+    let f = &p.line("HEAD", &path, 0)["fields"];
+    assert_eq!(f["status"], 404, "{f}");
+    assert_eq!(
+        (&f["bytes"], &f["aborted"]),
+        (&Value::from(0), &Value::from(false)),
+        "{f}"
+    );
+    fake.fault(
+        "/blobs/",
+        Fault::TooMany {
+            retry_after: "9".into(),
+        },
+        None,
+    );
+    let (s, h, body) = p.request("HEAD", &path).unwrap();
+    assert_eq!((s, body.len()), (429, 0));
+    assert_eq!(header(&h, "retry-after"), Some("9"));
+    let f = &p.line("HEAD", &path, 1)["fields"];
+    assert_eq!(
+        (&f["bytes"], &f["aborted"]),
+        (&Value::from(0), &Value::from(false)),
+        "{f}"
+    );
+}

@@ -101,13 +101,20 @@ fn a_blob_pulled_through_one_replica_is_served_by_the_other_without_the_upstream
         header(&headers, "content-length"),
         Some(data.len().to_string().as_str())
     );
-    let (status, _, body) = b.get(&path, &[("Range", "bytes=100-199")]);
+    let (status, headers, body) = b.get(&path, &[("Range", "bytes=100-199")]);
     assert_eq!(status, 206);
     assert_eq!(body, &data[100..200]);
+    // A fill fed by the bucket is not a miss to the upstream.
+    assert_eq!(
+        header(&headers, "x-cache"),
+        Some("HIT"),
+        "a fill from the bucket"
+    );
     let (status, _, body) = b.get(&path, &[]);
     assert_eq!(status, 200);
     assert_eq!(crate::support::fake::sha256(&body), digest);
     assert_eq!(fake.count("GET", "/blobs/"), 0, "served from the bucket");
+    assert!(b.metric("ocicache_served_bytes_total{source=\"bucket\"}") > 0.0);
     assert_eq!(fake.count("HEAD", "/blobs/"), 0);
     // Now in b's local tier too.
     assert!(b
@@ -356,6 +363,9 @@ fn redirect_sends_hits_to_a_presigned_url_of_the_bucket() {
         p.metric("ocicache_shared_store_operations_total{op=\"head_blob\"")
     };
     let heads_before = heads(&a);
+    let hits =
+        |p: &crate::support::proxy::Proxy| p.metric("ocicache_cache_hits_total{kind=\"blob\"}");
+    let hits_before = hits(&a);
     let (status, headers, _) = a.get(&path, &[]);
     assert_eq!(status, 307);
     assert_eq!(
@@ -363,6 +373,7 @@ fn redirect_sends_hits_to_a_presigned_url_of_the_bucket() {
         heads_before,
         "a local hit makes no call to the bucket"
     );
+    assert_eq!(hits(&a), hits_before, "a redirect is not counted as a hit");
     let location = header(&headers, "location").unwrap().to_string();
     assert!(
         location.starts_with(&g.endpoint(0)),

@@ -69,6 +69,8 @@ impl Bucket {
             report.deleted += 1;
             report.deleted_bytes += m.size;
             if let Some(d) = key(&m.location) {
+                // Not to be redirected to any more.
+                self.present.invalidate(&d);
                 deleted.insert(d);
             }
         }
@@ -156,6 +158,31 @@ mod tests {
         assert_eq!(left, expect);
         // A second pass (another replica) finds nothing to do.
         assert_eq!(shared.gc().await.unwrap().deleted, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_blob_the_gc_deleted_is_no_longer_taken_to_be_there() {
+        let store = TestStore::new();
+        // Room for one blob of 1 MiB.
+        let shared = tier(&store, Duration::from_secs(60), 1 << 20);
+        let mut ds = Vec::new();
+        for n in 0..2u8 {
+            let data = Bytes::from(vec![n; 1 << 20]);
+            let d = Digest::sha256_of(&data);
+            shared
+                .put_manifest(&d, data, "application/octet-stream")
+                .await;
+            // Seen there (as a HEAD or a read marks it): a local hit would be redirected.
+            assert!(shared.head_blob(&d).await.is_some());
+            ds.push(d);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(shared.gc().await.unwrap().deleted, 1);
+        assert!(
+            !shared.present.contains_key(&ds[0]),
+            "a redirect to what this replica's GC deleted would be a 404"
+        );
+        assert!(shared.present.contains_key(&ds[1]));
     }
 
     #[tokio::test(start_paused = true)]
