@@ -21,8 +21,43 @@ use futures_util::future::{self, BoxFuture, FutureExt};
 use futures_util::stream::BoxStream;
 
 use super::fill::Source;
-use super::records::Record;
-use crate::reference::Digest;
+use crate::reference::{Digest, Name, Tag};
+
+/// A record kept beside the blobs, named by a hash of its key, so that no request text is
+/// ever part of a path or an object name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// A tag's record: the digest it points to and when the upstream confirmed it. Kept
+    /// locally and in the bucket.
+    Tag(String),
+    /// The last good tag list of a repository. Kept locally.
+    TagList(String),
+}
+
+impl Record {
+    pub fn tag(upstream: &str, name: &Name, tag: &Tag) -> Record {
+        Record::Tag(key_hex(&format!("tag\0{upstream}\0{name}\0{tag}")))
+    }
+
+    pub fn tag_list(upstream: &str, name: &Name) -> Record {
+        Record::TagList(key_hex(&format!("list\0{upstream}\0{name}")))
+    }
+
+    /// Under the local tier's root: `tags/<2 hex>/<hex>.json` or `<hex>.list.json`.
+    pub(crate) fn local_path(&self) -> std::path::PathBuf {
+        let (hex, suffix) = match self {
+            Record::Tag(hex) => (hex, "json"),
+            Record::TagList(hex) => (hex, "list.json"),
+        };
+        std::path::Path::new("tags")
+            .join(&hex[..2])
+            .join(format!("{hex}.{suffix}"))
+    }
+}
+
+fn key_hex(key: &str) -> String {
+    Digest::sha256_of(key.as_bytes()).hex().to_string()
+}
 
 /// A blob's body as a tier streams it: its size and its chunks.
 pub type TierBody = (u64, BoxStream<'static, io::Result<Bytes>>);

@@ -51,7 +51,7 @@ use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt};
 
 use super::fill::Source;
-use super::records::Record;
+use super::tier::Record;
 use super::tier::{self, Tier, TierBody};
 use crate::clock::{self, Instant};
 use crate::config::S3Config;

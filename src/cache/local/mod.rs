@@ -12,7 +12,7 @@ use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt};
 
 use super::fill::Source;
-use super::records::Record;
+use super::tier::Record;
 use super::tier::{Tier, TierBody};
 use crate::reference::Digest;
 use index::Index;
