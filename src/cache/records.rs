@@ -5,13 +5,21 @@
 //! manifest is a few KiB: hashing it is cheap next to serving a wrong one); one that does not
 //! match is removed from the tier that held it.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 
 pub use super::tier::Record;
 use super::tier::{Claim, Lease};
 use super::Cache;
+use crate::clock;
 use crate::error::Error;
 use crate::reference::Digest;
+
+/// How long a replica waits for another replica's fetch of the same object.
+const SHARED_WAIT: Duration = Duration::from_secs(15);
+/// How often it looks for it meanwhile.
+const SHARED_POLL: Duration = Duration::from_millis(200);
 
 impl Cache {
     /// A manifest by digest, verified: from the first tier that has it (then kept in the
@@ -76,7 +84,7 @@ impl Cache {
     /// Who fetches the object named by `key` from the upstream, when replicas share a
     /// tier: this replica (it holds the lease until released or dropped), another, or
     /// anyone (no shared tier, or it cannot arbitrate).
-    pub async fn claim(&self, key: &Digest) -> Claim {
+    async fn claim(&self, key: &Digest) -> Claim {
         match self.tiers.get(1) {
             Some(tier) => tier.claim(key).await,
             None => Claim::None,
@@ -84,7 +92,7 @@ impl Cache {
     }
 
     /// Does a replica hold a live lease on `key`?
-    pub async fn lease_held(&self, key: &Digest) -> bool {
+    async fn lease_held(&self, key: &Digest) -> bool {
         match self.tiers.get(1) {
             Some(tier) => tier.lease_held(key).await,
             None => false,
@@ -92,14 +100,62 @@ impl Cache {
     }
 
     /// Gives a lease back at once.
-    pub async fn release(&self, lease: Lease) {
+    async fn release(&self, lease: Lease) {
         if let Some(tier) = self.tiers.get(1) {
             tier.release(lease).await;
         }
     }
 
+    /// Runs `fetch` once across the replicas that share a tier, for the object named by
+    /// `key`: the replica that wins the lease fetches (and releases it after); the others
+    /// poll `landed` (what the fetch leaves in the shared tier) for up to
+    /// `SHARED_WAIT`, and fetch themselves if it does not come. The winner's copies in the
+    /// bucket are written in the background, so a waiter that sees the lease gone polls a
+    /// few more times before it fetches. Without a shared tier, just `fetch`.
+    pub async fn once_across_replicas<T, L, LF, F, FF>(
+        &self,
+        key: &Digest,
+        landed: L,
+        fetch: F,
+    ) -> Result<T, Error>
+    where
+        L: Fn() -> LF,
+        LF: std::future::Future<Output = Option<T>>,
+        F: FnOnce() -> FF,
+        FF: std::future::Future<Output = Result<T, Error>>,
+    {
+        if !self.is_shared() {
+            return fetch().await;
+        }
+        match self.claim(key).await {
+            Claim::Mine(lease) => {
+                let fetched = fetch().await;
+                self.release(lease).await;
+                fetched
+            }
+            Claim::Theirs => {
+                let start = clock::Instant::now();
+                let mut released_polls = 0;
+                while start.elapsed() < SHARED_WAIT {
+                    tokio::time::sleep(SHARED_POLL).await;
+                    if let Some(found) = landed().await {
+                        return Ok(found);
+                    }
+                    if !self.lease_held(key).await {
+                        released_polls += 1;
+                        if released_polls > 3 {
+                            break;
+                        }
+                    }
+                }
+                fetch().await
+            }
+            Claim::None => fetch().await,
+        }
+    }
+
     /// Whether a tier is shared with other replicas (and worth waiting for).
-    pub fn is_shared(&self) -> bool {
+    fn is_shared(&self) -> bool {
         self.tiers.len() > 1
     }
 

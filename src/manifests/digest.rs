@@ -54,9 +54,9 @@ impl Manifests {
             .map(Answer::miss)
     }
 
-    /// Fetches a manifest (a tag's is recorded). With a shared tier, one replica at a time GETs a given manifest from the upstream
-    /// (under the same kind of lease as blobs); the others wait for it to appear in the
-    /// shared tier and take it from there, or fetch it themselves after `SHARED_WAIT`.
+    /// Fetches a manifest (a tag's is recorded). With a shared tier, one replica at a time
+    /// GETs a given manifest from the upstream (`Cache::once_across_replicas`); the others
+    /// take it from the shared tier when it lands there.
     pub(super) async fn fetch(
         &self,
         up: &Arc<Upstream>,
@@ -64,48 +64,25 @@ impl Manifests {
         reference: &Reference,
         accept: Option<&str>,
     ) -> Result<Arc<Manifest>, Error> {
-        if !self.cache.is_shared() {
-            return self.fetch_and_record(up, name, reference, accept).await;
-        }
-        let lease_key =
+        let key =
             Digest::sha256_of(format!("manifest\0{}\0{name}\0{reference}", up.name).as_bytes());
-        match self.cache.claim(&lease_key).await {
-            Claim::Mine(lease) => {
-                // The tag is recorded before the lease goes. Its copies in the bucket (record
-                // and manifest) are written in the background, so a waiter that sees the lease
-                // gone polls a few more times for them (`released_polls`) before fetching.
-                let fetched = self.fetch_and_record(up, name, reference, accept).await;
-                self.cache.release(lease).await;
-                fetched
-            }
-            Claim::Theirs => {
-                let start = clock::Instant::now();
-                let mut released_polls = 0;
-                while start.elapsed() < SHARED_WAIT {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    let found = match reference {
-                        Reference::Digest(d) => self.cached(d).await.ok().flatten(),
-                        Reference::Tag(tag) => {
-                            let key = (up.name.clone(), name.clone(), tag.clone());
-                            self.shared_tag(&key, accept, up.tag_ttl).await
-                        }
-                    };
-                    // A tag found there was adopted with the other replica's record.
-                    if let Some(m) = found.filter(|m| accepts(accept, &m.media_type)) {
-                        return Ok(m);
-                    }
-                    // Released without a result we can use: give the last writes a moment.
-                    if !self.cache.lease_held(&lease_key).await {
-                        released_polls += 1;
-                        if released_polls > 3 {
-                            break;
-                        }
-                    }
+        // What another replica's fetch leaves in the shared tier: the manifest by digest, or
+        // the tag's record (adopted with that replica's confirmation time).
+        let landed = || async {
+            let found = match reference {
+                Reference::Digest(d) => self.cached(d).await.ok().flatten(),
+                Reference::Tag(tag) => {
+                    let key = (up.name.clone(), name.clone(), tag.clone());
+                    self.shared_tag(&key, accept, up.tag_ttl).await
                 }
-                self.fetch_and_record(up, name, reference, accept).await
-            }
-            Claim::None => self.fetch_and_record(up, name, reference, accept).await,
-        }
+            };
+            found.filter(|m| accepts(accept, &m.media_type))
+        };
+        self.cache
+            .once_across_replicas(&key, landed, || {
+                self.fetch_and_record(up, name, reference, accept)
+            })
+            .await
     }
 
     /// Fetches a manifest from the upstream; when asked by tag, records the tag (once: on

@@ -28,7 +28,6 @@ use http::{header, HeaderMap, HeaderValue};
 use serde::{Deserialize, Serialize};
 
 use crate::cache::records::media_type_in;
-use crate::cache::tier::Claim;
 use crate::cache::{Cache, Outcome, Record};
 use crate::clock::{self, Clock};
 use crate::coalesce::Coalesce;
@@ -138,8 +137,6 @@ pub struct Manifests {
 
 /// How long a referrers answer is served without asking again.
 const REFERRERS_TTL: Duration = Duration::from_secs(60);
-/// How long a replica waits for another replica's fetch of the same manifest.
-const SHARED_WAIT: Duration = Duration::from_secs(15);
 
 impl Manifests {
     pub fn new(
