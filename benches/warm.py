@@ -19,8 +19,11 @@ prints:
             (bytes of transfers still under way at its end count too)
   reqs      responses completed in the window
   ttfb p50/p99  ms from writing a request to the first byte of its response
-  rss       ocicache: VmHWM (the peak so far) after the step; nginx: the sum of VmRSS of
-            master and workers after the step
+  rss       peaks during the step, sampled every 50 ms from /proc/PID/status (nginx: the
+            sums over master and workers): VmRSS, and for ocicache also its parts RssAnon
+            (its own heap and stacks) and RssFile (pages of the page cache mapped into
+            it: ocicache serves committed blobs from memory maps, and every mapped page it
+            touched counts in its RSS, though that memory is the page cache's)
 Every response must be 200 with the expected length, else the step is marked `ERR`.
 
 Usage: warm.py BINARY DIR [--seconds D] [--clients 1,10,100,500]
@@ -34,6 +37,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 BIG = 64 << 20
@@ -106,6 +110,32 @@ def children(pid):
             return [int(p) for p in f.read().split()]
     except OSError:
         return []
+
+
+class Sampler(threading.Thread):
+    """Peaks of a few /proc/PID/status fields (KiB, summed over `pids()`) while it runs."""
+
+    FIELDS = ("VmRSS", "RssAnon", "RssFile")
+
+    def __init__(self, pids):
+        super().__init__(daemon=True)
+        self.pids = pids
+        self.peak = dict.fromkeys(self.FIELDS, 0)
+        self.stopping = threading.Event()
+
+    def run(self):
+        while not self.stopping.wait(0.05):
+            now = dict.fromkeys(self.FIELDS, 0)
+            for pid in self.pids():
+                for f in self.FIELDS:
+                    now[f] += proc_kib(pid, f)
+            for f in self.FIELDS:
+                self.peak[f] = max(self.peak[f], now[f])
+
+    def stop(self):
+        self.stopping.set()
+        self.join()
+        return {f: v / 1024 for f, v in self.peak.items()}
 
 
 def loadavg():
@@ -336,9 +366,9 @@ def main():
     print("# %s, %d cores, load average %s at the start"
           % (time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), os.cpu_count(), loadavg()))
     print("# %d s per step; ocicache pid %d, nginx pid %d" % (a.seconds, oci.pid, ngx.pid))
-    print("%-6s %7s | %9s %7s %8s %8s %8s | %9s %7s %8s %8s %8s | %5s"
+    print("%-6s %7s | %9s %7s %8s %8s %8s | %9s %7s %8s %8s %8s %8s %8s | %5s"
           % ("blob", "clients", "nginx MB/s", "reqs", "ttfb p50", "p99", "rss MiB",
-             "ocicache MB/s", "reqs", "ttfb p50", "p99", "peak MiB", "ratio"))
+             "ocicache MB/s", "reqs", "ttfb p50", "p99", "rss MiB", "anon", "file", "ratio"))
     step = 0
     try:
         for wname in a.workloads.split(","):
@@ -350,14 +380,18 @@ def main():
                     order.reverse()
                 step += 1
                 for name, port in order:
+                    pids = {"nginx": lambda: [ngx.pid] + children(ngx.pid),
+                            "ocicache": lambda: [oci.pid]}[name]
+                    sampler = Sampler(pids)
+                    sampler.start()
                     res[name] = asyncio.run(load(port, paths, expected, c, a.seconds))
-                nginx_rss = sum(proc_kib(p, "VmRSS") for p in [ngx.pid] + children(ngx.pid)) / 1024
-                oci_peak = proc_kib(oci.pid, "VmHWM") / 1024
+                    res[name]["rss"] = sampler.stop()
                 n, o = res["nginx"], res["ocicache"]
                 flag = " ERR" if n["errors"] or o["errors"] else ""
-                print("%-6s %7d | %10.0f %7d %8.1f %8.1f %8.1f | %13.0f %7d %8.1f %8.1f %8.1f | %5.2f%s"
-                      % (wname, c, n["mbs"], n["reqs"], n["p50"], n["p99"], nginx_rss,
-                         o["mbs"], o["reqs"], o["p50"], o["p99"], oci_peak,
+                print("%-6s %7d | %10.0f %7d %8.1f %8.1f %8.1f | %13.0f %7d %8.1f %8.1f %8.1f %8.1f %8.1f | %5.2f%s"
+                      % (wname, c, n["mbs"], n["reqs"], n["p50"], n["p99"], n["rss"]["VmRSS"],
+                         o["mbs"], o["reqs"], o["p50"], o["p99"], o["rss"]["VmRSS"],
+                         o["rss"]["RssAnon"], o["rss"]["RssFile"],
                          o["mbs"] / n["mbs"] if n["mbs"] else float("nan"), flag), flush=True)
                 for name in order:
                     for e in res[name[0]]["errors"][:3]:
