@@ -251,6 +251,7 @@ fn gc_bounded(
 ) -> Result<GcReport, Error> {
     let store = Store::open_for_maintenance(dir, "cache gc")?;
     let mut report = GcReport::default();
+    let mut last_total = u64::MAX;
     loop {
         let mut total: u64 = 0;
         let mut histogram = Histogram::new(buckets);
@@ -260,9 +261,12 @@ fn gc_bounded(
             Ok(())
         })?;
         report.remaining = total;
-        if total <= max_bytes {
+        // The second test ends the rounds if the last one shrank nothing (files that cannot
+        // be unlinked), where another would find the same blobs again.
+        if total <= max_bytes || total >= last_total {
             return Ok(report);
         }
+        last_total = total;
         let need = total - max_bytes;
         let (from, to, _) = histogram.cutoff(need);
         drop(histogram);
