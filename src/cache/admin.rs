@@ -6,8 +6,8 @@
 //! what gc or verify removed. While a command runs, a server does not start on the folder.
 //!
 //! A folder may hold millions of blobs: stats keeps nothing per blob, verify hashes them as
-//! it walks, and gc keeps what ordering by recency needs (size, time, raw digest: 64 bytes a
-//! blob), never paths or strings.
+//! it walks, and gc finds its cutoff time with a bounded histogram of modification times and
+//! deletes in a second walk (a few MiB whatever the count), never a record per blob.
 
 use std::io::{self, Read};
 use std::path::Path;
@@ -112,11 +112,88 @@ pub struct GcReport {
     pub remaining: u64,
 }
 
-/// What gc keeps of a blob to order the folder by recency.
+/// The most buckets gc's histogram of modification times holds (16 bytes each in a B-tree):
+/// past it, neighbours merge and each bucket spans twice the time.
+const BUCKETS: usize = 4096;
+
+/// The most blobs of the cutoff bucket gc orders in memory in one round (64 bytes each).
+const CUTOFF_BLOBS: usize = 65_536;
+
+/// Bytes per bucket of modification time, in buckets of `2^shift` nanoseconds: a bounded
+/// summary of the folder's recency order, coarser as the folder's times spread.
+#[derive(Debug)]
+struct Histogram {
+    max: usize,
+    shift: u32,
+    buckets: std::collections::BTreeMap<u64, u64>,
+}
+
+impl Histogram {
+    fn new(max: usize) -> Histogram {
+        Histogram {
+            max: max.max(2),
+            shift: 0,
+            buckets: Default::default(),
+        }
+    }
+
+    fn add(&mut self, ns: u64, size: u64) {
+        *self.buckets.entry(ns >> self.shift).or_default() += size;
+        while self.buckets.len() > self.max {
+            // Ends before the shift reaches 64: at 63 there are at most 2 keys.
+            self.shift += 1;
+            let old = std::mem::take(&mut self.buckets);
+            for (k, bytes) in old {
+                *self.buckets.entry(k >> 1).or_default() += bytes;
+            }
+        }
+    }
+
+    /// The oldest bucket by whose end `need` bytes are reached: its span `[from, to)` in
+    /// nanoseconds and the bytes of the buckets before it (less than `need`).
+    fn cutoff(&self, need: u64) -> (u64, u64, u64) {
+        let mut before = 0u64;
+        for (&k, &bytes) in &self.buckets {
+            if before.saturating_add(bytes) >= need {
+                let from = k << self.shift;
+                let to = u64::try_from((u128::from(k) + 1) << self.shift).unwrap_or(u64::MAX);
+                return (from, to, before);
+            }
+            before += bytes;
+        }
+        (u64::MAX, u64::MAX, before)
+    }
+}
+
+/// Nanoseconds since the epoch (0 before it): what the histogram and the ordering compare.
+fn nanos(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// A blob of the cutoff bucket: what gc keeps to delete it in recency order.
 struct Candidate {
-    modified: SystemTime,
+    modified: u64,
     size: u64,
     digest: RawDigest,
+}
+
+// Ordered by time alone, for the heap that keeps the oldest of the cutoff bucket.
+impl PartialEq for Candidate {
+    fn eq(&self, other: &Self) -> bool {
+        self.modified == other.modified
+    }
+}
+impl Eq for Candidate {}
+impl PartialOrd for Candidate {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Candidate {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.modified.cmp(&other.modified)
+    }
 }
 
 /// A digest as bytes: 32 inline for sha256 (nearly every blob), sha512's 64 boxed so that
@@ -152,39 +229,99 @@ impl RawDigest {
 }
 
 /// Deletes the least recently used blobs until the cache holds at most `max_bytes`.
+///
+/// In bounded memory, whatever the number of blobs: a first walk sums the folder and builds
+/// a histogram of modification times ([`BUCKETS`] buckets); if the folder is over its bound,
+/// the histogram gives the bucket where the oldest blobs reach the bytes to free, and a
+/// second walk deletes every blob older than that bucket and keeps the oldest
+/// [`CUTOFF_BLOBS`] of the bucket itself, which are then deleted oldest first while bytes
+/// remain to free. Only when the cutoff bucket holds more than that (many blobs within a few
+/// nanoseconds of each other) and more of them must go does another round of two walks
+/// follow. So a folder within its bound costs one walk, one over it two.
 pub fn gc(dir: &Path, max_bytes: u64) -> Result<GcReport, Error> {
+    gc_bounded(dir, max_bytes, BUCKETS, CUTOFF_BLOBS)
+}
+
+/// [`gc`] with its bounds as arguments, so that tests reach every branch with few blobs.
+fn gc_bounded(
+    dir: &Path,
+    max_bytes: u64,
+    buckets: usize,
+    cutoff_blobs: usize,
+) -> Result<GcReport, Error> {
     let store = Store::open_for_maintenance(dir, "cache gc")?;
-    let mut total: u64 = 0;
-    let mut blobs = Vec::new();
-    store.walk(|blob| {
-        total += blob.size;
-        if let Some(digest) = RawDigest::of(&blob) {
-            blobs.push(Candidate {
-                modified: blob.modified,
+    let mut report = GcReport::default();
+    let mut last_total = u64::MAX;
+    loop {
+        let mut total: u64 = 0;
+        let mut histogram = Histogram::new(buckets);
+        store.walk(|blob| {
+            total += blob.size;
+            histogram.add(nanos(blob.modified), blob.size);
+            Ok(())
+        })?;
+        report.remaining = total;
+        // The second test ends the rounds if the last one shrank nothing (files that cannot
+        // be unlinked), where another would find the same blobs again.
+        if total <= max_bytes || total >= last_total {
+            return Ok(report);
+        }
+        last_total = total;
+        let need = total - max_bytes;
+        let (from, to, _) = histogram.cutoff(need);
+        drop(histogram);
+
+        let mut freed = 0u64;
+        let mut oldest = std::collections::BinaryHeap::<Candidate>::new();
+        store.walk(|blob| {
+            let modified = nanos(blob.modified);
+            if modified >= to {
+                return Ok(());
+            }
+            let Some(digest) = RawDigest::of(&blob) else {
+                return Ok(());
+            };
+            let c = Candidate {
+                modified,
                 size: blob.size,
                 digest,
-            });
-        }
-        Ok(())
-    })?;
-    let mut report = GcReport::default();
-    if total > max_bytes {
-        blobs.sort_unstable_by_key(|c| c.modified);
-        for c in blobs {
-            if total <= max_bytes {
+            };
+            if modified < from {
+                freed += remove(&store, &c, &mut report);
+            } else if oldest.len() < cutoff_blobs {
+                oldest.push(c);
+            } else if oldest
+                .peek()
+                .is_some_and(|newest| modified < newest.modified)
+            {
+                oldest.pop();
+                oldest.push(c);
+            }
+            Ok(())
+        })?;
+        let full = oldest.len() == cutoff_blobs;
+        for c in oldest.into_sorted_vec() {
+            if freed >= need {
                 break;
             }
-            let Some(digest) = c.digest.digest() else {
-                continue;
-            };
-            store.remove(&digest);
-            total -= c.size;
-            report.removed += 1;
-            report.freed += c.size;
+            freed += remove(&store, &c, &mut report);
+        }
+        report.remaining = total.saturating_sub(freed);
+        if freed >= need || !full {
+            return Ok(report);
         }
     }
-    report.remaining = total;
-    Ok(report)
+}
+
+/// Deletes one blob for gc, counting it; returns its size.
+fn remove(store: &Store, c: &Candidate, report: &mut GcReport) -> u64 {
+    let Some(d) = c.digest.digest() else {
+        return 0;
+    };
+    store.remove(&d);
+    report.removed += 1;
+    report.freed += c.size;
+    c.size
 }
 
 #[cfg(test)]
@@ -303,5 +440,81 @@ mod tests {
     #[test]
     fn gc_keeps_a_small_record_per_blob() {
         assert!(std::mem::size_of::<Candidate>() <= 64);
+    }
+
+    #[test]
+    fn the_histogram_stays_bounded_and_finds_the_bucket_that_reaches_the_bytes_to_free() {
+        let mut h = Histogram::new(BUCKETS);
+        // A million blobs of 10 bytes, one every millisecond: far more times than buckets.
+        for i in 0..1_000_000u64 {
+            h.add(1_700_000_000_000_000_000 + i * 1_000_000, 10);
+        }
+        assert!(h.buckets.len() <= BUCKETS);
+        assert_eq!(h.buckets.values().sum::<u64>(), 10_000_000);
+        // Freeing the oldest 40 %: the cutoff bucket holds blob 400,000's time.
+        let (from, to, before) = h.cutoff(4_000_000);
+        let t = 1_700_000_000_000_000_000 + 399_999 * 1_000_000;
+        assert!(from <= t && t < to, "{from} {t} {to}");
+        assert!(before < 4_000_000);
+        let in_bucket = (to - from).div_ceil(1_000_000) * 10;
+        assert!(before + in_bucket >= 4_000_000);
+        // Nothing to reach: past every bucket.
+        assert_eq!(h.cutoff(u64::MAX).0, u64::MAX);
+    }
+
+    /// Puts `n` blobs of 100 bytes, blob `i` modified `base + i * step_ns`, oldest first.
+    fn put_aged(store: &Store, n: u32, step_ns: u64) -> Vec<Digest> {
+        let base = SystemTime::now() - std::time::Duration::from_secs(3600);
+        (0..n)
+            .map(|i| {
+                let mut data = [0u8; 100];
+                data[..4].copy_from_slice(&i.to_le_bytes());
+                let d = put(store, &data);
+                let f = std::fs::File::options()
+                    .write(true)
+                    .open(store.blob_path(&d))
+                    .unwrap();
+                f.set_modified(base + std::time::Duration::from_nanos(u64::from(i) * step_ns))
+                    .unwrap();
+                d
+            })
+            .collect()
+    }
+
+    #[test]
+    fn gc_in_bounded_memory_removes_exactly_the_oldest() {
+        let dir = tempfile::tempdir().unwrap();
+        // 500 blobs a millisecond apart, 8 buckets: each bucket spans about 60 blobs, more
+        // than the 16 gc orders in memory, so it takes several rounds.
+        let blobs = put_aged(&Store::open(dir.path()).unwrap(), 500, 1_000_000);
+        let keep = 123;
+        let r = gc_bounded(dir.path(), 100 * keep + 50, 8, 16).unwrap();
+        assert_eq!((r.removed, r.freed), (500 - keep, 100 * (500 - keep)));
+        assert_eq!(r.remaining, 100 * keep);
+        let store = Store::open(dir.path()).unwrap();
+        let (gone, kept) = blobs.split_at((500 - keep) as usize);
+        assert!(gone.iter().all(|d| !store.blob_path(d).exists()));
+        assert!(kept.iter().all(|d| store.blob_path(d).exists()));
+        drop(store);
+
+        // Within its bound: nothing goes.
+        let r = gc_bounded(dir.path(), 100 * keep, 8, 16).unwrap();
+        assert_eq!((r.removed, r.remaining), (0, 100 * keep));
+        // With the real bounds: one more blob over, the oldest goes.
+        let r = gc(dir.path(), 100 * (keep - 1)).unwrap();
+        assert_eq!((r.removed, r.remaining), (1, 100 * (keep - 1)));
+        let store = Store::open(dir.path()).unwrap();
+        assert!(!store.blob_path(&kept[0]).exists());
+        assert!(store.blob_path(&kept[1]).exists());
+    }
+
+    #[test]
+    fn gc_ends_when_many_blobs_share_one_time() {
+        let dir = tempfile::tempdir().unwrap();
+        // 100 blobs with the same time: one bucket that no histogram can split.
+        put_aged(&Store::open(dir.path()).unwrap(), 100, 0);
+        let r = gc_bounded(dir.path(), 100 * 30, 8, 16).unwrap();
+        assert_eq!((r.removed, r.remaining), (70, 100 * 30));
+        assert_eq!(stats(dir.path()).unwrap().entries, 30);
     }
 }
