@@ -283,11 +283,21 @@ where
         }
         #[cfg(test)]
         tests::FAST_LINES.with(|n| n.set(n.get() + 1));
-        if tracing_subscriber::fmt::time::SystemTime
-            .format_time(&mut writer)
-            .is_err()
+        // Not a decision: the log's wall time, read as the default format's timer reads it.
+        let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        match since_epoch
+            .ok()
+            .and_then(|d| timestamp(d.as_secs(), d.subsec_micros()))
         {
-            writer.write_str("<unknown time>")?;
+            Some(t) => writer.write_str(std::str::from_utf8(&t).expect("ascii"))?,
+            None => {
+                if tracing_subscriber::fmt::time::SystemTime
+                    .format_time(&mut writer)
+                    .is_err()
+                {
+                    writer.write_str("<unknown time>")?;
+                }
+            }
         }
         let level = match *meta.level() {
             tracing::Level::TRACE => "TRACE",
@@ -304,6 +314,57 @@ where
         writer.write_str(&fields.out)?;
         writer.write_char('\n')
     }
+}
+
+/// `secs` and `micros` since the epoch as the default format writes them (RFC 3339, UTC,
+/// `2026-12-01T21:11:09.906502Z`), for the years 1970 to 9999. The date and time to the
+/// second are made once a second (per thread): most of the default timer's cost.
+fn timestamp(secs: u64, micros: u32) -> Option<[u8; 27]> {
+    use std::cell::Cell;
+    thread_local! {
+        static SECOND: Cell<Option<(u64, [u8; 19])>> = const { Cell::new(None) };
+    }
+    if secs > 253_402_300_799 {
+        return None; // after 9999: the default writes the year its own way
+    }
+    let two = |out: &mut [u8], v: u64| {
+        out[0] = b'0' + (v / 10) as u8;
+        out[1] = b'0' + (v % 10) as u8;
+    };
+    let head = match SECOND.with(Cell::get) {
+        Some((s, head)) if s == secs => head,
+        _ => {
+            // Days to a civil date (the proleptic Gregorian calendar, from 0000-03-01).
+            let z = secs / 86_400 + 719_468;
+            let era = z / 146_097;
+            let doe = z - era * 146_097;
+            let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+            let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+            let mp = (5 * doy + 2) / 153;
+            let day = doy - (153 * mp + 2) / 5 + 1;
+            let month = if mp < 10 { mp + 3 } else { mp - 9 };
+            let year = yoe + era * 400 + u64::from(month <= 2);
+            let t = secs % 86_400;
+            let mut head = *b"0000-00-00T00:00:00";
+            two(&mut head[0..2], year / 100);
+            two(&mut head[2..4], year % 100);
+            two(&mut head[5..7], month);
+            two(&mut head[8..10], day);
+            two(&mut head[11..13], t / 3_600);
+            two(&mut head[14..16], t / 60 % 60);
+            two(&mut head[17..19], t % 60);
+            SECOND.with(|c| c.set(Some((secs, head))));
+            head
+        }
+    };
+    let mut out = *b"0000-00-00T00:00:00.000000Z";
+    out[..19].copy_from_slice(&head);
+    let mut m = micros;
+    for i in (20..26).rev() {
+        out[i] = b'0' + (m % 10) as u8;
+        m /= 10;
+    }
+    Some(out)
 }
 
 /// The request line's fields as the default format writes them: `message` bare (control
@@ -467,6 +528,22 @@ mod tests {
                 .join("\n")
         };
         (run(false), run(true))
+    }
+
+    #[test]
+    fn timestamps_as_the_default_format_writes_them() {
+        let t =
+            |secs, micros| String::from_utf8(timestamp(secs, micros).unwrap().to_vec()).unwrap();
+        assert_eq!(t(0, 0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(t(951_782_400, 7), "2000-02-29T00:00:00.000007Z");
+        assert_eq!(t(951_868_799, 999_999), "2000-02-29T23:59:59.999999Z");
+        assert_eq!(t(1_796_083_199, 906_502), "2026-11-30T23:59:59.906502Z");
+        // The same second again (cached), then the next day.
+        assert_eq!(t(1_796_083_199, 1), "2026-11-30T23:59:59.000001Z");
+        assert_eq!(t(1_796_083_200, 0), "2026-12-01T00:00:00.000000Z");
+        assert_eq!(t(4_102_444_800, 0), "2100-01-01T00:00:00.000000Z");
+        assert_eq!(t(253_402_300_799, 0), "9999-12-31T23:59:59.000000Z");
+        assert!(timestamp(253_402_300_800, 0).is_none());
     }
 
     #[test]
