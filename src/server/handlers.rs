@@ -1,12 +1,11 @@
 //! Request handlers: route, validate, answer from the cache or through it; the answer goes
 //! out with its log line, written when its body ends (see `body::Logged`).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use super::body::{self, Body};
@@ -19,10 +18,19 @@ use crate::reference::{Digest, Reference};
 use crate::route::{self, Endpoint, Target};
 use crate::upstream::Upstream;
 
+/// Header names set on every answer, made once: `insert` with a `&str` parses and checks
+/// the name on each call, a measurable share of a cached manifest's answer.
+const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api-version");
+const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+const OCI_NAMESPACE: HeaderName = HeaderName::from_static("oci-namespace");
+const DOCKER_CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
+
+/// Answers one request; `peer` is the client's address, formatted once per connection for
+/// the log lines.
 pub async fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
-    peer: SocketAddr,
+    peer: Arc<str>,
 ) -> Response<body::Logged> {
     let started = Instant::now();
     let method = req.method().clone();
@@ -79,10 +87,8 @@ pub async fn handle(
             resp
         }
     };
-    resp.headers_mut().insert(
-        "docker-distribution-api-version",
-        HeaderValue::from_static("registry/2.0"),
-    );
+    resp.headers_mut()
+        .insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
     let status = resp.status();
     state
         .metrics
@@ -100,7 +106,7 @@ pub async fn handle(
     let outcome = resp.extensions_mut().remove::<Outcome>();
     if let Some(o) = outcome {
         resp.headers_mut()
-            .insert("x-cache", HeaderValue::from_static(o.x_cache()));
+            .insert(X_CACHE, HeaderValue::from_static(o.x_cache()));
     }
     let expected = if method == Method::HEAD {
         Some(0)
@@ -199,7 +205,7 @@ async fn dispatch(
 fn with_target(resp: &mut Response<Body>, target: &Target) {
     if let Some(ns) = &target.namespace {
         if let Ok(v) = HeaderValue::from_str(ns) {
-            resp.headers_mut().insert("oci-namespace", v);
+            resp.headers_mut().insert(OCI_NAMESPACE, v);
         }
     }
 }
@@ -262,14 +268,25 @@ fn metrics(state: &State) -> Response<Body> {
     resp
 }
 
-/// The client's `Accept` headers as one list.
-fn accept_list(headers: &HeaderMap) -> Option<String> {
-    let parts: Vec<&str> = headers
+/// The client's `Accept` headers as one list; borrowed when there is one header (the usual
+/// case: nothing is allocated).
+fn accept_list(headers: &HeaderMap) -> Option<std::borrow::Cow<'_, str>> {
+    let mut parts = headers
         .get_all(header::ACCEPT)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    (!parts.is_empty()).then(|| parts.join(", "))
+        .filter_map(|v| v.to_str().ok());
+    let first = parts.next()?;
+    match parts.next() {
+        None => Some(std::borrow::Cow::Borrowed(first)),
+        Some(second) => {
+            let mut all = format!("{first}, {second}");
+            for p in parts {
+                all.push_str(", ");
+                all.push_str(p);
+            }
+            Some(std::borrow::Cow::Owned(all))
+        }
+    }
 }
 
 async fn manifest(
@@ -286,8 +303,9 @@ async fn manifest(
         .await?;
     let m = &ans.value;
     let mut resp = Response::new(body::full(m.bytes.clone()));
+    // The headers were built with the manifest: one copy of the map, nothing parsed.
+    *resp.headers_mut() = m.headers.clone();
     let h = resp.headers_mut();
-    h.extend(m.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
     if ans.outcome.is_stale() {
         h.insert(header::WARNING, stale_warning());
     }
@@ -361,7 +379,7 @@ fn blob_headers(
             .and_then(|m| HeaderValue::from_str(m).ok())
             .unwrap_or(HeaderValue::from_static("application/octet-stream")),
     );
-    h.insert("docker-content-digest", digest_value(digest));
+    h.insert(DOCKER_CONTENT_DIGEST, digest_value(digest));
     h.insert(header::ETAG, etag(digest));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     resp.extensions_mut().insert(outcome);
@@ -385,7 +403,7 @@ async fn blob_get(
                 .map_err(|e| std::io::Error::other(format!("presigned URL: {e}")))?;
             let h = resp.headers_mut();
             h.insert(header::LOCATION, location);
-            h.insert("docker-content-digest", digest_value(digest));
+            h.insert(DOCKER_CONTENT_DIGEST, digest_value(digest));
             resp.extensions_mut().insert(Outcome::Redirect);
             return Ok(resp);
         }

@@ -210,8 +210,11 @@ async fn serve_connection<I>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // Formatted once: every request's log line names the peer.
+    let peer_text: Arc<str> = Arc::from(peer.to_string());
     let service = service_fn(move |req| {
         let state = state.clone();
+        let peer = peer_text.clone();
         async move { Ok::<_, std::convert::Infallible>(handlers::handle(state, req, peer).await) }
     });
     let conn = builder.serve_connection_with_upgrades(io, service);

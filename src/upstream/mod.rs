@@ -136,12 +136,20 @@ impl Upstream {
         if self.name == host {
             return true;
         }
-        let authority = match (self.base.host_str(), self.base.port()) {
-            (Some(h), Some(p)) => format!("{h}:{p}"),
-            (Some(h), None) => h.to_string(),
-            _ => return false,
-        };
-        authority == host
+        // Compared in place: this runs for every request routed by name (nothing allocated).
+        match (self.base.host_str(), self.base.port()) {
+            (Some(h), Some(p)) => host
+                .strip_prefix(h)
+                .and_then(|rest| rest.strip_prefix(':'))
+                .is_some_and(|port| {
+                    // The port as `{p}` writes it: digits, no leading zero.
+                    port.bytes().all(|b| b.is_ascii_digit())
+                        && !(port.len() > 1 && port.starts_with('0'))
+                        && port.parse() == Ok(p)
+                }),
+            (Some(h), None) => h == host,
+            _ => false,
+        }
     }
 
     /// A blob's body, whole or the bytes `range.0..=range.1` of it.
@@ -475,6 +483,39 @@ impl crate::route::UpstreamNames for Upstreams {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_upstream_answers_to_its_name_and_its_urls_authority() {
+        let up = |url: &str| {
+            let cfg: crate::config::UpstreamConfig = figment::Figment::from(
+                figment::providers::Serialized::defaults(serde_json::json!({
+                    "name": "mirror",
+                    "url": url,
+                })),
+            )
+            .extract()
+            .unwrap();
+            Upstream::new(&cfg, Arc::new(Metrics::new())).unwrap()
+        };
+        let with_port = up("http://127.0.0.1:5000");
+        assert!(with_port.answers_to("mirror"));
+        assert!(with_port.answers_to("127.0.0.1:5000"));
+        for other in [
+            "127.0.0.1",
+            "127.0.0.1:",
+            "127.0.0.1:05000",
+            "127.0.0.1:+5000",
+            "127.0.0.1:50000",
+            "127.0.0.2:5000",
+            "mirror:5000",
+        ] {
+            assert!(!with_port.answers_to(other), "{other}");
+        }
+        let without = up("https://registry.example");
+        assert!(without.answers_to("registry.example"));
+        assert!(!without.answers_to("registry.example:443"));
+        assert!(!without.answers_to("registry"));
+    }
 
     #[test]
     fn link_headers() {
