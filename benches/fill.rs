@@ -34,7 +34,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput};
-use ocicache::cache::fill::{Progress, Sink};
+use ocicache::cache::fill::Sink;
+use ocicache::cache::Progress;
 use ocicache::reference::{Algorithm, DigestHasher};
 use sha2::{Digest as _, Sha256};
 

@@ -20,7 +20,8 @@
 //! - [`cache`]: where bytes come from, decided once: the tiers (`cache::tier`, the trait;
 //!   `cache::local`, the disk store and its LRU index, always first; `cache::bucket`, the
 //!   S3-compatible tier shared by replicas: objects, leases, uploads, GC), the fills that
-//!   stream misses in, verified (`cache::fill`, on the disk pool of `cache::disk`),
+//!   stream misses in, verified (`cache::fill`, on the disk pool of `cache::disk`), what
+//!   their readers and every hit read through (`cache::source`),
 //!   manifests and records through the tiers (`cache::records`), the outcome of a request
 //!   (`cache::outcome`) and the offline commands (`cache::admin`).
 //! - [`upstream`]: a registry client that speaks the domain (blob, blob size, manifest, tag

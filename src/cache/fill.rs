@@ -5,11 +5,10 @@
 //! upstream, or from the shared tier) into a temp file while hashing it. The fill publishes
 //! its progress on a `watch` channel: how many bytes are on disk, then `Done` or `Failed`.
 //! Every client of that digest (the one that caused the miss and all that join while it
-//! runs) gets a [`Reader`] over the same file, at its own offset, up to the bytes written so
-//! far; it waits on the channel when it has caught up. A reader that keeps up takes the
-//! fill's last chunks from memory (`Recent`); one further behind reads the file through
-//! mapped windows (`map_window`). So a joining client gets its first byte as soon as there
-//! is one on disk, a slow client slows nobody, and memory is a window per reader.
+//! runs) gets a `Reader` over the same file, at its own offset, up to the bytes written so
+//! far; it waits on the channel when it has caught up (the reading side is `source`). So a
+//! joining client gets its first byte as soon as there is one on disk, a slow client slows
+//! nobody, and memory is a window per reader.
 //!
 //! The end is all or nothing. When the stream ends, length and digest are checked; only then
 //! is the file fsynced and renamed into `blobs/` (the inode is the same, so readers go on
@@ -32,38 +31,24 @@ use std::future::Future;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::disk::Lane;
+use super::source::{lock, Progress, Recent, Source};
 use super::Cache;
 use crate::clock::Instant;
 use crate::error::{Error, UpstreamError};
 use crate::reference::{Algorithm, Digest, DigestHasher};
 
-/// Largest chunk a reader takes from the file at once.
-const READ_CHUNK: usize = 256 << 10;
 /// Chunks of one fill queued for its disk thread and not yet written. A chunk is a network
 /// frame (up to a few hundred KiB on a fast link), so this bounds a fill's memory to a few
 /// MiB when the disk or the hash falls behind.
 const WRITE_QUEUE: usize = 16;
-
-/// Where a fill is, as every reader sees it.
-#[derive(Debug, Clone)]
-pub enum Progress {
-    /// Waiting for its turn (`cache.max_fills`), then for the upstream's response headers.
-    Connecting,
-    /// `written` bytes are on disk; `size` is the upstream's `Content-Length`, if it sent one.
-    Streaming { size: Option<u64>, written: u64 },
-    /// Verified and committed: the file holds exactly `size` bytes.
-    Done { size: u64 },
-    /// The fill failed; the temp file is gone.
-    Failed(Error),
-}
 
 /// A fill under way, shared by the task that runs it and its readers.
 pub struct Fill {
@@ -77,111 +62,15 @@ pub struct Fill {
     from_tier: Arc<AtomicBool>,
 }
 
-/// Locks `m` even if a thread panicked while holding it: the data guarded here (a fill's
-/// recent chunks, its disk state, the map of fills) is checked, not trusted, by its users,
-/// and a fill's guard must clean up after a panic (a second panic would abort the process).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// The most recent chunks of a fill, as the network delivered them (the same `Bytes` the
-/// file was written from). A reader that has caught up with the writer takes its next
-/// chunk from here: no read from the file, no copy, no blocking thread. A reader further
-/// behind than `RECENT_BYTES`, or whose chunk was not kept (the budget of all fills was
-/// spent), reads the file.
-struct Recent {
-    /// `(offset in the blob, chunk)`, in order; not contiguous when a chunk was not kept.
-    chunks: std::collections::VecDeque<(u64, Bytes)>,
-    bytes: usize,
-    /// What all fills together may keep.
-    budget: &'static Budget,
-}
-
-/// The most a fill keeps for its readers.
-const RECENT_BYTES: usize = 4 << 20;
-/// The most all fills together keep for their readers. Past it, a fill keeps fewer chunks
-/// and its readers read the file (from the page cache: it was just written).
-const RECENT_BUDGET: usize = 64 << 20;
-
-/// Bytes shared by all fills' `Recent`, taken and given back atomically.
-struct Budget {
-    used: AtomicUsize,
-    cap: usize,
-}
-
-static BUDGET: Budget = Budget {
-    used: AtomicUsize::new(0),
-    cap: RECENT_BUDGET,
-};
-
-impl Budget {
-    fn take(&self, n: usize) -> bool {
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                (used + n <= self.cap).then_some(used + n)
-            })
-            .is_ok()
-    }
-
-    fn give(&self, n: usize) {
-        self.used.fetch_sub(n, Ordering::AcqRel);
-    }
-}
-
-impl Default for Recent {
-    fn default() -> Self {
-        Recent::within(&BUDGET)
-    }
-}
-
-impl Drop for Recent {
-    fn drop(&mut self) {
-        self.budget.give(self.bytes);
-    }
-}
-
-impl Recent {
-    fn within(budget: &'static Budget) -> Recent {
-        Recent {
-            chunks: Default::default(),
-            bytes: 0,
-            budget,
-        }
-    }
-
-    /// Keeps `chunk`, written at `at`, making room with this fill's oldest chunks when it is
-    /// over its own bound or the budget is spent; if there is still no room, the chunk is not
-    /// kept.
-    fn push(&mut self, at: u64, chunk: Bytes) {
-        let len = chunk.len();
-        loop {
-            if self.bytes + len <= RECENT_BYTES && self.budget.take(len) {
-                self.bytes += len;
-                self.chunks.push_back((at, chunk));
-                return;
-            }
-            let Some((_, old)) = self.chunks.pop_front() else {
-                return;
-            };
-            self.bytes -= old.len();
-            self.budget.give(old.len());
-        }
-    }
-
-    /// The bytes from `pos` (up to `limit`, exclusive) if they are still here: the rest of
-    /// the chunk that holds `pos`.
-    fn slice(&self, pos: u64, limit: u64) -> Option<Bytes> {
-        let i = self
-            .chunks
-            .partition_point(|(at, _)| *at <= pos)
-            .checked_sub(1)?;
-        let (at, chunk) = &self.chunks[i];
-        let off = (pos - at) as usize;
-        if off >= chunk.len() || pos >= limit {
-            return None;
-        }
-        let len = (chunk.len() - off).min((limit - pos) as usize);
-        Some(chunk.slice(off..off + len))
+impl Source {
+    /// The growing file of `fill`, for one more reader.
+    pub fn filling(fill: &Fill) -> Source {
+        Source::of_fill(
+            fill.file.clone(),
+            fill.progress.clone(),
+            fill.recent.clone(),
+            fill.from_tier.clone(),
+        )
     }
 }
 
@@ -685,327 +574,10 @@ impl Sink {
     }
 }
 
-/// A blob to serve: a committed file, or the growing file of a fill.
-#[derive(Clone)]
-pub struct Source {
-    file: Arc<File>,
-    /// `None` for a committed file: every byte is there.
-    progress: Option<watch::Receiver<Progress>>,
-    /// A fill's last chunks.
-    recent: Option<Arc<Mutex<Recent>>>,
-    /// Known size of a committed file.
-    size: Option<u64>,
-    /// The media type, when the blob is a manifest.
-    pub media_type: Option<String>,
-    /// A fill's flag: fed by a tier behind the local one.
-    from_tier: Option<Arc<AtomicBool>>,
-}
-
-impl Source {
-    pub fn committed(file: File, size: u64, media_type: Option<String>) -> Source {
-        Source {
-            file: Arc::new(file),
-            progress: None,
-            recent: None,
-            size: Some(size),
-            media_type,
-            from_tier: None,
-        }
-    }
-
-    pub fn filling(fill: &Fill) -> Source {
-        Source {
-            file: fill.file.clone(),
-            progress: Some(fill.progress.clone()),
-            recent: Some(fill.recent.clone()),
-            size: None,
-            media_type: None,
-            from_tier: Some(fill.from_tier.clone()),
-        }
-    }
-
-    /// Is this served from a fill (bytes coming from the upstream or the bucket right now)?
-    pub fn is_fill(&self) -> bool {
-        self.progress.is_some()
-    }
-
-    /// Is this a fill fed by a tier behind the local one (the bucket), not the upstream?
-    /// Known once [`Source::size`] has answered.
-    pub fn is_from_tier(&self) -> bool {
-        self.from_tier
-            .as_ref()
-            .is_some_and(|f| f.load(Ordering::Acquire))
-    }
-
-    /// The blob's size: at once for a committed file; for a fill, once the upstream has
-    /// announced it (or, without a `Content-Length`, once the fill is done). A fill that
-    /// fails first gives its error.
-    pub async fn size(&mut self) -> Result<u64, Error> {
-        if let Some(s) = self.size {
-            return Ok(s);
-        }
-        let rx = self
-            .progress
-            .as_mut()
-            .expect("a source without size is a fill");
-        loop {
-            match &*rx.borrow_and_update() {
-                Progress::Streaming { size: Some(s), .. } | Progress::Done { size: s } => {
-                    self.size = Some(*s);
-                    return Ok(*s);
-                }
-                Progress::Failed(e) => return Err(e.clone()),
-                Progress::Connecting | Progress::Streaming { size: None, .. } => {}
-            }
-            if rx.changed().await.is_err() {
-                return Err(Error::from(io::Error::other("fill ended without a result")));
-            }
-        }
-    }
-
-    /// A reader of bytes `start..end` (exclusive).
-    pub fn reader(&self, start: u64, end: u64) -> Reader {
-        Reader {
-            file: self.file.clone(),
-            progress: self.progress.clone(),
-            recent: self.recent.clone(),
-            pos: start,
-            end,
-        }
-    }
-}
-
-/// Reads a range of a blob at its own pace, waiting for a fill to write the bytes.
-pub struct Reader {
-    file: Arc<File>,
-    progress: Option<watch::Receiver<Progress>>,
-    recent: Option<Arc<Mutex<Recent>>>,
-    pos: u64,
-    end: u64,
-}
-
-impl Reader {
-    /// The next chunk, `None` at the end, or an error if the fill failed.
-    pub async fn next_chunk(&mut self) -> Option<io::Result<Bytes>> {
-        if self.pos >= self.end {
-            return self.finish().await;
-        }
-        let available = match &mut self.progress {
-            None => self.end,
-            Some(rx) => loop {
-                let state = rx.borrow_and_update().clone();
-                let available = match state {
-                    Progress::Connecting => 0,
-                    // The last byte of the range waits for the verdict: a client must never
-                    // hold a complete body that later proves wrong (it could not tell).
-                    Progress::Streaming { written, .. } => written.min(self.end - 1),
-                    Progress::Done { size } if size < self.end => {
-                        return self.fail(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "blob is shorter than announced",
-                        ));
-                    }
-                    Progress::Done { size } => size,
-                    Progress::Failed(e) => return self.fail(io::Error::other(e.to_string())),
-                };
-                if available > self.pos {
-                    break available;
-                }
-                if rx.changed().await.is_err() {
-                    return self.fail(io::Error::other("fill ended without a result"));
-                }
-            },
-        };
-        let limit = available.min(self.end);
-        if let Some(recent) = &self.recent {
-            let hit = lock(recent).slice(self.pos, limit);
-            if let Some(chunk) = hit {
-                self.pos += chunk.len() as u64;
-                return Some(Ok(chunk));
-            }
-        }
-        let len = (limit - self.pos).min(READ_CHUNK as u64) as usize;
-        debug_assert!(len > 0);
-        // Below `available`, every byte is on disk: a mapped window is safe (see map_window).
-        let read = if len >= MAP_MIN {
-            map_window(&self.file, self.pos, len)
-        } else {
-            read_at(self.file.clone(), self.pos, len).await
-        };
-        match read {
-            Ok(chunk) => {
-                self.pos += len as u64;
-                Some(Ok(chunk))
-            }
-            Err(e) => self.fail(e),
-        }
-    }
-
-    /// Ends the reader with `e`: no chunk comes after an error.
-    fn fail(&mut self, e: io::Error) -> Option<io::Result<Bytes>> {
-        self.pos = self.end;
-        self.progress = None;
-        Some(Err(e))
-    }
-
-    /// The end of the range: for a fill, only once the whole blob is verified (the last byte
-    /// was held back until then, see above).
-    async fn finish(&mut self) -> Option<io::Result<Bytes>> {
-        let rx = self.progress.as_mut()?;
-        loop {
-            let state = rx.borrow_and_update().clone();
-            match state {
-                Progress::Done { .. } => {
-                    self.progress = None;
-                    return None;
-                }
-                Progress::Failed(e) => return self.fail(io::Error::other(e.to_string())),
-                Progress::Connecting | Progress::Streaming { .. } => {}
-            }
-            if rx.changed().await.is_err() {
-                return self.fail(io::Error::other("fill ended without a result"));
-            }
-        }
-    }
-
-    /// The reader as a stream of chunks. A committed range is served in mapped windows
-    /// (see `map_window`), or read at once when it is short.
-    pub fn into_stream(self) -> futures_util::stream::BoxStream<'static, io::Result<Bytes>> {
-        use futures_util::StreamExt;
-        if self.progress.is_none() {
-            let Reader { file, pos, end, .. } = self;
-            if end - pos >= MAP_MIN as u64 {
-                if let Some(stream) = mapped_stream(&file, pos, end) {
-                    return stream;
-                }
-                return futures_util::stream::iter((pos..end).step_by(READ_CHUNK))
-                    .then(move |at| {
-                        read_at(file.clone(), at, (end - at).min(READ_CHUNK as u64) as usize)
-                    })
-                    .boxed();
-            }
-            if end == pos {
-                return futures_util::stream::empty().boxed();
-            }
-            return futures_util::stream::once(read_at(file, pos, (end - pos) as usize)).boxed();
-        }
-        futures_util::stream::unfold(self, |mut r| async move {
-            let chunk = r.next_chunk().await?;
-            Some((chunk, r))
-        })
-        .boxed()
-    }
-}
-
-/// Reads at least this long are served from a memory map of the file.
-const MAP_MIN: usize = 64 << 10;
-/// A committed blob is sent in slices of this size from its map, each next one read ahead.
-const MAP_CHUNK: usize = 2 << 20;
-
-/// `len` bytes at `at` of `file`, as `Bytes` over a memory map of just that window: hyper
-/// writes the page cache to the socket, one copy fewer than `pread` into a buffer, and no
-/// blocking thread is needed when the pages are in memory (they are for a fill: just
-/// written). The map is dropped (unmapped) once hyper has written the chunk, so memory
-/// stays a window per response in flight.
-///
-/// Safe because the window is inside what is on disk and stays there: a fill's temp file
-/// only grows (readers map below the bytes written), and a committed blob's file is never
-/// written or truncated again (replaced by a rename, evicted by an unlink, which leaves
-/// mapped pages valid).
-fn map_window(file: &File, at: u64, len: usize) -> io::Result<Bytes> {
-    // SAFETY: see above: the mapped range is never truncated or modified.
-    let map = unsafe {
-        memmap2::MmapOptions::new()
-            .offset(at)
-            .len(len)
-            .populate()
-            .map(file)
-    }?;
-    Ok(Bytes::from_owner(map))
-}
-
-/// A slice of a memory-mapped blob, handed to hyper as `Bytes` without a copy.
-struct MapSlice {
-    map: Arc<memmap2::Mmap>,
-    at: usize,
-    len: usize,
-}
-
-impl AsRef<[u8]> for MapSlice {
-    fn as_ref(&self) -> &[u8] {
-        &self.map[self.at..self.at + self.len]
-    }
-}
-
-/// Serves `pos..end` of a committed blob from one map of the file, in `MAP_CHUNK` slices.
-/// The kernel is asked to read the next slice ahead (`WILLNEED`), and the pages of slices
-/// sent long ago are unmapped from this process (`DONTNEED`: they stay in the page cache),
-/// so the process's resident memory stays a few slices per response, not the whole blob.
-/// `None` (the caller reads with `pread`) if the file cannot be mapped.
-fn mapped_stream(
-    file: &File,
-    pos: u64,
-    end: u64,
-) -> Option<futures_util::stream::BoxStream<'static, io::Result<Bytes>>> {
-    use futures_util::StreamExt;
-    // SAFETY: a committed blob's file is never written or truncated (see `map_window`).
-    let map = unsafe { memmap2::Mmap::map(file) }.ok()?;
-    if (map.len() as u64) < end {
-        return None;
-    }
-    let _ = map.advise(memmap2::Advice::Sequential);
-    let map = Arc::new(map);
-    let (pos, end) = (pos as usize, end as usize);
-    let chunks = (pos..end)
-        .step_by(MAP_CHUNK)
-        .map(move |at| (at, (end - at).min(MAP_CHUNK)));
-    Some(
-        futures_util::stream::iter(chunks)
-            .map(move |(at, len)| {
-                let next = at + len;
-                if next < end {
-                    let ahead = (end - next).min(MAP_CHUNK);
-                    let _ = map.advise_range(memmap2::Advice::WillNeed, next, ahead);
-                }
-                let behind = 4 * MAP_CHUNK;
-                if at >= pos + behind {
-                    // SAFETY: DONTNEED on a read-only shared file map only drops this
-                    // process's page table entries; a later access reads the page cache
-                    // again, so slices hyper still holds stay valid.
-                    let _ = unsafe {
-                        map.unchecked_advise_range(
-                            memmap2::UncheckedAdvice::DontNeed,
-                            at - behind,
-                            MAP_CHUNK,
-                        )
-                    };
-                }
-                Ok(Bytes::from_owner(MapSlice {
-                    map: map.clone(),
-                    at,
-                    len,
-                }))
-            })
-            .boxed(),
-    )
-}
-
-/// Reads `len` bytes at `at` on a blocking thread.
-async fn read_at(file: Arc<File>, at: u64, len: usize) -> io::Result<Bytes> {
-    tokio::task::spawn_blocking(move || {
-        let mut buf = BytesMut::zeroed(len);
-        file.read_exact_at(&mut buf, at)?;
-        Ok(buf.freeze())
-    })
-    .await
-    .map_err(io::Error::other)?
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use futures_util::TryStreamExt;
-    use std::io::Write;
 
     /// A cache in `dir` with `max_fills` turns.
     fn cache(
@@ -1197,91 +769,5 @@ mod tests {
             (0, 0)
         );
         assert_eq!(temp_files(dir.path()), 0);
-    }
-
-    #[test]
-    fn recent_chunks_share_one_budget() {
-        let budget: &'static Budget = Box::leak(Box::new(Budget {
-            used: AtomicUsize::new(0),
-            cap: 3 << 20,
-        }));
-        let mb = |n: u8| Bytes::from(vec![n; 1 << 20]);
-        let mut a = Recent::within(budget);
-        let mut b = Recent::within(budget);
-        a.push(0, mb(1));
-        a.push(1 << 20, mb(2));
-        b.push(0, mb(3));
-        assert_eq!(budget.used.load(Ordering::SeqCst), 3 << 20);
-        // Spent: b makes room with its own oldest chunk.
-        b.push(1 << 20, mb(4));
-        assert!(b.slice(0, 10).is_none());
-        assert_eq!(b.slice(1 << 20, 2 << 20).unwrap(), mb(4));
-        // A fill with nothing to give back keeps nothing: its readers read the file.
-        let mut c = Recent::within(budget);
-        c.push(0, mb(5));
-        assert!(c.slice(0, 10).is_none());
-        drop(a);
-        assert_eq!(
-            budget.used.load(Ordering::SeqCst),
-            1 << 20,
-            "given back on drop"
-        );
-        c.push(1 << 20, mb(6));
-        assert_eq!(c.slice(1 << 20, 2 << 20).unwrap(), mb(6));
-        drop((b, c));
-        assert_eq!(budget.used.load(Ordering::SeqCst), 0);
-    }
-
-    #[test]
-    fn recent_chunks_are_sliced_and_bounded() {
-        let mut r = Recent::default();
-        let chunk = |n: u8, len: usize| Bytes::from(vec![n; len]);
-        r.push(0, chunk(1, 1000));
-        r.push(1000, chunk(2, 500));
-        assert_eq!(r.slice(0, 2000).unwrap(), chunk(1, 1000));
-        assert_eq!(r.slice(900, 2000).unwrap(), chunk(1, 100));
-        assert_eq!(
-            r.slice(1200, 1300).unwrap(),
-            chunk(2, 100),
-            "up to the limit"
-        );
-        assert!(r.slice(1500, 2000).is_none(), "not written yet");
-        assert!(r.slice(1200, 1200).is_none());
-        // Beyond the bound, the oldest go.
-        let mut at = 1500;
-        for _ in 0..5 {
-            r.push(at, chunk(3, 1 << 20));
-            at += 1 << 20;
-        }
-        assert!(r.bytes <= RECENT_BYTES);
-        assert!(
-            r.slice(0, 10).is_none(),
-            "dropped: the reader reads the file"
-        );
-        assert_eq!(r.slice(at - 10, at).unwrap().len(), 10);
-    }
-
-    /// Committed ranges, mapped (long) or read (short), at unaligned offsets.
-    #[tokio::test]
-    async fn committed_ranges_come_out_exact() {
-        let data: Vec<u8> = (0..5_000_003u32).map(|i| (i % 253) as u8).collect();
-        let mut f = tempfile::tempfile().unwrap();
-        f.write_all(&data).unwrap();
-        let src = Source::committed(f, data.len() as u64, None);
-        for (start, end) in [
-            (0, data.len()),
-            (1_234_567, 4_900_001),
-            (4_999_000, data.len()),
-            (17, 1_048_593),
-            (3, 9),
-        ] {
-            let got: Vec<Bytes> = src
-                .reader(start as u64, end as u64)
-                .into_stream()
-                .try_collect()
-                .await
-                .unwrap();
-            assert_eq!(got.concat(), &data[start..end], "{start}..{end}");
-        }
     }
 }

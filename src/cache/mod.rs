@@ -16,6 +16,7 @@ pub mod fill;
 pub mod local;
 pub mod outcome;
 pub mod records;
+pub mod source;
 pub mod tier;
 
 use std::future::Future;
@@ -32,11 +33,12 @@ use crate::reference::{Digest, Name};
 use crate::upstream::Upstream;
 use bucket::Bucket;
 use fill::Fill;
-pub use fill::{Fetched, Origin, Progress, Reader, Source};
+pub use fill::{Fetched, Origin};
 use index::Index;
 pub use local::{index, store};
 pub use outcome::Outcome;
 pub use records::Record;
+pub use source::{Progress, Reader, Source};
 use store::Store;
 use tier::{Claim, Lease, Tier};
 

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use futures_util::future::{self, BoxFuture, FutureExt};
 use futures_util::stream::BoxStream;
 
-use super::fill::Source;
+use super::source::Source;
 use crate::reference::{Digest, Name, Tag};
 
 /// A record kept beside the blobs, named by a hash of its key, so that no request text is

@@ -50,7 +50,7 @@ use object_store::ObjectStore;
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt};
 
-use super::fill::Source;
+use super::source::Source;
 use super::tier::Record;
 use super::tier::{self, Tier, TierBody};
 use crate::clock::{self, Instant};

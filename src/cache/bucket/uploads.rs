@@ -11,7 +11,7 @@ use object_store::{PutMultipartOptions, PutOptions, PutPayload, WriteMultipart};
 use super::leases::Lease;
 use super::objects::attributes;
 use super::{Bucket, Fault, BACKOFF};
-use crate::cache::fill::Source;
+use crate::cache::source::Source;
 use crate::reference::Digest;
 
 /// Blobs up to this size are uploaded in one PUT; larger ones in parts of at least this.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt};
 
-use super::fill::Source;
+use super::source::Source;
 use super::tier::Record;
 use super::tier::{Tier, TierBody};
 use crate::reference::Digest;
