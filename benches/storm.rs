@@ -9,8 +9,9 @@
 //! It prints: how many fills gave the client the right bytes (sha256 of what it got), the
 //! storm's wall time, p50/p99/max latency of the hit and of `/healthz` (request to last body
 //! byte), the peak thread count (`Threads` of `/proc/<pid>/status`, sampled every 50 ms), the
-//! peak RSS (`VmHWM`), and the peak of `ocicache_fills_queued` (sampled every 500 ms; absent
-//! from builds before it existed). Targets: hit and `/healthz` p99 under 10 ms, threads
+//! peak RSS (`VmHWM`), the peak of `ocicache_fills_queued` (sampled every 500 ms; absent
+//! from builds before it existed), ocicache's CPU time, and the machine's load average (the
+//! latencies mean little when other work holds the cores). Targets: hit and `/healthz` p99 under 10 ms, threads
 //! under 64, peak RSS under 256 MiB.
 //!
 //! `cargo bench --bench storm`. `OCICACHE_BIN=path` runs another build (e.g. an older
@@ -137,6 +138,30 @@ fn proc_status(pid: u32) -> Option<(u64, u64, u64)> {
             .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
     };
     Some((field("Threads:")?, field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// CPU time of `pid` so far (user + system, all its threads), from `/proc/<pid>/stat`.
+fn cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_comm = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // After the command: utime is field 14 and stime 15 of the line (USER_HZ is 100).
+    Duration::from_millis((tick(11) + tick(12)) * 10)
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn percentiles(mut v: Vec<Duration>) -> String {
@@ -294,6 +319,7 @@ fn main() {
         };
 
         let storm_start = Instant::now();
+        let (cpu_start, load_start) = (cpu(pid), load_average());
         let fills: Vec<_> = (0..n as usize)
             .map(|i| {
                 let (client, url, want) = (
@@ -327,6 +353,7 @@ fn main() {
             tokio::time::sleep(PROBE_EVERY).await;
         }
         let probes_took = storm_start.elapsed();
+        let cpu_probes = cpu(pid) - cpu_start;
 
         let mut correct = 0;
         let mut took = Vec::new();
@@ -336,6 +363,7 @@ fn main() {
             took.extend(t);
         }
         let storm = storm_start.elapsed();
+        let cpu_storm = cpu(pid) - cpu_start;
         done.store(true, Ordering::Relaxed);
         sampler.join().unwrap();
         let queued_seen = queue.await.unwrap();
@@ -363,6 +391,15 @@ fn main() {
             peak_threads.load(Ordering::Relaxed)
         );
         println!("peak RSS (VmHWM): {:.1} MiB", hwm as f64 / 1024.0);
+        println!(
+            "ocicache CPU: {:.1} s over the storm ({:.0}% of one core), {:.1} s while probing \
+             ({:.0}%); load average at the start {load_start}, at the end {}",
+            cpu_storm.as_secs_f64(),
+            100.0 * cpu_storm.as_secs_f64() / storm.as_secs_f64(),
+            cpu_probes.as_secs_f64(),
+            100.0 * cpu_probes.as_secs_f64() / probes_took.as_secs_f64(),
+            load_average()
+        );
         if queued_seen {
             println!(
                 "peak ocicache_fills_queued: {}",
