@@ -124,6 +124,15 @@ impl Cache {
         Self::open_with(dir, max_size, limits, metrics, shared)
     }
 
+    /// A cache in `dir` (1 GiB bound, 5 s stall timeout, 60 s fill deadline) in front of
+    /// `bucket`: for tests of the tiers together.
+    #[cfg(test)]
+    pub(crate) fn for_test(dir: &Path, bucket: Option<Arc<Bucket>>) -> Arc<Cache> {
+        let metrics = Arc::new(Metrics::new());
+        let (five, sixty) = (Duration::from_secs(5), Duration::from_secs(60));
+        Self::open_at(dir, 1 << 30, five, sixty, metrics, bucket).unwrap()
+    }
+
     /// `open` from parts; the scan starts on its thread.
     pub fn open_with(
         dir: &Path,

@@ -197,8 +197,6 @@ pub fn media_type_in(bytes: &[u8]) -> Option<String> {
 mod tests {
     use super::*;
     use crate::cache::bucket::testing::{keys, tier, TestStore};
-    use crate::metrics::Metrics;
-    use std::sync::Arc;
     use std::time::Duration;
 
     #[tokio::test]
@@ -206,15 +204,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = TestStore::new();
         let bucket = tier(&store, Duration::from_secs(60), 1 << 30);
-        let cache = Cache::open_at(
-            dir.path(),
-            1 << 30,
-            Duration::from_secs(5),
-            Duration::from_secs(60),
-            Arc::new(Metrics::new()),
-            Some(bucket.clone()),
-        )
-        .unwrap();
+        let cache = Cache::for_test(dir.path(), Some(bucket.clone()));
         let oci = "application/vnd.oci.image.index.v1+json";
         let bytes = Bytes::from_static(br#"{"schemaVersion":2,"manifests":[]}"#);
         let d = Digest::sha256_of(&bytes);

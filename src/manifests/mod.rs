@@ -289,15 +289,7 @@ mod tests {
         let store = TestStore::new();
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(Metrics::new());
-        let cache = Cache::open_at(
-            dir.path(),
-            1 << 30,
-            Duration::from_secs(5),
-            Duration::from_secs(60),
-            metrics.clone(),
-            Some(tier(&store, LEASE_TTL, 1 << 30)),
-        )
-        .unwrap();
+        let cache = Cache::for_test(dir.path(), Some(tier(&store, LEASE_TTL, 1 << 30)));
         let body: &'static [u8] = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
         let (url, gets) = one_manifest_upstream(body).await;
         let config = crate::config::UpstreamConfig::new("docker.io", &url, true);

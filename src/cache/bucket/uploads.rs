@@ -138,7 +138,6 @@ mod tests {
     use super::*;
     use crate::cache::bucket::testing::{keys, tier, TestStore};
     use crate::cache::{Cache, Fetched, Origin, Progress};
-    use crate::metrics::Metrics;
     use bytes::Bytes;
     use futures_util::StreamExt;
     use object_store::path::Path;
@@ -205,15 +204,7 @@ mod tests {
             text.contains(&format!(r#"op="upload",result="aborted"}} {n}"#))
         };
         let dir = tempfile::tempdir().unwrap();
-        let cache = Cache::open_at(
-            dir.path(),
-            1 << 30,
-            Duration::from_secs(5),
-            Duration::from_secs(60),
-            Arc::new(Metrics::new()),
-            Some(shared.clone()),
-        )
-        .unwrap();
+        let cache = Cache::for_test(dir.path(), Some(shared.clone()));
         // 20 MiB: a multipart upload of several parts.
         let data: Vec<u8> = (0..20u32 << 20).map(|i| (i % 251) as u8).collect();
         let d = Digest::sha256_of(&data);

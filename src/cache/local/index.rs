@@ -609,11 +609,7 @@ mod tests {
     use std::io::Write;
 
     fn put(store: &Store, data: &[u8]) -> Digest {
-        let d = Digest::sha256_of(data);
-        let (mut f, tmp) = store.temp().unwrap();
-        f.write_all(data).unwrap();
-        store.commit(&f, &tmp, &d).unwrap();
-        d
+        store.put_for_test(data)
     }
 
     #[test]

@@ -390,3 +390,16 @@ impl Blob<'_> {
 pub fn touch(file: &File) {
     let _ = file.set_modified(SystemTime::now());
 }
+
+#[cfg(test)]
+impl Store {
+    /// Commits `data` as a blob, as a fill would: for tests that need blobs on disk.
+    pub(crate) fn put_for_test(&self, data: &[u8]) -> Digest {
+        use std::io::Write;
+        let d = Digest::sha256_of(data);
+        let (mut f, tmp) = self.temp().unwrap();
+        f.write_all(data).unwrap();
+        self.commit(&f, &tmp, &d).unwrap();
+        d
+    }
+}
