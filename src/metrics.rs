@@ -4,6 +4,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -45,6 +46,21 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteOutcomeLabels {
+    pub route: &'static str,
+    /// How the cache answered (`Outcome::as_str`), `error` for an error answer, `none` for
+    /// an answer the cache had no part in (`/v2/`, `/metrics`).
+    pub outcome: &'static str,
+}
+
+/// A latency histogram's constructor: 1 ms to about 16 s, doubling.
+fn latency_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.001, 2.0, 15,
+    ))
+}
+
 /// Every metric of the process. Cheap to update from any task: atomics behind `Arc`s.
 pub struct Metrics {
     registry: Registry,
@@ -70,6 +86,13 @@ pub struct Metrics {
     pub index_scan_done: Gauge,
     /// Blobs the index's rebuild at start has found so far.
     pub index_scanned_blobs: Gauge,
+    /// Time to the answer's headers (what a client waits before bytes flow), by route and
+    /// outcome: a blob's body streams after it.
+    pub request_duration: Family<RouteOutcomeLabels, Histogram, fn() -> Histogram>,
+    /// `cache.max_size`, so that dashboards draw the usage against its bound.
+    pub cache_max_size: Gauge,
+    /// When this process started (seconds since the epoch): a change is a restart.
+    pub process_start_time: Gauge,
 }
 
 impl Default for Metrics {
@@ -101,6 +124,9 @@ impl Metrics {
             shared_ops: Family::default(),
             index_scan_done: Gauge::default(),
             index_scanned_blobs: Gauge::default(),
+            request_duration: Family::new_with_constructor(latency_histogram),
+            cache_max_size: Gauge::default(),
+            process_start_time: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -199,6 +225,24 @@ impl Metrics {
             "Blobs found on disk so far by the cache index's rebuild at start",
             m.index_scanned_blobs.clone(),
         );
+        registry.register(
+            "http_request_duration_seconds",
+            "Time from a request to its answer's headers, by route and outcome (a blob's body \
+             streams after)",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "cache_max_size_bytes",
+            "The bound of the cache index (cache.max_size)",
+            m.cache_max_size.clone(),
+        );
+        registry.register(
+            "process_start_time_seconds",
+            "When the process started, in seconds since the Unix epoch",
+            m.process_start_time.clone(),
+        );
+        m.process_start_time
+            .set(crate::clock::since_epoch().as_secs() as i64);
         Metrics { registry, ..m }
     }
 

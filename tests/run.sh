@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs what the integration tests drive when it is missing (the CNCF
-# registry, skopeo, containerd: Debian packages; Garage, the S3-compatible store of the
+# registry, skopeo, containerd, promtool (prometheus) for the alert rules, chromium for the
+# status page: Debian packages; Garage, the S3-compatible store of the
 # shared-tier tests: from crates.io) and runs `cargo test`.
 # Extra arguments go to `cargo test`.
 set -euo pipefail
@@ -10,6 +11,8 @@ need=()
 command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v skopeo >/dev/null || need+=(skopeo)
 { command -v containerd >/dev/null && command -v ctr >/dev/null; } || need+=(containerd)
+command -v promtool >/dev/null || need+=(prometheus)
+command -v chromium >/dev/null || need+=(chromium)
 if ((${#need[@]})); then
   echo "installing: ${need[*]}"
   sudo=""

@@ -104,6 +104,18 @@ pub async fn handle(
         })
         .inc();
     let outcome = resp.extensions_mut().remove::<Outcome>();
+    state
+        .metrics
+        .request_duration
+        .get_or_create(&crate::metrics::RouteOutcomeLabels {
+            route: route_label,
+            outcome: match outcome {
+                Some(o) => o.as_str(),
+                None if status.is_client_error() || status.is_server_error() => "error",
+                None => "none",
+            },
+        })
+        .observe(started.elapsed().as_secs_f64());
     if let Some(o) = outcome {
         resp.headers_mut()
             .insert(X_CACHE, HeaderValue::from_static(o.x_cache()));

@@ -72,6 +72,7 @@ impl State {
     /// Opens the cache (rebuilding its index) and builds the upstream clients.
     pub fn new(config: Config) -> Result<Arc<State>, StartError> {
         let metrics = Arc::new(Metrics::new());
+        metrics.cache_max_size.set(config.cache.max_size.0 as i64);
         let clock = Arc::new(Clock::default());
         let cache =
             Cache::open(&config.cache, metrics.clone()).map_err(|source| StartError::Cache {

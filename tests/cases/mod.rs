@@ -3,6 +3,7 @@ mod blobs;
 mod faults;
 mod logs;
 mod manifests;
+mod observability;
 mod ops;
 mod real;
 mod shared;
