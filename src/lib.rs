@@ -43,6 +43,8 @@
 //! - [`config`]: the configuration (figment: defaults, TOML file, `OCICACHE_` variables).
 //! - [`metrics`]: Prometheus metrics.
 //! - [`prefetch`]: `ocicache prefetch`, warming a cache through an ocicache.
+//! - [`status`]: what the status page shows that the metrics do not keep (upstream health,
+//!   recent errors, the most pulled images, the last five minutes).
 //!
 //! `main.rs` is glue: it parses the command line and calls into these.
 
@@ -58,4 +60,5 @@ pub mod range;
 pub mod reference;
 pub mod route;
 pub mod server;
+pub mod status;
 pub mod upstream;

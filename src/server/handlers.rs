@@ -90,6 +90,14 @@ pub async fn handle(
     resp.headers_mut()
         .insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
     let status = resp.status();
+    if let Some(e) = error
+        .as_ref()
+        .filter(|_| status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS)
+    {
+        // Kept for the status page; only errors pay for the text.
+        let what = format!("{} {}", method, req.uri().path());
+        state.status.error(&what, e);
+    }
     state
         .metrics
         .requests
@@ -313,6 +321,11 @@ async fn manifest(
         .manifests
         .get(up, &target.name, reference, accept.as_deref())
         .await?;
+    if let Reference::Tag(tag) = reference {
+        state
+            .status
+            .pulled(&up.name, target.name.as_str(), tag.as_str());
+    }
     let m = &ans.value;
     let mut resp = Response::new(body::full(m.bytes.clone()));
     // The headers were built with the manifest: one copy of the map, nothing parsed.
@@ -435,10 +448,14 @@ async fn blob_get(
             source: source_label,
         })
         .clone();
-    let count = move |chunk: &std::io::Result<Bytes>| {
-        if let Ok(c) = chunk {
+    let status = state.status.clone();
+    let count = move |chunk: &std::io::Result<Bytes>| match chunk {
+        Ok(c) => {
             served.inc_by(c.len() as u64);
         }
+        // The fill feeding it failed (its cause names the upstream, and a mismatch the
+        // digest): the client's body is cut; the status page shows why.
+        Err(e) => status.error("blob body", e),
     };
 
     let ranges = match req.headers().get(header::RANGE) {

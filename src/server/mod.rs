@@ -66,6 +66,8 @@ pub struct State {
     pub auth: Option<auth::ClientAuth>,
     /// TLS for clients, when `[tls]` is configured.
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// What the status page shows beside the metrics.
+    pub status: Arc<crate::status::Status>,
 }
 
 impl State {
@@ -100,6 +102,7 @@ impl State {
             None => None,
         };
         Ok(Arc::new(State {
+            status: Arc::new(crate::status::Status::new(metrics.clone())),
             auth,
             tls,
             config,
@@ -136,6 +139,7 @@ pub async fn run(
         .keep_alive_interval(Some(limits.idle_timeout.0));
     let builder = Arc::new(builder);
     state.cache.start();
+    state.status.start();
     tokio::pin!(shutdown);
     tracing::info!(addr = %listener.local_addr()?, "serving");
     loop {

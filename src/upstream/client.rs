@@ -113,10 +113,17 @@ impl Upstream {
             Ok(resp) => {
                 self.metrics
                     .upstream_request(&self.name, resp.status().as_str());
+                self.health.answered(resp.status());
                 self.note_rate_limit(resp.headers());
             }
-            Err(UpstreamError::Timeout) => self.metrics.upstream_request(&self.name, "timeout"),
-            Err(_) => self.metrics.upstream_request(&self.name, "error"),
+            Err(e @ UpstreamError::Timeout) => {
+                self.metrics.upstream_request(&self.name, "timeout");
+                self.health.failed(true, e);
+            }
+            Err(e) => {
+                self.metrics.upstream_request(&self.name, "error");
+                self.health.failed(false, e);
+            }
         }
         result
     }
@@ -150,6 +157,8 @@ impl Upstream {
                 .set(remaining);
             tracing::debug!(upstream = %self.name, remaining, "upstream rate limit");
         }
+        self.health
+            .rate_limit(read("ratelimit-remaining"), read("ratelimit-limit"));
     }
 }
 

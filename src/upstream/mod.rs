@@ -55,6 +55,8 @@ pub struct Upstream {
     client: HttpClient,
     auth: auth::Auth,
     metrics: Arc<Metrics>,
+    /// Its answers as the status page shows them.
+    pub health: crate::status::Health,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -128,6 +130,7 @@ impl Upstream {
             metrics,
             client,
             base,
+            health: Default::default(),
         })
     }
 
