@@ -70,6 +70,10 @@ pub struct Metrics {
     pub index_scan_done: Gauge,
     /// Blobs the index's rebuild at start has found so far.
     pub index_scanned_blobs: Gauge,
+    /// Bytes of pinned blobs in the cache (they count toward `cache.max_size`).
+    pub pinned_bytes: Gauge,
+    /// 1 while pinned blobs alone exceed `cache.max_size` (only unpinned ones are evicted).
+    pub pins_over_bound: Gauge,
 }
 
 impl Default for Metrics {
@@ -101,6 +105,8 @@ impl Metrics {
             shared_ops: Family::default(),
             index_scan_done: Gauge::default(),
             index_scanned_blobs: Gauge::default(),
+            pinned_bytes: Gauge::default(),
+            pins_over_bound: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -199,6 +205,16 @@ impl Metrics {
             "Blobs found on disk so far by the cache index's rebuild at start",
             m.index_scanned_blobs.clone(),
         );
+        registry.register(
+            "pinned_bytes",
+            "Bytes of pinned blobs in the cache (they count toward cache.max_size)",
+            m.pinned_bytes.clone(),
+        );
+        registry.register(
+            "pins_over_bound",
+            "1 while pinned blobs alone exceed cache.max_size (only unpinned ones are evicted)",
+            m.pins_over_bound.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -246,4 +262,35 @@ impl Metrics {
             })
             .inc();
     }
+
+    /// Hits and misses since start, of every kind (`blob`, `manifest`, `tag`): for the
+    /// admin API's hit ratio.
+    pub fn hits_and_misses(&self) -> (u64, u64) {
+        let sum = |family: &Family<KindLabels, Counter>| {
+            HIT_KINDS
+                .iter()
+                .map(|&kind| family.get_or_create(&KindLabels { kind }).get())
+                .sum()
+        };
+        (sum(&self.hits), sum(&self.misses))
+    }
+
+    /// Body bytes sent to clients since start, by source (`cache`, `upstream`, `bucket`).
+    pub fn served_bytes_by_source(&self) -> Vec<(&'static str, u64)> {
+        SERVED_SOURCES
+            .iter()
+            .map(|&source| {
+                let n = self
+                    .bytes_served
+                    .get_or_create(&SourceLabels { source })
+                    .get();
+                (source, n)
+            })
+            .collect()
+    }
 }
+
+/// The `kind` labels of hits and misses.
+const HIT_KINDS: [&str; 3] = ["blob", "manifest", "tag"];
+/// The `source` labels of served bytes.
+const SERVED_SOURCES: [&str; 3] = ["cache", "upstream", "bucket"];
