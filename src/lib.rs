@@ -43,11 +43,14 @@
 //! - [`config`]: the configuration (figment: defaults, TOML file, `OCICACHE_` variables).
 //! - [`metrics`]: Prometheus metrics.
 //! - [`prefetch`]: `ocicache prefetch`, warming a cache through an ocicache.
+//! - [`admin`]: the admin API on its own listener (`/api/v1/`: what is cached, purge, pin,
+//!   jobs) and the client the `ocicache cache` commands use with `--server`.
 //! - [`status`]: what the status page shows that the metrics do not keep (upstream health,
 //!   recent errors, the most pulled images, the last five minutes).
 //!
 //! `main.rs` is glue: it parses the command line and calls into these.
 
+pub mod admin;
 pub mod cache;
 pub mod clock;
 pub mod coalesce;

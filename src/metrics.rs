@@ -86,6 +86,10 @@ pub struct Metrics {
     pub index_scan_done: Gauge,
     /// Blobs the index's rebuild at start has found so far.
     pub index_scanned_blobs: Gauge,
+    /// Bytes of pinned blobs in the cache (they count toward `cache.max_size`).
+    pub pinned_bytes: Gauge,
+    /// 1 while pinned blobs alone exceed `cache.max_size` (only unpinned ones are evicted).
+    pub pins_over_bound: Gauge,
     /// Time to the answer's headers (what a client waits before bytes flow), by route and
     /// outcome: a blob's body streams after it.
     pub request_duration: Family<RouteOutcomeLabels, Histogram, fn() -> Histogram>,
@@ -124,6 +128,8 @@ impl Metrics {
             shared_ops: Family::default(),
             index_scan_done: Gauge::default(),
             index_scanned_blobs: Gauge::default(),
+            pinned_bytes: Gauge::default(),
+            pins_over_bound: Gauge::default(),
             request_duration: Family::new_with_constructor(latency_histogram),
             cache_max_size: Gauge::default(),
             process_start_time: Gauge::default(),
@@ -226,6 +232,16 @@ impl Metrics {
             m.index_scanned_blobs.clone(),
         );
         registry.register(
+            "pinned_bytes",
+            "Bytes of pinned blobs in the cache (they count toward cache.max_size)",
+            m.pinned_bytes.clone(),
+        );
+        registry.register(
+            "pins_over_bound",
+            "1 while pinned blobs alone exceed cache.max_size (only unpinned ones are evicted)",
+            m.pins_over_bound.clone(),
+        );
+        registry.register(
             "http_request_duration_seconds",
             "Time from a request to its answer's headers, by route and outcome (a blob's body \
              streams after)",
@@ -290,4 +306,35 @@ impl Metrics {
             })
             .inc();
     }
+
+    /// Hits and misses since start, of every kind (`blob`, `manifest`, `tag`): for the
+    /// admin API's hit ratio.
+    pub fn hits_and_misses(&self) -> (u64, u64) {
+        let sum = |family: &Family<KindLabels, Counter>| {
+            HIT_KINDS
+                .iter()
+                .map(|&kind| family.get_or_create(&KindLabels { kind }).get())
+                .sum()
+        };
+        (sum(&self.hits), sum(&self.misses))
+    }
+
+    /// Body bytes sent to clients since start, by source (`cache`, `upstream`, `bucket`).
+    pub fn served_bytes_by_source(&self) -> Vec<(&'static str, u64)> {
+        SERVED_SOURCES
+            .iter()
+            .map(|&source| {
+                let n = self
+                    .bytes_served
+                    .get_or_create(&SourceLabels { source })
+                    .get();
+                (source, n)
+            })
+            .collect()
+    }
 }
+
+/// The `kind` labels of hits and misses.
+const HIT_KINDS: [&str; 3] = ["blob", "manifest", "tag"];
+/// The `source` labels of served bytes.
+const SERVED_SOURCES: [&str; 3] = ["cache", "upstream", "bucket"];

@@ -178,39 +178,18 @@ pub struct Totals {
     /// `ocicache_cache_misses_total`, all kinds.
     pub misses: u64,
     /// `ocicache_served_bytes_total` by source.
-    pub bytes: BTreeMap<String, u64>,
+    pub bytes: BTreeMap<&'static str, u64>,
 }
 
 impl Totals {
-    /// The totals of the metrics now.
+    /// The counters now, read through the same accessors as the admin API's `/api/v1/cache`.
     pub fn read(metrics: &Metrics) -> Totals {
-        Totals::from_exposition(&metrics.encode())
-    }
-
-    /// The totals in a text exposition (what `/metrics` sends): read from the same text, so
-    /// that the page and the metrics cannot disagree about what a hit is.
-    pub fn from_exposition(text: &str) -> Totals {
-        let mut t = Totals::default();
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let Some((series, value)) = line.rsplit_once(' ') else {
-                continue;
-            };
-            let Ok(value) = value.parse::<f64>() else {
-                continue;
-            };
-            let value = value as u64;
-            let (name, labels) = series.split_once('{').unwrap_or((series, ""));
-            match name {
-                "ocicache_cache_hits_total" => t.hits += value,
-                "ocicache_cache_misses_total" => t.misses += value,
-                "ocicache_served_bytes_total" => {
-                    let source = label(labels, "source").unwrap_or("-");
-                    *t.bytes.entry(source.to_string()).or_default() += value;
-                }
-                _ => {}
-            }
+        let (hits, misses) = metrics.hits_and_misses();
+        Totals {
+            hits,
+            misses,
+            bytes: metrics.served_bytes_by_source().into_iter().collect(),
         }
-        t
     }
 
     /// What was counted since `earlier`.
@@ -223,7 +202,7 @@ impl Totals {
                 .iter()
                 .map(|(k, v)| {
                     let before = earlier.bytes.get(k).copied().unwrap_or(0);
-                    (k.clone(), v.saturating_sub(before))
+                    (*k, v.saturating_sub(before))
                 })
                 .collect(),
         }
@@ -238,13 +217,6 @@ impl Totals {
     pub fn bytes_total(&self) -> u64 {
         self.bytes.values().sum()
     }
-}
-
-/// The value of `name` in a label set's text (`kind="blob",source="cache"`).
-fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
-    let at = labels.find(&format!("{name}=\""))? + name.len() + 2;
-    let rest = &labels[at..];
-    Some(&rest[..rest.find('"')?])
 }
 
 /// The figures of the last [`WINDOW`].
@@ -484,7 +456,7 @@ mod tests {
     }
 
     #[test]
-    fn totals_read_the_exposition() {
+    fn totals_read_the_metrics() {
         let m = Metrics::new();
         m.hit("blob");
         m.hit("tag");
@@ -494,7 +466,6 @@ mod tests {
         let t = Totals::read(&m);
         assert_eq!((t.hits, t.misses, t.bytes_total()), (2, 1, 12));
         assert_eq!(t.bytes.get("bucket"), Some(&5));
-        assert_eq!(label(r#"a="x",source="peer""#, "source"), Some("peer"));
         assert_eq!(Totals::default().hit_ratio(), None);
     }
 
