@@ -171,6 +171,9 @@ async fn route(admin: &Arc<Admin>, req: Request<Incoming>) -> Result<Response<Bo
     };
     match (&method, rest) {
         (&Method::GET, ["cache"]) => api::cache(admin).await,
+        (&Method::GET, ["pins"]) => api::pins(admin),
+        (&Method::PUT, ["pins", image @ ..]) => api::pin(admin, image).await,
+        (&Method::DELETE, ["pins", image @ ..]) => api::unpin(admin, image),
         _ => Err(not_found()),
     }
 }

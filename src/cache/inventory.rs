@@ -97,3 +97,86 @@ pub mod rfc3339 {
         }
     }
 }
+
+/// The digests a manifest refers to: child manifests (an index's `manifests`) and blobs
+/// (`config`, `layers`, an artifact's `blobs`). A `subject` is another image, not a part.
+/// Bytes that are not a manifest refer to nothing.
+pub fn references(bytes: &[u8]) -> (Vec<Digest>, Vec<Digest>) {
+    #[derive(serde::Deserialize)]
+    struct Descriptor {
+        digest: Digest,
+    }
+    #[derive(serde::Deserialize, Default)]
+    #[serde(default)]
+    struct Manifest {
+        manifests: Vec<Descriptor>,
+        config: Option<Descriptor>,
+        layers: Vec<Descriptor>,
+        blobs: Vec<Descriptor>,
+    }
+    let m: Manifest = serde_json::from_slice(bytes).unwrap_or_default();
+    let children = m.manifests.into_iter().map(|d| d.digest).collect();
+    let blobs = m
+        .config
+        .into_iter()
+        .chain(m.layers)
+        .chain(m.blobs)
+        .map(|d| d.digest)
+        .collect();
+    (children, blobs)
+}
+
+/// An image's digests: the manifest, its children (for an index), and every blob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ImageDigests {
+    /// The manifest the image resolved to, then its children.
+    pub manifests: Vec<Digest>,
+    /// Config and layers of every manifest, each once.
+    pub blobs: Vec<Digest>,
+}
+
+impl ImageDigests {
+    /// Walks from the manifest `top` (its `bytes`) down its children, each read with
+    /// `child` (`None`: not available, its blobs unknown). Used with the manifests service
+    /// (to pin: children fetched) and with the cache alone (to list and purge).
+    pub async fn walk<F, Fut, E>(
+        top: &Digest,
+        bytes: &[u8],
+        mut child: F,
+    ) -> Result<ImageDigests, E>
+    where
+        F: FnMut(Digest) -> Fut,
+        Fut: std::future::Future<Output = Result<Option<bytes::Bytes>, E>>,
+    {
+        let mut image = ImageDigests {
+            manifests: vec![top.clone()],
+            blobs: Vec::new(),
+        };
+        let (children, blobs) = references(bytes);
+        image.add_blobs(blobs);
+        for c in children {
+            if image.manifests.contains(&c) {
+                continue;
+            }
+            image.manifests.push(c.clone());
+            if let Some(bytes) = child(c).await? {
+                // An index's children are image manifests: one level.
+                image.add_blobs(references(&bytes).1);
+            }
+        }
+        Ok(image)
+    }
+
+    fn add_blobs(&mut self, blobs: Vec<Digest>) {
+        for b in blobs {
+            if !self.blobs.contains(&b) {
+                self.blobs.push(b);
+            }
+        }
+    }
+
+    /// Every digest, manifests first.
+    pub fn all(&self) -> impl Iterator<Item = &Digest> {
+        self.manifests.iter().chain(&self.blobs)
+    }
+}
