@@ -7,6 +7,7 @@
 //! - `mod.rs`: the listener, the token check, the router: a plain `match` on the method and
 //!   the path's segments, where an endpoint is one more arm.
 //! - `api`: the endpoints (what is cached, pins, purges, jobs).
+//! - `page`: the status page at `/`, one HTML page for people.
 //! - `jobs`: background jobs (verify, gc, prefetch) and their progress.
 //! - `client`: the HTTP client the `ocicache cache ...` commands use with `--server`.
 //!
@@ -14,6 +15,7 @@
 //! each operation is safe beside the server's own fills.
 
 pub mod api;
+pub mod page;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -166,6 +168,9 @@ async fn route(admin: &Arc<Admin>, req: Request<Incoming>) -> Result<Response<Bo
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.split('/').skip(1).collect();
+    if method == Method::GET && segments == [""] {
+        return Ok(page::page(admin));
+    }
     let Some(["api", "v1", rest @ ..]) = Some(segments.as_slice()) else {
         return Err(not_found());
     };

@@ -1,0 +1,545 @@
+//! The status page, `GET /` of the admin listener: one HTML page rendered here, with no
+//! external resource of any kind (inline CSS, CSS bars and an inline SVG, no fonts, no
+//! framework), so that it works in an air-gapped site and over a bad link. A few lines of
+//! script refresh it every few seconds; without scripts, a `<meta http-equiv=refresh>` does.
+//! Its `Content-Security-Policy` lets the browser load nothing from anywhere else.
+//!
+//! Its figures come from where `/metrics` and `/api/v1/cache` read theirs, at the moment it
+//! is rendered: the cache's index and fills, the metrics' counters, and [`crate::status`]
+//! for what the metrics do not keep. Each figure carries its exact value in a `data-value`
+//! attribute beside the human text (tests and scripts read those). Every string that comes
+//! from outside (image names, error causes) is escaped.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::{header, HeaderValue, Response, StatusCode};
+
+use super::Admin;
+use crate::cache::inventory::FillStatus;
+use crate::clock;
+use crate::prefetch::human;
+use crate::server::body::{self, Body};
+use crate::status::{HealthView, Recent, UpState, CLASSES, WINDOW};
+
+/// How often the script reloads the figures.
+const REFRESH_SECS: u64 = 5;
+/// Rows of the most pulled images.
+const TOP_IMAGES: usize = 10;
+
+/// The browser may load nothing but this page and, for the refresh, the page again.
+const CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; \
+                   connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; \
+                   frame-ancestors 'none'";
+
+/// `GET /`.
+pub fn page(admin: &Arc<Admin>) -> Response<Body> {
+    let html = render(admin);
+    let mut resp = Response::new(body::full(html));
+    *resp.status_mut() = StatusCode::OK;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    resp
+}
+
+/// `s` with the characters that mean something in HTML (text or a quoted attribute)
+/// replaced by their entities.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A duration as people say it: `12 s`, `3 min`, `2 h`, `4 d`.
+fn span(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=59 => format!("{s} s"),
+        60..=3599 => format!("{} min", s / 60),
+        3600..=86_399 => format!("{} h", s / 3600),
+        _ => format!("{} d", s / 86_400),
+    }
+}
+
+/// How long ago `t` was: `just now`, `3 min ago`.
+fn ago(t: SystemTime) -> String {
+    match clock::age(t) {
+        Duration::MAX => "in the future".to_string(),
+        d if d < Duration::from_secs(2) => "just now".to_string(),
+        d => format!("{} ago", span(d)),
+    }
+}
+
+/// A time cell: relative, with the UTC time on hover.
+fn time_cell(t: Option<SystemTime>) -> String {
+    match t {
+        None => "<td class=dim>never</td>".to_string(),
+        Some(t) => format!(
+            "<td title=\"{}\">{}</td>",
+            humantime::format_rfc3339_seconds(t),
+            ago(t)
+        ),
+    }
+}
+
+fn percent(ratio: Option<f64>) -> String {
+    ratio.map_or("–".to_string(), |r| format!("{:.1} %", r * 100.0))
+}
+
+/// A right-aligned number cell: `text` shown, `value` exact in `data-value`.
+fn num(id: &str, value: impl std::fmt::Display, text: &str) -> String {
+    let id = if id.is_empty() {
+        String::new()
+    } else {
+        format!(" id={id}")
+    };
+    format!(
+        "<td class=n{id} data-value=\"{value}\">{}</td>",
+        escape(text)
+    )
+}
+
+/// A bar filled to `ratio` (clamped to 0..=1), with an optional darker part `inner`.
+fn bar(ratio: f64, inner: Option<f64>, label: &str) -> String {
+    let w = |r: f64| (r.clamp(0.0, 1.0) * 1000.0).round() / 10.0;
+    let inner = inner.map_or(String::new(), |i| {
+        format!("<span class=pin style=\"width:{}%\"></span>", w(i))
+    });
+    format!(
+        "<div class=bar role=img aria-label=\"{}\"><span style=\"width:{}%\">{inner}</span></div>",
+        escape(label),
+        w(ratio)
+    )
+}
+
+fn render(admin: &Arc<Admin>) -> String {
+    let state = &admin.state;
+    let now = clock::now();
+    let mut out = String::with_capacity(32 << 10);
+    head(&mut out, now, state.metrics.process_start_time.get());
+    out.push_str("<main>");
+    cache_section(&mut out, admin);
+    traffic_section(&mut out, &state.status.recent());
+    fills_section(&mut out, &state.cache.fills_status());
+    upstreams_section(&mut out, admin);
+    images_section(&mut out, admin);
+    errors_section(&mut out, admin);
+    sync_section(&mut out);
+    pins_section(&mut out, admin);
+    out.push_str("</main>");
+    out.push_str(SCRIPT);
+    script_end(&mut out);
+    out.push_str("</body></html>\n");
+    out
+}
+
+const STYLE: &str = "\
+:root{color-scheme:light dark;--fg:#1b1f24;--dim:#6a737d;--line:#d8dde3;--bg:#fff;--box:#f6f8fa;\
+--bar:#3b82c4;--pin:#1d4f80;--ok:#1a7f37;--bad:#cf222e;--warn:#9a6700}\
+@media (prefers-color-scheme:dark){:root{--fg:#e6edf3;--dim:#8b949e;--line:#30363d;--bg:#0d1117;\
+--box:#161b22;--bar:#4f9be0;--pin:#a5cdf5;--ok:#3fb950;--bad:#f85149;--warn:#d29922}}\
+*{box-sizing:border-box}\
+body{margin:0;padding:.75rem;font:14px/1.4 system-ui,-apple-system,'Segoe UI',sans-serif;\
+color:var(--fg);background:var(--bg)}\
+header{display:flex;flex-wrap:wrap;gap:.25rem 1rem;align-items:baseline;margin-bottom:.75rem}\
+h1{font-size:1.3rem;margin:0}h2{font-size:1rem;margin:0 0 .5rem}\
+main{display:grid;gap:.75rem;grid-template-columns:repeat(auto-fit,minmax(min(100%,38rem),1fr))}\
+section{background:var(--box);border:1px solid var(--line);border-radius:6px;padding:.6rem .75rem;\
+min-width:0}\
+.wide{grid-column:1/-1}.scroll{overflow-x:auto}\
+table{border-collapse:collapse;width:100%}\
+th,td{padding:.2rem .5rem;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}\
+th{font-weight:600;color:var(--dim);white-space:nowrap}\
+td.n,th.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}\
+.dim{color:var(--dim)}.mono{font-family:ui-monospace,monospace;font-size:.9em;word-break:break-all}\
+.bar{height:.9rem;background:var(--line);border-radius:3px;overflow:hidden;min-width:6rem}\
+.bar>span{display:block;height:100%;background:var(--bar);position:relative}\
+.bar .pin{position:absolute;left:0;top:0;background:var(--pin)}\
+.state{font-weight:600}.up{color:var(--ok)}.failing{color:var(--bad)}.unused{color:var(--dim)}\
+.warn{color:var(--warn)}\
+svg{width:100%;height:40px;display:block}svg polyline{fill:none;stroke:var(--bar);stroke-width:1.5}\
+a{color:var(--bar)}\
+";
+
+/// Replaces the figures (not the page: no flicker, the scroll stays) every few seconds.
+const SCRIPT: &str = "<script>\
+setInterval(function(){fetch(location.href,{cache:'no-store'}).then(function(r){\
+if(!r.ok)throw r.status;return r.text()}).then(function(t){\
+var d=new DOMParser().parseFromString(t,'text/html');\
+document.querySelector('main').replaceWith(d.querySelector('main'));\
+document.getElementById('asof').replaceWith(d.getElementById('asof'))}).catch(function(){})},";
+/// What closes [`SCRIPT`]: the period, then the tags.
+fn script_end(out: &mut String) {
+    let _ = write!(out, "{});</script>", REFRESH_SECS * 1000);
+}
+
+fn head(out: &mut String, now: SystemTime, started: i64) {
+    let up = clock::since_epoch()
+        .as_secs()
+        .saturating_sub(started.max(0) as u64);
+    let _ = write!(
+        out,
+        "<!doctype html><html lang=en><head><meta charset=utf-8>\
+         <meta name=viewport content=\"width=device-width,initial-scale=1\">\
+         <noscript><meta http-equiv=refresh content={}></noscript>\
+         <title>ocicache status</title><style>{STYLE}</style></head><body>\
+         <header><h1>ocicache</h1><span class=dim>{}</span>\
+         <span id=asof class=dim>up {}, as of {}</span>\
+         <a href=\"/\">reload</a></header>",
+        REFRESH_SECS * 2,
+        env!("CARGO_PKG_VERSION"),
+        span(Duration::from_secs(up)),
+        humantime::format_rfc3339_seconds(now),
+    );
+}
+
+fn cache_section(out: &mut String, admin: &Admin) {
+    let cache = &admin.state.cache;
+    let (size, blobs) = cache.usage();
+    let max = cache.index.max_size();
+    let (pinned, over) = cache.index.pinned_usage();
+    let ratio = |n: u64| n as f64 / max.max(1) as f64;
+    let _ = write!(
+        out,
+        "<section id=cache><h2>Cache</h2>{}<table><tr><th>used</th>{}<td>{}</td></tr>\
+         <tr><th>bound</th>{}<td></td></tr><tr><th>blobs</th>{}<td></td></tr>\
+         <tr><th>pinned</th>{}<td>{}</td></tr>\
+         <tr><th>index</th><td colspan=2>{}</td></tr></table></section>",
+        bar(
+            ratio(size),
+            (pinned > 0).then(|| ratio(pinned) / ratio(size).max(f64::MIN_POSITIVE)),
+            &format!("{} of {} used", human(size), human(max)),
+        ),
+        num("cache-size", size, &human(size)),
+        percent(Some(ratio(size))),
+        num("cache-max", max, &human(max)),
+        num("cache-blobs", blobs, &blobs.to_string()),
+        num("cache-pinned", pinned, &human(pinned)),
+        if over {
+            "<span class=\"state failing\">pins alone exceed the bound</span>"
+        } else {
+            ""
+        },
+        match cache.scan_under_way() {
+            Some(n) => format!("<span class=warn>rebuilding: {n} blobs scanned</span>"),
+            None => "complete".to_string(),
+        },
+    );
+}
+
+fn traffic_section(out: &mut String, recent: &Recent) {
+    let (all, last) = (&recent.now, &recent.delta);
+    let window = if recent.span + Duration::from_secs(1) >= WINDOW {
+        "last 5 min".to_string()
+    } else {
+        format!("last {}", span(recent.span))
+    };
+    let _ = write!(
+        out,
+        "<section id=traffic><h2>Traffic</h2><div class=scroll><table>\
+         <tr><th></th><th class=n>since start</th><th class=n>{window}</th></tr>\
+         <tr><th>hit ratio</th>{}{}</tr><tr><th>hits</th>{}{}</tr><tr><th>misses</th>{}{}</tr>",
+        num(
+            "hit-ratio",
+            all.hit_ratio().unwrap_or(0.0),
+            &percent(all.hit_ratio())
+        ),
+        num(
+            "hit-ratio-recent",
+            last.hit_ratio().unwrap_or(0.0),
+            &percent(last.hit_ratio())
+        ),
+        num("hits", all.hits, &all.hits.to_string()),
+        num("hits-recent", last.hits, &last.hits.to_string()),
+        num("misses", all.misses, &all.misses.to_string()),
+        num("misses-recent", last.misses, &last.misses.to_string()),
+    );
+    for (source, bytes) in &all.bytes {
+        let recent_bytes = last.bytes.get(source).copied().unwrap_or(0);
+        let _ = write!(
+            out,
+            "<tr><th>bytes from {}</th>{}{}</tr>",
+            escape(source),
+            num(&format!("bytes-{source}"), bytes, &human(*bytes)),
+            num(
+                &format!("bytes-{source}-recent"),
+                recent_bytes,
+                &human(recent_bytes)
+            ),
+        );
+    }
+    let _ = write!(
+        out,
+        "</table></div><div class=dim>bytes served per 10 s, {window}</div>{}</section>",
+        sparkline(&recent.bytes_per_bucket),
+    );
+}
+
+/// An inline SVG line of `values` (scaled to the largest).
+fn sparkline(values: &[u64]) -> String {
+    let max = values.iter().copied().max().unwrap_or(0).max(1) as f64;
+    let step = 300.0 / (values.len().max(2) - 1) as f64;
+    let points: Vec<String> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            format!(
+                "{:.1},{:.1}",
+                i as f64 * step,
+                38.0 - *v as f64 / max * 36.0
+            )
+        })
+        .collect();
+    format!(
+        "<svg viewBox=\"0 0 300 40\" preserveAspectRatio=none aria-hidden=true>\
+         <polyline points=\"{}\"/></svg>",
+        points.join(" ")
+    )
+}
+
+fn fills_section(out: &mut String, fills: &[FillStatus]) {
+    let _ = write!(
+        out,
+        "<section id=fills class=wide><h2>Fills in flight <span class=dim>({})</span></h2>",
+        fills.len()
+    );
+    if fills.is_empty() {
+        out.push_str("<p class=dim>No fill under way.</p></section>");
+        return;
+    }
+    out.push_str(
+        "<div class=scroll><table><tr><th>digest</th><th>image</th><th>progress</th>\
+         <th class=n>received</th><th class=n>rate</th><th class=n>clients</th>\
+         <th>state</th><th>started</th></tr>",
+    );
+    for f in fills {
+        let digest = f.digest.to_string();
+        let secs = clock::age(f.started)
+            .min(Duration::from_secs(1 << 40))
+            .as_secs_f64();
+        let rate = if secs > 0.0 {
+            (f.received as f64 / secs) as u64
+        } else {
+            0
+        };
+        let (progress, of) = match f.expected {
+            Some(total) if total > 0 => (
+                bar(f.received as f64 / total as f64, None, "progress"),
+                format!("{} of {}", human(f.received), human(total)),
+            ),
+            _ => (
+                "<span class=dim>size unknown</span>".to_string(),
+                human(f.received),
+            ),
+        };
+        let _ = write!(
+            out,
+            "<tr class=fill><td class=mono title=\"{d}\">{short}…</td><td class=mono>{image}</td>\
+             <td>{progress}</td>{received}{rate}{readers}<td>{state}</td>{started}</tr>",
+            d = escape(&digest),
+            short = escape(&digest[..digest.len().min(19)]),
+            image = escape(f.repository.as_deref().unwrap_or("–")),
+            received = num("", f.received, &of),
+            rate = num("", rate, &format!("{}/s", human(rate))),
+            readers = num("", f.readers, &f.readers.to_string()),
+            state = f.state,
+            started = time_cell(Some(f.started)),
+        );
+    }
+    out.push_str("</table></div></section>");
+}
+
+fn upstreams_section(out: &mut String, admin: &Admin) {
+    out.push_str(
+        "<section id=upstreams class=wide><h2>Upstreams</h2><div class=scroll><table>\
+         <tr><th>upstream</th><th>state</th><th>last success</th><th>last error</th>\
+         <th>cause</th>",
+    );
+    for class in CLASSES {
+        let _ = write!(out, "<th class=n>{class}</th>");
+    }
+    out.push_str("<th class=n>rate limit left</th></tr>");
+    for up in &admin.state.upstreams.0 {
+        let h: HealthView = up.health.view();
+        let class = match h.state {
+            UpState::Up => "up",
+            UpState::Failing => "failing",
+            UpState::Unused => "unused",
+        };
+        let (err_at, cause) = match &h.last_error {
+            Some((t, c)) => (Some(*t), escape(c)),
+            None => (None, String::new()),
+        };
+        let _ = write!(
+            out,
+            "<tr><td class=mono>{}</td><td class=\"state {class}\">{}</td>{}{}<td>{cause}</td>",
+            escape(&up.name),
+            h.state.as_str(),
+            time_cell(h.last_success),
+            time_cell(err_at),
+        );
+        for n in h.classes {
+            out.push_str(&num("", n, &n.to_string()));
+        }
+        let limit = match (h.ratelimit_remaining, h.ratelimit_limit) {
+            (Some(r), Some(l)) => num("", r, &format!("{r} of {l}")),
+            (Some(r), None) => num("", r, &r.to_string()),
+            _ => "<td class=\"n dim\">–</td>".to_string(),
+        };
+        out.push_str(&limit);
+        out.push_str("</tr>");
+    }
+    out.push_str("</table></div></section>");
+}
+
+fn images_section(out: &mut String, admin: &Admin) {
+    let top = admin.state.status.top_images(TOP_IMAGES);
+    out.push_str("<section id=images><h2>Most pulled</h2>");
+    if top.is_empty() {
+        out.push_str("<p class=dim>No pull by tag yet.</p></section>");
+        return;
+    }
+    out.push_str(
+        "<div class=scroll><table><tr><th>image</th><th class=n>pulls</th><th>last</th></tr>",
+    );
+    for p in top {
+        let _ = write!(
+            out,
+            "<tr><td class=mono>{}</td>{}{}</tr>",
+            escape(&p.image),
+            num("", p.count, &p.count.to_string()),
+            time_cell(Some(p.last)),
+        );
+    }
+    out.push_str("</table></div></section>");
+}
+
+fn errors_section(out: &mut String, admin: &Admin) {
+    let errors = admin.state.status.errors();
+    out.push_str("<section id=errors><h2>Recent errors</h2>");
+    if errors.is_empty() {
+        out.push_str("<p class=dim>None since start.</p></section>");
+        return;
+    }
+    out.push_str(
+        "<div class=scroll><table><tr><th>when</th><th>what</th><th>cause</th>\
+         <th class=n>times</th></tr>",
+    );
+    for e in errors {
+        let _ = write!(
+            out,
+            "<tr>{}<td class=mono>{}</td><td>{}</td>{}</tr>",
+            time_cell(Some(e.last)),
+            escape(&e.what),
+            escape(&e.cause),
+            num("", e.count, &e.count.to_string()),
+        );
+    }
+    out.push_str("</table></div></section>");
+}
+
+fn sync_section(out: &mut String) {
+    out.push_str(
+        "<section id=sync><h2>Sync</h2><p class=dim>No sync configured \
+         (<code>[[sync]]</code> entries keep images cached on a schedule).</p></section>",
+    );
+}
+
+fn pins_section(out: &mut String, admin: &Admin) {
+    let pins = admin.state.cache.pins();
+    let _ = write!(
+        out,
+        "<section id=pins><h2>Pins <span class=dim>({})</span></h2>",
+        pins.len()
+    );
+    if pins.is_empty() {
+        out.push_str("<p class=dim>No image pinned.</p></section>");
+        return;
+    }
+    out.push_str(
+        "<div class=scroll><table><tr><th>image</th><th class=n>manifests</th>\
+         <th class=n>blobs</th><th>pinned</th></tr>",
+    );
+    for p in pins {
+        let k = &p.key;
+        let sep = match k.reference {
+            crate::reference::Reference::Tag(_) => ":",
+            crate::reference::Reference::Digest(_) => "@",
+        };
+        let image = format!("{}/{}{sep}{}", k.upstream, k.name.as_str(), k.reference);
+        let (m, b) = (p.image.manifests.len(), p.image.blobs.len());
+        let _ = write!(
+            out,
+            "<tr><td class=mono>{}</td>{}{}{}</tr>",
+            escape(&image),
+            num("", m, &m.to_string()),
+            num("", b, &b.to_string()),
+            time_cell(Some(p.image.pinned_at)),
+        );
+    }
+    out.push_str("</table></div></section>");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outside_text_is_escaped() {
+        assert_eq!(
+            escape("<script>alert('x')</script>&\"y\""),
+            "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&amp;&quot;y&quot;"
+        );
+        assert_eq!(escape("library/nginx:1.27"), "library/nginx:1.27");
+    }
+
+    #[test]
+    fn spans_read_like_people_say_them() {
+        assert_eq!(span(Duration::from_secs(12)), "12 s");
+        assert_eq!(span(Duration::from_secs(190)), "3 min");
+        assert_eq!(span(Duration::from_secs(7300)), "2 h");
+        assert_eq!(span(Duration::from_secs(4 * 86_400 + 5)), "4 d");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn times_are_relative() {
+        let then = clock::now();
+        assert_eq!(ago(then), "just now");
+        tokio::time::advance(Duration::from_secs(185)).await;
+        assert_eq!(ago(then), "3 min ago");
+        assert_eq!(ago(clock::now() + Duration::from_secs(60)), "in the future");
+    }
+
+    #[test]
+    fn bars_and_numbers() {
+        assert!(bar(1.7, None, "x").contains("width:100%"), "clamped");
+        assert!(bar(0.25, Some(0.5), "a<b").contains("aria-label=\"a&lt;b\""));
+        assert_eq!(
+            num("hits", 1234, "1234"),
+            "<td class=n id=hits data-value=\"1234\">1234</td>"
+        );
+        let svg = sparkline(&[0, 5, 10]);
+        assert!(
+            svg.contains("points=\"0.0,38.0 150.0,20.0 300.0,2.0\""),
+            "{svg}"
+        );
+    }
+}
