@@ -59,13 +59,16 @@ impl Admin {
         let Some(token) = &self.token else {
             return true;
         };
-        let given = req
+        let value = req
             .headers()
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        constant_time_eq(given.trim().as_bytes(), token.0.as_bytes())
+            .and_then(|v| v.to_str().ok());
+        // A browser opening the status page sends the token as a Basic password.
+        let given = match value.and_then(|v| v.strip_prefix("Bearer ")) {
+            Some(bearer) => bearer.trim().to_string(),
+            None => value.and_then(page::basic_password).unwrap_or_default(),
+        };
+        constant_time_eq(given.as_bytes(), token.0.as_bytes())
     }
 }
 
@@ -142,6 +145,8 @@ async fn handle(
         route(&admin, req)
             .await
             .unwrap_or_else(Error::into_response)
+    } else if path == "/" {
+        page::unauthorized(unauthorized())
     } else {
         unauthorized()
     };

@@ -51,6 +51,33 @@ pub fn page(admin: &Arc<Admin>) -> Response<Body> {
     resp
 }
 
+/// The password of `Basic <base64 of user:password>` (any user): how a browser, which
+/// cannot send a bearer token, gives the admin token for this page.
+pub fn basic_password(authorization: &str) -> Option<String> {
+    use base64::Engine as _;
+    let encoded = authorization.strip_prefix("Basic ")?.trim();
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    Some(text.split_once(':')?.1.to_string())
+}
+
+/// The admin API's 401 for the page, with a Basic challenge first so that a browser asks
+/// for the token (as the password; any user name).
+pub fn unauthorized(mut resp: Response<Body>) -> Response<Body> {
+    let bearer = resp.headers_mut().remove(header::WWW_AUTHENTICATE);
+    let h = resp.headers_mut();
+    h.append(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"ocicache admin: the token is the password\""),
+    );
+    if let Some(b) = bearer {
+        h.append(header::WWW_AUTHENTICATE, b);
+    }
+    resp
+}
+
 /// `s` with the characters that mean something in HTML (text or a quoted attribute)
 /// replaced by their entities.
 pub fn escape(s: &str) -> String {
@@ -177,6 +204,7 @@ td.n,th.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .warn{color:var(--warn)}\
 svg{width:100%;height:40px;display:block}svg polyline{fill:none;stroke:var(--bar);stroke-width:1.5}\
 a{color:var(--bar)}\
+@media (max-width:40rem){body{padding:.4rem;font-size:13px}th,td{padding:.15rem .3rem}}\
 ";
 
 /// Replaces the figures (not the page: no flicker, the scroll stays) every few seconds.
@@ -509,6 +537,19 @@ mod tests {
             "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&amp;&quot;y&quot;"
         );
         assert_eq!(escape("library/nginx:1.27"), "library/nginx:1.27");
+    }
+
+    #[test]
+    fn a_browser_gives_the_token_as_a_basic_password() {
+        // "admin:s3cret", "s3cret" (no user), "x:" (empty password)
+        assert_eq!(
+            basic_password("Basic YWRtaW46czNjcmV0").as_deref(),
+            Some("s3cret")
+        );
+        assert_eq!(basic_password("Basic czNjcmV0"), None);
+        assert_eq!(basic_password("Basic eDo=").as_deref(), Some(""));
+        assert_eq!(basic_password("Bearer s3cret"), None);
+        assert_eq!(basic_password("Basic !!!"), None);
     }
 
     #[test]

@@ -427,7 +427,19 @@ fn the_page_escapes_what_comes_from_outside_and_keeps_the_token_rule() {
     let url = format!("{}/", proxy.admin_url());
     let (s, h, _) = http_request("GET", &url, &[], b"");
     assert_eq!(s, 401);
-    assert!(header(&h, "www-authenticate").is_some());
+    // A browser is asked for the token as a Basic password, and may give it so.
+    assert!(header(&h, "www-authenticate")
+        .unwrap()
+        .starts_with("Basic "));
+    for wrong in ["Basic b3BzOm5vcGU=", "Bearer nope"] {
+        assert_eq!(
+            http_request("GET", &url, &[("authorization", wrong)], b"").0,
+            401
+        );
+    }
+    // "operator:tok3n"
+    let basic = ("authorization", "Basic b3BlcmF0b3I6dG9rM24=");
+    assert_eq!(http_request("GET", &url, &[basic], b"").0, 200);
     let (s, h, body) = http_request("GET", &url, &[("authorization", "Bearer tok3n")], b"");
     assert_eq!(s, 200);
     assert!(header(&h, "content-type").unwrap().starts_with("text/html"));
