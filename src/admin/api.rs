@@ -8,10 +8,10 @@ use http::{Response, StatusCode};
 use serde::Serialize;
 
 use super::{json, Admin};
-use crate::cache::inventory::FillStatus;
+use crate::cache::inventory::{references, rfc3339, FillStatus, ImageDigests};
 use crate::cache::pins::{Pin, PinKey, PinnedImage};
 use crate::error::{Error, ErrorCode};
-use crate::reference::{Name, Reference};
+use crate::reference::{Digest, Name, Reference, Tag};
 use crate::route;
 use crate::server::body::Body;
 use crate::upstream::Upstream;
@@ -146,4 +146,170 @@ pub fn unpin(admin: &Arc<Admin>, segments: &[&str]) -> Result<Response<Body>, Er
         StatusCode::OK,
         &serde_json::json!({ "unpinned": key }),
     ))
+}
+
+/// One cached image of `GET /api/v1/images`: a tag (with its record) or a manifest cached
+/// by digest that no tag names and no cached index holds (upstream and name unknown).
+#[derive(Debug, Serialize)]
+pub struct ImageEntry {
+    pub upstream: Option<String>,
+    pub name: Option<Name>,
+    pub tag: Option<Tag>,
+    pub digest: Digest,
+    pub media_type: Option<String>,
+    /// Bytes of the image's manifests and blobs in the local tier.
+    pub size: u64,
+    /// When the upstream last confirmed the tag.
+    #[serde(with = "rfc3339::option")]
+    pub confirmed: Option<SystemTime>,
+    /// When a client last pulled the manifest (kept in memory only: `null` after a restart
+    /// until the next pull).
+    #[serde(with = "rfc3339::option")]
+    pub last_pulled: Option<SystemTime>,
+    /// Whether a pin keeps the manifest.
+    pub pinned: bool,
+    /// The page position of this entry: what `last` takes to continue after it.
+    pub key: String,
+}
+
+/// A page of `GET /api/v1/images`.
+#[derive(Debug, Serialize)]
+pub struct ImagesPage {
+    pub images: Vec<ImageEntry>,
+    /// The `last` of the next page, `null` at the end (also in a `Link` header).
+    pub next: Option<String>,
+}
+
+/// The entries per page when `n` is not given, and the most `n` may ask for.
+const PAGE: usize = 1000;
+const MAX_PAGE: usize = 10_000;
+
+/// `GET /api/v1/images?upstream=&name=&n=&last=`: the cached tags and manifests, ordered
+/// by `key`, paginated like tag lists.
+pub async fn images(admin: &Arc<Admin>, query: &str) -> Result<Response<Body>, Error> {
+    let param = |k| route::query_param(Some(query), k).filter(|v| !v.is_empty());
+    let n = match param("n") {
+        Some(n) => n
+            .parse::<usize>()
+            .map_err(|_| Error::client(ErrorCode::PaginationNumberInvalid, "n must be a number"))?,
+        None => PAGE,
+    }
+    .min(MAX_PAGE);
+    let upstream = param("upstream");
+    let name = match (&upstream, param("name")) {
+        (Some(up), Some(name)) => {
+            let upstreams = &admin.state.upstreams;
+            Some(route::resolve(upstreams, Some(up), &name)?.name)
+        }
+        (None, Some(name)) => Some(Name::parse(&name)?),
+        (_, None) => None,
+    };
+    let last = param("last");
+    let state = &admin.state;
+    let mut entries: Vec<ImageEntry> = state
+        .manifests
+        .cached_tags()
+        .await?
+        .into_iter()
+        .filter(|t| upstream.as_ref().map_or(true, |u| *u == t.upstream))
+        .filter(|t| name.as_ref().map_or(true, |n| *n == t.name))
+        .map(|t| ImageEntry {
+            key: format!("{}/{}:{}", t.upstream, t.name, t.tag),
+            upstream: Some(t.upstream),
+            name: Some(t.name),
+            tag: Some(t.tag),
+            digest: t.digest,
+            media_type: Some(t.media_type),
+            size: 0,
+            confirmed: Some(t.confirmed),
+            last_pulled: None,
+            pinned: false,
+        })
+        .collect();
+    if upstream.is_none() && name.is_none() {
+        entries.extend(untagged(admin, &entries).await?);
+    }
+    entries.sort_by(|a, b| a.key.cmp(&b.key));
+    entries.retain(|e| last.as_ref().map_or(true, |l| e.key.as_str() > l.as_str()));
+    let more = entries.len() > n;
+    entries.truncate(n);
+    for e in &mut entries {
+        let image = cached_image(admin, &e.digest).await;
+        e.size = state.cache.cached_bytes(&image);
+        e.last_pulled = state.manifests.last_pulled(&e.digest);
+        e.pinned = state.cache.is_pinned(&e.digest);
+    }
+    let next = more
+        .then(|| entries.last().map(|e| e.key.clone()))
+        .flatten();
+    let mut resp = json(
+        StatusCode::OK,
+        &ImagesPage {
+            images: entries,
+            next: next.clone(),
+        },
+    );
+    if let Some(next) = &next {
+        let mut q = url::form_urlencoded::Serializer::new(String::new());
+        q.append_pair("n", &n.to_string()).append_pair("last", next);
+        if let Some(u) = &upstream {
+            q.append_pair("upstream", u);
+        }
+        if let Some(name) = &name {
+            q.append_pair("name", name.as_str());
+        }
+        let link = format!("</api/v1/images?{}>; rel=\"next\"", q.finish());
+        if let Ok(v) = http::HeaderValue::from_str(&link) {
+            resp.headers_mut().insert(http::header::LINK, v);
+        }
+    }
+    Ok(resp)
+}
+
+/// The digests of the image whose manifest is `digest`, from the local tier alone (what
+/// is not cached is not asked for).
+async fn cached_image(admin: &Admin, digest: &Digest) -> ImageDigests {
+    let cache = &admin.state.cache;
+    let max = admin.state.manifests.max_size();
+    let Some(bytes) = cache.local_manifest(digest, max).await else {
+        return ImageDigests {
+            manifests: vec![digest.clone()],
+            blobs: vec![],
+        };
+    };
+    let walked = ImageDigests::walk(digest, &bytes, |d| async move {
+        Ok::<_, Error>(cache.local_manifest(&d, max).await)
+    })
+    .await;
+    walked.expect("reading the cache alone does not fail")
+}
+
+/// The manifests cached by digest that no tag in `tagged` names and no cached index holds.
+async fn untagged(admin: &Admin, tagged: &[ImageEntry]) -> Result<Vec<ImageEntry>, Error> {
+    let cache = &admin.state.cache;
+    let max = admin.state.manifests.max_size();
+    let manifests = cache.cached_manifests().await?;
+    let mut children = std::collections::HashSet::new();
+    for d in &manifests {
+        if let Some(bytes) = cache.local_manifest(d, max).await {
+            children.extend(references(&bytes).0);
+        }
+    }
+    let named: std::collections::HashSet<&Digest> = tagged.iter().map(|e| &e.digest).collect();
+    Ok(manifests
+        .into_iter()
+        .filter(|d| !named.contains(d) && !children.contains(d))
+        .map(|d| ImageEntry {
+            key: format!("@{d}"),
+            upstream: None,
+            name: None,
+            tag: None,
+            media_type: cache.store.media_type(&d),
+            digest: d,
+            size: 0,
+            confirmed: None,
+            last_pulled: None,
+            pinned: false,
+        })
+        .collect())
 }

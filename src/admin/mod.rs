@@ -165,6 +165,7 @@ fn unauthorized() -> Response<Body> {
 async fn route(admin: &Arc<Admin>, req: Request<Incoming>) -> Result<Response<Body>, Error> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     let Some(["api", "v1", rest @ ..]) = Some(segments.as_slice()) else {
         return Err(not_found());
@@ -174,6 +175,7 @@ async fn route(admin: &Arc<Admin>, req: Request<Incoming>) -> Result<Response<Bo
         (&Method::GET, ["pins"]) => api::pins(admin),
         (&Method::PUT, ["pins", image @ ..]) => api::pin(admin, image).await,
         (&Method::DELETE, ["pins", image @ ..]) => api::unpin(admin, image),
+        (&Method::GET, ["images"]) => api::images(admin, &query).await,
         _ => Err(not_found()),
     }
 }

@@ -2,12 +2,18 @@
 //! manifests kept, the tag records; and the removals an operator asks for, done through the
 //! cache (its index, its tiers) so that they are safe beside the server's own work.
 
+use std::io;
+use std::path::Path;
 use std::time::SystemTime;
 
+use bytes::Bytes;
 use serde::Serialize;
 
 use super::{Cache, Progress};
-use crate::reference::Digest;
+use crate::reference::{Algorithm, Digest};
+
+/// Records are small: a larger file under `tags/` is not ours.
+const MAX_RECORD: u64 = 64 << 10;
 
 /// A fill under way, as `Cache::fills_status` reports it.
 #[derive(Debug, Clone, Serialize)]
@@ -57,6 +63,98 @@ impl Cache {
             .collect();
         out.sort_by_key(|f| f.started);
         out
+    }
+    /// The bytes of every tag record of the local tier (`tags/<2 hex>/<hex>.json`), for
+    /// listing: the manifests service reads them. Tag lists are not included.
+    pub async fn tag_records(&self) -> io::Result<Vec<Bytes>> {
+        let root = self.store.root().join("tags");
+        blocking(move || {
+            let mut out = Vec::new();
+            for_files(&root, |path, size| {
+                let tag_record = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.ends_with(".json") && !n.ends_with(".list.json"));
+                if tag_record && size <= MAX_RECORD {
+                    if let Ok(bytes) = std::fs::read(path) {
+                        out.push(Bytes::from(bytes));
+                    }
+                }
+            });
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Every manifest kept in the local tier (those with a media type under `types/`).
+    pub async fn cached_manifests(&self) -> io::Result<Vec<Digest>> {
+        let root = self.store.root().join("types");
+        blocking(move || {
+            let mut out = Vec::new();
+            for alg in [Algorithm::Sha256, Algorithm::Sha512] {
+                for_files(&root.join(alg.as_str()), |path, _| {
+                    let hex = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                    if let Ok(d) = Digest::parse(&format!("{alg}:{hex}")) {
+                        out.push(d);
+                    }
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// A manifest of the local tier, verified, without marking a use (listing is not
+    /// pulling): `None` if absent, too large or wrong.
+    pub async fn local_manifest(&self, digest: &Digest, max: u64) -> Option<Bytes> {
+        let store = self.store.clone();
+        let d = digest.clone();
+        let bytes = blocking(move || {
+            let (file, size) = store.open_blob(&d)?.ok_or(io::ErrorKind::NotFound)?;
+            if size > max {
+                return Err(io::ErrorKind::InvalidData.into());
+            }
+            let mut bytes = Vec::with_capacity(size as usize);
+            io::Read::read_to_end(&mut &file, &mut bytes)?;
+            Ok(bytes)
+        })
+        .await
+        .ok()?;
+        digest.matches(&bytes).then(|| Bytes::from(bytes))
+    }
+
+    /// The bytes of the digests of `image` that are in the local tier's index.
+    pub fn cached_bytes(&self, image: &ImageDigests) -> u64 {
+        image.all().filter_map(|d| self.index.size_of(d)).sum()
+    }
+}
+
+/// Runs `f` on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(io::Error::other)?
+}
+
+/// Calls `f` with the path and size of every file in the folders under `root` (one level:
+/// `<root>/<2 hex>/<file>`, the layout of `tags/` and `types/<algorithm>/`).
+fn for_files(root: &Path, mut f: impl FnMut(&Path, u64)) {
+    let Ok(prefixes) = std::fs::read_dir(root) else {
+        return;
+    };
+    for prefix in prefixes.flatten() {
+        let Ok(files) = std::fs::read_dir(prefix.path()) else {
+            continue;
+        };
+        for file in files.flatten() {
+            if let Ok(meta) = file.metadata() {
+                if meta.is_file() {
+                    f(&file.path(), meta.len());
+                }
+            }
+        }
     }
 }
 

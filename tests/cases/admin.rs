@@ -266,3 +266,95 @@ fn bad_names_tags_and_digests_are_400_and_change_nothing() {
         serde_json::json!([])
     );
 }
+
+#[test]
+fn the_images_list_names_what_is_cached_page_by_page() {
+    let fake = Fake::start();
+    let (a, a_blobs) = image(&fake, "library/app", "1", &[random_bytes(50_000, 3)]);
+    let (b, b_blobs) = image(&fake, "team/tool", "v2", &[random_bytes(70_000, 4)]);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy_of(dir.path(), &fake, 1 << 30);
+    pull(&proxy, "app", "1", &a_blobs);
+    pull(&proxy, "team/tool", "v2", &b_blobs);
+    assert_eq!(
+        admin(&proxy, "PUT", "/api/v1/pins/docker.io/team/tool/v2", "").0,
+        200
+    );
+
+    let (s, page) = admin(&proxy, "GET", "/api/v1/images", "");
+    assert_eq!(s, 200, "{page}");
+    let images = page["images"].as_array().unwrap();
+    assert_eq!(images.len(), 2, "{page}");
+    let app = &images[0];
+    assert_eq!(
+        (&app["upstream"], &app["name"], &app["tag"], &app["digest"]),
+        (
+            &"docker.io".into(),
+            &"library/app".into(),
+            &"1".into(),
+            &a.clone().into()
+        )
+    );
+    assert_eq!(app["media_type"], OCI_MANIFEST);
+    let blob_bytes = |blobs: &[String]| -> u64 {
+        blobs
+            .iter()
+            .map(|d| proxy.head(&format!("/v2/app/blobs/{d}"), &[]))
+            .map(|(_, h, _)| {
+                header(&h, "content-length")
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap()
+            })
+            .sum()
+    };
+    let a_size = blob_bytes(&a_blobs) + blob_bytes(std::slice::from_ref(&a));
+    assert_eq!(app["size"], a_size, "{app}");
+    assert!(app["confirmed"].as_str().unwrap().ends_with('Z'));
+    assert!(app["last_pulled"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(app["pinned"], false);
+    let tool = &images[1];
+    assert_eq!(
+        (&tool["name"], &tool["digest"]),
+        (&"team/tool".into(), &b.clone().into())
+    );
+    assert_eq!(tool["pinned"], true);
+
+    // Filtered, and one at a time: the next page after the first.
+    let (_, page) = admin(
+        &proxy,
+        "GET",
+        "/api/v1/images?upstream=docker.io&name=app",
+        "",
+    );
+    assert_eq!(page["images"].as_array().unwrap().len(), 1);
+    assert_eq!(page["images"][0]["digest"], a);
+    let (_, first) = admin(&proxy, "GET", "/api/v1/images?n=1", "");
+    assert_eq!(first["images"][0]["digest"], a);
+    let next = first["next"].as_str().unwrap().to_string();
+    let q: String = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("n", "1")
+        .append_pair("last", &next)
+        .finish();
+    let (_, second) = admin(&proxy, "GET", &format!("/api/v1/images?{q}"), "");
+    assert_eq!(second["images"][0]["digest"], b);
+    assert_eq!(second["next"], Value::Null);
+
+    // A manifest pulled by digest only: listed without a tag, upstream or name.
+    let (c, _) = image(&fake, "library/other", "x", &[random_bytes(10_000, 5)]);
+    let by_digest = format!("/v2/other/manifests/{c}");
+    assert_eq!(proxy.get(&by_digest, &[("accept", OCI_MANIFEST)]).0, 200);
+    let (_, page) = admin(&proxy, "GET", "/api/v1/images", "");
+    let untagged = &page["images"][0];
+    assert_eq!(
+        (&untagged["digest"], &untagged["tag"]),
+        (&c.clone().into(), &Value::Null)
+    );
+    assert_eq!(untagged["upstream"], Value::Null);
+    assert_eq!(page["images"].as_array().unwrap().len(), 3);
+
+    let (s, body) = admin(&proxy, "GET", "/api/v1/images?n=lots", "");
+    assert_eq!((s, code(&body)), (400, "PAGINATION_NUMBER_INVALID"));
+    let (s, body) = admin(&proxy, "GET", "/api/v1/images?name=Bad", "");
+    assert_eq!((s, code(&body)), (400, "NAME_INVALID"));
+}
