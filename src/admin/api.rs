@@ -313,3 +313,188 @@ async fn untagged(admin: &Admin, tagged: &[ImageEntry]) -> Result<Vec<ImageEntry
         })
         .collect())
 }
+
+/// What a `DELETE` did.
+#[derive(Debug, Default, Serialize)]
+pub struct Deleted {
+    /// Tags forgotten (`upstream/name:tag`): their next pull asks the upstream.
+    pub tags: Vec<String>,
+    /// Manifests and blobs removed from the local tier (and, with `purge_shared`, from the
+    /// bucket).
+    pub digests: Vec<Digest>,
+    /// Digests of the image kept: another cached manifest or tag refers to them, or a pin
+    /// holds them.
+    pub kept: Vec<Digest>,
+    /// Removed, but a fill of it was under way: it lands again when the fill is done.
+    pub filling: Vec<Digest>,
+}
+
+/// The `purge_shared` parameter: also remove from the bucket.
+fn purge_shared(query: &str) -> Result<bool, Error> {
+    match route::query_param(Some(query), "purge_shared").as_deref() {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(v) => Err(super::bad_request(format!(
+            "purge_shared must be true or false, not {v:?}"
+        ))),
+    }
+}
+
+/// `DELETE /api/v1/tags/<upstream>/<name>/<tag>`: forgets the tag's record.
+pub async fn delete_tag(
+    admin: &Arc<Admin>,
+    segments: &[&str],
+    query: &str,
+) -> Result<Response<Body>, Error> {
+    let image = ImagePath::parse(admin, segments)?;
+    let shared = purge_shared(query)?;
+    let Reference::Tag(tag) = &image.reference else {
+        return Err(Error::client(
+            ErrorCode::ManifestInvalid,
+            "a tag, not a digest: DELETE /api/v1/images/... removes a manifest",
+        ));
+    };
+    let up = &image.upstream.name;
+    if admin
+        .state
+        .manifests
+        .forget_tag(up, &image.name, tag, shared)
+        .await
+        .is_none()
+    {
+        return Err(Error::client(
+            ErrorCode::ManifestUnknown,
+            "no such cached tag",
+        ));
+    }
+    tracing::info!(upstream = %up, name = %image.name, %tag, shared, "tag forgotten");
+    let deleted = Deleted {
+        tags: vec![format!("{up}/{}:{tag}", image.name)],
+        ..Deleted::default()
+    };
+    Ok(json(StatusCode::OK, &deleted))
+}
+
+/// `DELETE /api/v1/images/<upstream>/<name>/<tag or digest>`: forgets the image's tags (of
+/// this repository) and removes its manifests and blobs, except what another cached
+/// manifest or tag refers to or a pin holds.
+pub async fn delete_image(
+    admin: &Arc<Admin>,
+    segments: &[&str],
+    query: &str,
+) -> Result<Response<Body>, Error> {
+    let image = ImagePath::parse(admin, segments)?;
+    let shared = purge_shared(query)?;
+    let state = &admin.state;
+    let up = image.upstream.name.clone();
+    let tags = state.manifests.cached_tags().await?;
+    let top = match &image.reference {
+        Reference::Digest(d) => d.clone(),
+        Reference::Tag(t) => tags
+            .iter()
+            .find(|c| c.upstream == up && c.name == image.name && c.tag == *t)
+            .map(|c| c.digest.clone())
+            .ok_or_else(|| Error::client(ErrorCode::ManifestUnknown, "no such cached tag"))?,
+    };
+    let max = state.manifests.max_size();
+    let known = state.cache.local_manifest(&top, max).await.is_some()
+        || tags.iter().any(|c| c.digest == top);
+    if !known {
+        return Err(Error::client(
+            ErrorCode::ManifestUnknown,
+            "no such cached image",
+        ));
+    }
+    // The tags of this repository that name it go; the others keep what they name.
+    let (going, staying): (Vec<_>, Vec<_>) = tags
+        .into_iter()
+        .partition(|c| c.upstream == up && c.name == image.name && c.digest == top);
+    let mut deleted = Deleted::default();
+    for t in &going {
+        state
+            .manifests
+            .forget_tag(&up, &t.name, &t.tag, shared)
+            .await;
+        deleted.tags.push(format!("{up}/{}:{}", t.name, t.tag));
+    }
+    let candidates = cached_image(admin, &top).await;
+    let referenced = referenced_elsewhere(admin, &candidates, &staying).await?;
+    for d in candidates.all() {
+        if referenced.contains(d) || state.cache.is_pinned(d) {
+            deleted.kept.push(d.clone());
+            continue;
+        }
+        remove(admin, d, shared, &mut deleted).await;
+    }
+    tracing::info!(upstream = %up, name = %image.name, reference = %image.reference, removed = deleted.digests.len(), kept = deleted.kept.len(), shared, "image deleted");
+    Ok(json(StatusCode::OK, &deleted))
+}
+
+/// Removes one digest through the cache (and the manifests service's memory), noting it.
+async fn remove(admin: &Admin, d: &Digest, shared: bool, deleted: &mut Deleted) {
+    let state = &admin.state;
+    state.manifests.forget_manifest(d);
+    if state.cache.filling(d) {
+        deleted.filling.push(d.clone());
+    }
+    if state.cache.remove_blob(d, shared).await || shared {
+        deleted.digests.push(d.clone());
+    }
+}
+
+/// Of the digests of `image`, those another cached manifest (not itself one of the image's
+/// that goes) or a remaining tag refers to. A manifest of the image that something else
+/// refers to stays, and with it what it refers to: repeated until nothing changes.
+async fn referenced_elsewhere(
+    admin: &Admin,
+    image: &ImageDigests,
+    staying: &[crate::manifests::CachedTag],
+) -> Result<std::collections::HashSet<Digest>, Error> {
+    let cache = &admin.state.cache;
+    let max = admin.state.manifests.max_size();
+    let mut refs = std::collections::HashMap::new();
+    for m in cache.cached_manifests().await? {
+        if let Some(bytes) = cache.local_manifest(&m, max).await {
+            let (children, blobs) = references(&bytes);
+            refs.insert(m, [children, blobs].concat());
+        }
+    }
+    let mut going: std::collections::HashSet<&Digest> = image.manifests.iter().collect();
+    loop {
+        let mut referenced: std::collections::HashSet<Digest> =
+            staying.iter().map(|t| t.digest.clone()).collect();
+        for (m, r) in &refs {
+            if !going.contains(m) {
+                referenced.extend(r.iter().cloned());
+            }
+        }
+        let before = going.len();
+        going.retain(|m| !referenced.contains(*m));
+        if going.len() == before {
+            return Ok(referenced);
+        }
+    }
+}
+
+/// `DELETE /api/v1/blobs/<digest>`: removes one blob (or manifest) from the cache. A
+/// pinned one is refused: unpin it first.
+pub async fn delete_blob(
+    admin: &Arc<Admin>,
+    digest: &str,
+    query: &str,
+) -> Result<Response<Body>, Error> {
+    let digest = route::digest(digest)?;
+    let shared = purge_shared(query)?;
+    if admin.state.cache.is_pinned(&digest) {
+        return Err(super::bad_request(
+            "a pin holds this blob: unpin its image first",
+        ));
+    }
+    let mut deleted = Deleted::default();
+    remove(admin, &digest, shared, &mut deleted).await;
+    if deleted.digests.is_empty() && deleted.filling.is_empty() {
+        return Err(Error::client(ErrorCode::BlobUnknown, "blob not cached"));
+    }
+    tracing::info!(%digest, shared, "blob deleted");
+    Ok(json(StatusCode::OK, &deleted))
+}

@@ -176,6 +176,9 @@ async fn route(admin: &Arc<Admin>, req: Request<Incoming>) -> Result<Response<Bo
         (&Method::PUT, ["pins", image @ ..]) => api::pin(admin, image).await,
         (&Method::DELETE, ["pins", image @ ..]) => api::unpin(admin, image),
         (&Method::GET, ["images"]) => api::images(admin, &query).await,
+        (&Method::DELETE, ["tags", image @ ..]) => api::delete_tag(admin, image, &query).await,
+        (&Method::DELETE, ["images", image @ ..]) => api::delete_image(admin, image, &query).await,
+        (&Method::DELETE, ["blobs", digest]) => api::delete_blob(admin, digest, &query).await,
         _ => Err(not_found()),
     }
 }

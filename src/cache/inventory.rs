@@ -123,6 +123,43 @@ impl Cache {
         digest.matches(&bytes).then(|| Bytes::from(bytes))
     }
 
+    /// Removes blob (or manifest) `digest` from the local tier, and with `shared` from the
+    /// tiers behind it too; returns whether the local tier had it. A fill of it under way
+    /// is left alone: its temp file is its own, its readers keep reading, and once verified
+    /// it lands as usual (the blob is back). A committed file being read keeps being read
+    /// (unlink semantics).
+    pub async fn remove_blob(&self, digest: &Digest, shared: bool) -> bool {
+        let store = self.store.clone();
+        let d = digest.clone();
+        let had = blocking(move || Ok(store.blob_path(&d).exists()))
+            .await
+            .unwrap_or(false);
+        self.tiers[0].purge(digest).await;
+        if shared {
+            for tier in self.behind() {
+                tier.purge(digest).await;
+            }
+        }
+        had
+    }
+
+    /// Whether a fill of `digest` is under way.
+    pub fn filling(&self, digest: &Digest) -> bool {
+        self.fills.get(digest).is_some()
+    }
+
+    /// Removes a record from the local tier, and with `shared` from the tiers behind it.
+    pub async fn remove_record(&self, record: &super::Record, shared: bool) {
+        let tiers = if shared {
+            &self.tiers[..]
+        } else {
+            &self.tiers[..1]
+        };
+        for tier in tiers {
+            tier.remove_record(record).await;
+        }
+    }
+
     /// The bytes of the digests of `image` that are in the local tier's index.
     pub fn cached_bytes(&self, image: &ImageDigests) -> u64 {
         image.all().filter_map(|d| self.index.size_of(d)).sum()
@@ -276,5 +313,73 @@ impl ImageDigests {
     /// Every digest, manifests first.
     pub fn all(&self) -> impl Iterator<Item = &Digest> {
         self.manifests.iter().chain(&self.blobs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::bucket::testing::{keys, tier, TestStore};
+    use crate::cache::Record;
+    use crate::reference::{Name, Tag};
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_purge_with_shared_removes_from_the_bucket_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TestStore::new();
+        let cache = Cache::for_test(
+            dir.path(),
+            Some(tier(&store, Duration::from_secs(60), 1 << 30)),
+        );
+        let oci = "application/vnd.oci.image.manifest.v1+json";
+        let bytes = Bytes::from_static(br#"{"schemaVersion":2,"layers":[]}"#);
+        let d = Digest::sha256_of(&bytes);
+        cache.put_manifest(&d, bytes, oci).await.unwrap();
+        let record = Record::tag(
+            "docker.io",
+            &Name::parse("a/b").unwrap(),
+            &Tag::parse("1").unwrap(),
+        );
+        cache.put_record(&record, b"{}".to_vec(), true).await;
+        // Both written to the bucket in the background.
+        while keys(&store, "mirror/blobs").await.is_empty()
+            || keys(&store, "mirror/tags").await.is_empty()
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+
+        // Local only: the bucket keeps its copies.
+        assert!(cache.remove_blob(&d, false).await);
+        cache.remove_record(&record, false).await;
+        assert!(!cache.store.blob_path(&d).exists() && !cache.index.contains(&d));
+        assert!(cache.record(&record).await.is_none());
+        assert_eq!(keys(&store, "mirror/blobs").await.len(), 1);
+        assert!(cache.shared_record(&record).await.is_some());
+
+        // Shared: gone from the bucket.
+        assert!(!cache.remove_blob(&d, true).await, "no longer local");
+        cache.remove_record(&record, true).await;
+        assert!(keys(&store, "mirror/blobs").await.is_empty());
+        assert!(keys(&store, "mirror/tags").await.is_empty());
+    }
+
+    #[test]
+    fn references_of_an_index_and_a_manifest() {
+        let d = |n: u8| Digest::sha256_of(&[n]);
+        let index = format!(
+            r#"{{"manifests":[{{"digest":"{}"}},{{"digest":"{}"}}],"subject":{{"digest":"{}"}}}}"#,
+            d(1),
+            d(2),
+            d(9)
+        );
+        assert_eq!(references(index.as_bytes()), (vec![d(1), d(2)], vec![]));
+        let manifest = format!(
+            r#"{{"config":{{"digest":"{}"}},"layers":[{{"digest":"{}"}}]}}"#,
+            d(3),
+            d(4)
+        );
+        assert_eq!(references(manifest.as_bytes()), (vec![], vec![d(3), d(4)]));
+        assert_eq!(references(b"not json"), (vec![], vec![]));
     }
 }

@@ -45,3 +45,29 @@ impl Manifests {
         self.max_size
     }
 }
+
+impl Manifests {
+    /// Forgets a tag: its record here and, with `shared`, in the tiers behind; the next
+    /// pull asks the upstream. Returns the digest it pointed to, `None` if it had no record.
+    pub async fn forget_tag(
+        &self,
+        upstream: &str,
+        name: &Name,
+        tag: &Tag,
+        shared: bool,
+    ) -> Option<Digest> {
+        let key: TagKey = (upstream.to_string(), name.clone(), tag.clone());
+        let record = self.tag_record(&key).await;
+        // The file first: a request in between reloads it no more.
+        self.cache
+            .remove_record(&tag_record_name(&key), shared)
+            .await;
+        self.tags.invalidate(&key);
+        record.map(|r| r.digest.clone())
+    }
+
+    /// Forgets a manifest kept in memory (its file is removed through the cache).
+    pub fn forget_manifest(&self, digest: &Digest) {
+        self.hot.invalidate(digest);
+    }
+}
