@@ -336,6 +336,7 @@ async fn manifest(
             .pulled(&up.name, target.name.as_str(), tag.as_str());
     }
     let m = &ans.value;
+    m.note_pulled();
     let mut resp = Response::new(body::full(m.bytes.clone()));
     // The headers were built with the manifest: one copy of the map, nothing parsed.
     *resp.headers_mut() = m.headers.clone();
