@@ -343,21 +343,70 @@ fn sparkline(values: &[u64]) -> String {
     )
 }
 
+/// A section of the page: its id and title.
+struct Section<'a> {
+    id: &'a str,
+    title: &'a str,
+    /// A count shown beside the title.
+    count: Option<usize>,
+    /// Across the whole width.
+    wide: bool,
+}
+
+impl Section<'_> {
+    /// Opens the section and its table, whose column headers are `headers` (a `#` before
+    /// a header marks a number column); or, with no rows, writes `none` and closes the
+    /// section, returning `false`.
+    fn open(&self, out: &mut String, rows: usize, none: &str, headers: &[&str]) -> bool {
+        let count = self
+            .count
+            .map_or(String::new(), |n| format!(" <span class=dim>({n})</span>"));
+        let wide = if self.wide { " class=wide" } else { "" };
+        let _ = write!(
+            out,
+            "<section id={}{wide}><h2>{}{count}</h2>",
+            self.id, self.title
+        );
+        if rows == 0 {
+            let _ = write!(out, "<p class=dim>{none}</p></section>");
+            return false;
+        }
+        out.push_str("<div class=scroll><table><tr>");
+        for h in headers {
+            let _ = match h.strip_prefix('#') {
+                Some(h) => write!(out, "<th class=n>{h}</th>"),
+                None => write!(out, "<th>{h}</th>"),
+            };
+        }
+        out.push_str("</tr>");
+        true
+    }
+
+    fn close(out: &mut String) {
+        out.push_str("</table></div></section>");
+    }
+}
+
 fn fills_section(out: &mut String, fills: &[FillStatus]) {
-    let _ = write!(
-        out,
-        "<section id=fills class=wide><h2>Fills in flight <span class=dim>({})</span></h2>",
-        fills.len()
-    );
-    if fills.is_empty() {
-        out.push_str("<p class=dim>No fill under way.</p></section>");
+    let section = Section {
+        id: "fills",
+        title: "Fills in flight",
+        count: Some(fills.len()),
+        wide: true,
+    };
+    let headers = [
+        "digest",
+        "image",
+        "progress",
+        "#received",
+        "#rate",
+        "#clients",
+        "state",
+        "started",
+    ];
+    if !section.open(out, fills.len(), "No fill under way.", &headers) {
         return;
     }
-    out.push_str(
-        "<div class=scroll><table><tr><th>digest</th><th>image</th><th>progress</th>\
-         <th class=n>received</th><th class=n>rate</th><th class=n>clients</th>\
-         <th>state</th><th>started</th></tr>",
-    );
     for f in fills {
         let digest = f.digest.to_string();
         let secs = clock::age(f.started)
@@ -392,20 +441,25 @@ fn fills_section(out: &mut String, fills: &[FillStatus]) {
             started = time_cell(Some(f.started)),
         );
     }
-    out.push_str("</table></div></section>");
+    Section::close(out);
 }
 
 fn upstreams_section(out: &mut String, admin: &Admin) {
-    out.push_str(
-        "<section id=upstreams class=wide><h2>Upstreams</h2><div class=scroll><table>\
-         <tr><th>upstream</th><th>state</th><th>last success</th><th>last error</th>\
-         <th>cause</th>",
-    );
-    for class in CLASSES {
-        let _ = write!(out, "<th class=n>{class}</th>");
+    let ups = &admin.state.upstreams.0;
+    let section = Section {
+        id: "upstreams",
+        title: "Upstreams",
+        count: None,
+        wide: true,
+    };
+    let classes = CLASSES.map(|c| format!("#{c}"));
+    let mut headers = vec!["upstream", "state", "last success", "last error", "cause"];
+    headers.extend(classes.iter().map(String::as_str));
+    headers.push("#rate limit left");
+    if !section.open(out, ups.len(), "No upstream configured.", &headers) {
+        return;
     }
-    out.push_str("<th class=n>rate limit left</th></tr>");
-    for up in &admin.state.upstreams.0 {
+    for up in ups {
         let h: HealthView = up.health.view();
         let class = match h.state {
             UpState::Up => "up",
@@ -435,19 +489,21 @@ fn upstreams_section(out: &mut String, admin: &Admin) {
         out.push_str(&limit);
         out.push_str("</tr>");
     }
-    out.push_str("</table></div></section>");
+    Section::close(out);
 }
 
 fn images_section(out: &mut String, admin: &Admin) {
     let top = admin.state.status.top_images(TOP_IMAGES);
-    out.push_str("<section id=images><h2>Most pulled</h2>");
-    if top.is_empty() {
-        out.push_str("<p class=dim>No pull by tag yet.</p></section>");
+    let section = Section {
+        id: "images",
+        title: "Most pulled",
+        count: None,
+        wide: false,
+    };
+    let headers = ["image", "#pulls", "last"];
+    if !section.open(out, top.len(), "No pull by tag yet.", &headers) {
         return;
     }
-    out.push_str(
-        "<div class=scroll><table><tr><th>image</th><th class=n>pulls</th><th>last</th></tr>",
-    );
     for p in top {
         let _ = write!(
             out,
@@ -457,20 +513,21 @@ fn images_section(out: &mut String, admin: &Admin) {
             time_cell(Some(p.last)),
         );
     }
-    out.push_str("</table></div></section>");
+    Section::close(out);
 }
 
 fn errors_section(out: &mut String, admin: &Admin) {
     let errors = admin.state.status.errors();
-    out.push_str("<section id=errors><h2>Recent errors</h2>");
-    if errors.is_empty() {
-        out.push_str("<p class=dim>None since start.</p></section>");
+    let section = Section {
+        id: "errors",
+        title: "Recent errors",
+        count: None,
+        wide: false,
+    };
+    let headers = ["when", "what", "cause", "#times"];
+    if !section.open(out, errors.len(), "None since start.", &headers) {
         return;
     }
-    out.push_str(
-        "<div class=scroll><table><tr><th>when</th><th>what</th><th>cause</th>\
-         <th class=n>times</th></tr>",
-    );
     for e in errors {
         let _ = write!(
             out,
@@ -481,7 +538,7 @@ fn errors_section(out: &mut String, admin: &Admin) {
             num("", e.count, &e.count.to_string()),
         );
     }
-    out.push_str("</table></div></section>");
+    Section::close(out);
 }
 
 fn sync_section(out: &mut String) {
@@ -493,19 +550,16 @@ fn sync_section(out: &mut String) {
 
 fn pins_section(out: &mut String, admin: &Admin) {
     let pins = admin.state.cache.pins();
-    let _ = write!(
-        out,
-        "<section id=pins><h2>Pins <span class=dim>({})</span></h2>",
-        pins.len()
-    );
-    if pins.is_empty() {
-        out.push_str("<p class=dim>No image pinned.</p></section>");
+    let section = Section {
+        id: "pins",
+        title: "Pins",
+        count: Some(pins.len()),
+        wide: false,
+    };
+    let headers = ["image", "#manifests", "#blobs", "pinned"];
+    if !section.open(out, pins.len(), "No image pinned.", &headers) {
         return;
     }
-    out.push_str(
-        "<div class=scroll><table><tr><th>image</th><th class=n>manifests</th>\
-         <th class=n>blobs</th><th>pinned</th></tr>",
-    );
     for p in pins {
         let k = &p.key;
         let sep = match k.reference {
@@ -523,7 +577,7 @@ fn pins_section(out: &mut String, admin: &Admin) {
             time_cell(Some(p.image.pinned_at)),
         );
     }
-    out.push_str("</table></div></section>");
+    Section::close(out);
 }
 
 #[cfg(test)]
