@@ -651,3 +651,32 @@ fn the_status_page_in_a_real_browser_shows_a_fill_in_flight_and_asks_no_other_ho
     drop(proxy);
     let _ = puller.join();
 }
+
+#[test]
+fn a_blob_that_fails_its_digest_shows_in_the_pages_recent_errors() {
+    let fake = Fake::start();
+    let data = random_bytes(100_000, 20);
+    let d = fake.add_blob(&data);
+    fake.fault(&d, Fault::CorruptBody, None);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(config(dir.path(), &[("docker.io", &fake.url(), true)]));
+    let cut = try_http_request("GET", &format!("{}/v2/x/blobs/{d}", proxy.url()), &[], b"");
+    assert!(
+        cut.map_or(true, |(_, _, body)| body != data),
+        "never the wrong body whole"
+    );
+    wait_until("the failure is kept", Duration::from_secs(5), || {
+        !proxy.state.status.errors().is_empty()
+    });
+    let (s, page) = admin_get(&proxy, "/");
+    assert_eq!(s, 200);
+    assert!(
+        page.contains(&format!("does not match digest {d}")),
+        "the page names the digest"
+    );
+    assert_eq!(
+        proxy.metric("ocicache_fills_failed_total{reason=\"digest_mismatch\"}"),
+        1.0,
+        "what OcicacheDigestMismatch alerts on"
+    );
+}
