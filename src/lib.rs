@@ -43,6 +43,8 @@
 //! - [`config`]: the configuration (figment: defaults, TOML file, `OCICACHE_` variables).
 //! - [`metrics`]: Prometheus metrics.
 //! - [`prefetch`]: `ocicache prefetch`, warming a cache through an ocicache.
+//! - [`warm`]: warming the cache inside the server (an image's manifests and blobs, through
+//!   the manifests service and the cache's fills), for syncs and admin prefetch jobs.
 //!
 //! `main.rs` is glue: it parses the command line and calls into these.
 
@@ -59,3 +61,4 @@ pub mod reference;
 pub mod route;
 pub mod server;
 pub mod upstream;
+pub mod warm;

@@ -8,3 +8,4 @@ mod real;
 mod shared;
 mod start;
 mod storm;
+mod sync;
