@@ -45,6 +45,8 @@
 //! - [`prefetch`]: `ocicache prefetch`, warming a cache through an ocicache.
 //! - [`warm`]: warming the cache inside the server (an image's manifests and blobs, through
 //!   the manifests service and the cache's fills), for syncs and admin prefetch jobs.
+//! - [`sync`]: scheduled syncs (`[[sync]]`): images kept cached on an interval, one at a
+//!   time, with jitter and back-off from the upstream's rate limit.
 //!
 //! `main.rs` is glue: it parses the command line and calls into these.
 
@@ -60,5 +62,6 @@ pub mod range;
 pub mod reference;
 pub mod route;
 pub mod server;
+pub mod sync;
 pub mod upstream;
 pub mod warm;

@@ -145,8 +145,12 @@ pub async fn warm(
         p.bytes_total = blobs.iter().map(|(_, s)| s).sum();
     });
 
-    let filled: Vec<(u64, bool)> = futures_util::stream::iter(blobs.iter())
-        .map(|(digest, _)| fill(state, &up, &name, digest, progress))
+    // Owned digests: a stream of borrowed ones makes a future that is not `Send` for every
+    // lifetime, which a spawned caller (the sync's task) needs.
+    let (up_ref, name_ref) = (&up, &name);
+    let digests: Vec<Digest> = blobs.iter().map(|(d, _)| d.clone()).collect();
+    let filled: Vec<(u64, bool)> = futures_util::stream::iter(digests)
+        .map(|digest| async move { fill(state, up_ref, name_ref, &digest, progress).await })
         .buffer_unordered(PARALLEL_BLOBS)
         .try_collect()
         .await?;
