@@ -83,6 +83,14 @@ impl<K: Eq + Hash + Clone, T> Flights<K, T> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Every flight under way now, with its key.
+    pub fn snapshot(&self) -> Vec<(K, Arc<T>)> {
+        self.lock()
+            .iter()
+            .map(|(k, f)| (k.clone(), f.clone()))
+            .collect()
+    }
 }
 
 /// Runs one future per key at a time; callers with the same key share its result.

@@ -32,8 +32,66 @@ pub struct Config {
     pub auth: Option<AuthConfig>,
     /// The registries this proxy mirrors. Only these are ever contacted.
     pub upstreams: Vec<UpstreamConfig>,
+    /// The admin API's listener and token (`[admin]`).
+    pub admin: AdminConfig,
     /// Images the server keeps cached, refreshed on an interval (`[[sync]]`).
     pub sync: Vec<SyncConfig>,
+}
+
+/// `[admin]`: the admin API (`/api/v1/...`), on a listener of its own, never the public one.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Where the admin API listens; `""` turns it off.
+    #[serde(deserialize_with = "listen_or_off")]
+    pub listen: Option<SocketAddr>,
+    /// A bearer token every admin request must carry; none: the API is open to whoever
+    /// reaches `listen` (loopback by default).
+    pub token: Option<Secret>,
+    /// A file holding the token (trailing newline ignored); exclusive with `token`.
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 5080))),
+            token: None,
+            token_file: None,
+        }
+    }
+}
+
+impl AdminConfig {
+    /// The token, from `token` or `token_file`.
+    pub fn token(&self) -> std::io::Result<Option<Secret>> {
+        if let Some(t) = &self.token {
+            return Ok(Some(t.clone()));
+        }
+        match &self.token_file {
+            Some(f) => read_secret(f).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+/// An address, or `""` for none.
+fn listen_or_off<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.trim().is_empty() {
+        return Ok(None);
+    }
+    s.trim().parse().map(Some).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "{s:?} is not an address such as \"127.0.0.1:5080\" (or \"\" for none): {e}"
+        ))
+    })
+}
+
+/// A secret read from a file, its trailing newline ignored.
+fn read_secret(file: &Path) -> std::io::Result<Secret> {
+    let s = std::fs::read_to_string(file)?;
+    Ok(Secret(s.trim_end_matches(['\r', '\n']).to_string()))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -237,6 +295,7 @@ impl Default for Config {
             tls: None,
             auth: None,
             upstreams: vec![UpstreamConfig::docker_hub()],
+            admin: AdminConfig::default(),
             sync: Vec::new(),
         }
     }
@@ -349,6 +408,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "tls",
     "auth",
     "upstreams",
+    "admin",
     "sync",
 ];
 
@@ -537,7 +597,36 @@ impl Config {
         for (i, entry) in self.sync.iter().enumerate() {
             entry.validate(&format!("sync[{i}]"), &self.upstreams)?;
         }
-        Ok(())
+        self.validate_admin()
+    }
+
+    /// `[admin]`: never the public address; one token source, not empty.
+    fn validate_admin(&self) -> Result<(), ConfigError> {
+        let admin = &self.admin;
+        if let Some(listen) = admin.listen {
+            let overlaps = listen.port() == self.listen.port()
+                && (listen.ip() == self.listen.ip()
+                    || listen.ip().is_unspecified()
+                    || self.listen.ip().is_unspecified());
+            if overlaps && listen.port() != 0 {
+                return Err(invalid(
+                    "admin.listen",
+                    listen,
+                    "must not be the public listen address: the admin API has its own",
+                ));
+            }
+        }
+        if admin.token.is_some() && admin.token_file.is_some() {
+            return Err(invalid(
+                "admin.token_file",
+                "",
+                "token and token_file are exclusive",
+            ));
+        }
+        if admin.token.as_ref().is_some_and(|t| t.0.trim().is_empty()) {
+            return Err(invalid("admin.token", "", "must not be empty"));
+        }
+        files_exist([("admin.token_file".into(), admin.token_file.as_deref())])
     }
 }
 
@@ -820,6 +909,50 @@ mod tests {
         up.username = Some("me".into());
         up.password = Some(Secret("hunter2".into()));
         assert!(!format!("{up:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn the_admin_api_from_a_file_and_the_environment() {
+        Jail::expect_with(|jail| {
+            let c = Config::load(None).unwrap();
+            assert_eq!(c.admin.listen.unwrap().to_string(), "127.0.0.1:5080");
+            assert!(c.admin.token().unwrap().is_none());
+
+            jail.create_file("t", "s3cret\n")?;
+            jail.create_file(
+                "a.toml",
+                "[admin]\nlisten = \"127.0.0.1:6080\"\ntoken_file = \"t\"\n",
+            )?;
+            let c = Config::load(Some(Path::new("a.toml"))).unwrap();
+            assert_eq!(c.admin.listen.unwrap().port(), 6080);
+            assert_eq!(c.admin.token().unwrap().unwrap().0, "s3cret");
+
+            jail.set_env("OCICACHE_ADMIN__LISTEN", "");
+            jail.set_env("OCICACHE_ADMIN__TOKEN", "hunter2");
+            jail.create_file("b.toml", "")?;
+            let c = Config::load(Some(Path::new("b.toml"))).unwrap();
+            assert!(c.admin.listen.is_none(), "\"\" turns the admin API off");
+            assert_eq!(c.admin.token().unwrap().unwrap().0, "hunter2");
+            assert!(!format!("{c:?}").contains("hunter2"));
+            jail.clear_env();
+
+            for (body, key) in [
+                ("listen = \"127.0.0.1:5000\"", "admin.listen"),
+                ("listen = \"0.0.0.0:5000\"", "admin.listen"),
+                ("listen = \"nowhere\"", "listen"),
+                ("token = \"a\"\ntoken_file = \"t\"", "admin.token_file"),
+                ("token_file = \"missing\"", "admin.token_file"),
+                ("token = \" \"", "admin.token"),
+                ("tokn = \"a\"", "tokn"),
+            ] {
+                jail.create_file("bad.toml", &format!("[admin]\n{body}\n"))?;
+                let e = Config::load(Some(Path::new("bad.toml")))
+                    .unwrap_err()
+                    .to_string();
+                assert!(e.contains(key), "{body}: {e}");
+            }
+            Ok(())
+        });
     }
 }
 

@@ -26,6 +26,10 @@ pub enum ErrorCode {
     TooManyRequests,
     RangeInvalid,
     Unavailable,
+    /// A pagination `n` that is not a number (the spec's code, for the admin API's lists).
+    PaginationNumberInvalid,
+    /// Ours: an admin API body or parameter the spec's codes do not cover.
+    RequestInvalid,
 }
 
 impl ErrorCode {
@@ -45,6 +49,8 @@ impl ErrorCode {
             ErrorCode::TooManyRequests => "TOOMANYREQUESTS",
             ErrorCode::RangeInvalid => "RANGE_INVALID",
             ErrorCode::Unavailable => "UNAVAILABLE",
+            ErrorCode::PaginationNumberInvalid => "PAGINATION_NUMBER_INVALID",
+            ErrorCode::RequestInvalid => "REQUEST_INVALID",
         }
     }
 
@@ -56,7 +62,9 @@ impl ErrorCode {
             ErrorCode::DigestInvalid
             | ErrorCode::ManifestInvalid
             | ErrorCode::NameInvalid
-            | ErrorCode::SizeInvalid => StatusCode::BAD_REQUEST,
+            | ErrorCode::SizeInvalid
+            | ErrorCode::PaginationNumberInvalid
+            | ErrorCode::RequestInvalid => StatusCode::BAD_REQUEST,
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorCode::Denied => StatusCode::FORBIDDEN,
             ErrorCode::Unsupported => StatusCode::METHOD_NOT_ALLOWED,

@@ -43,6 +43,8 @@
 //! - [`config`]: the configuration (figment: defaults, TOML file, `OCICACHE_` variables).
 //! - [`metrics`]: Prometheus metrics.
 //! - [`prefetch`]: `ocicache prefetch`, warming a cache through an ocicache.
+//! - [`admin`]: the admin API on its own listener (`/api/v1/`: what is cached, purge, pin,
+//!   jobs) and the client the `ocicache cache` commands use with `--server`.
 //! - [`warm`]: warming the cache inside the server (an image's manifests and blobs, through
 //!   the manifests service and the cache's fills), for syncs and admin prefetch jobs.
 //! - [`sync`]: scheduled syncs (`[[sync]]`): images kept cached on an interval, one at a
@@ -50,6 +52,7 @@
 //!
 //! `main.rs` is glue: it parses the command line and calls into these.
 
+pub mod admin;
 pub mod cache;
 pub mod clock;
 pub mod coalesce;

@@ -414,12 +414,38 @@ async fn prefetch(
 async fn serve(config: Config) -> anyhow::Result<()> {
     // The state first: it takes the cache folder's lock, so a second server on the folder is
     // told who holds it even when it would also have failed to bind the same port.
-    let listen = config.listen;
+    let (listen, admin_listen) = (config.listen, config.admin.listen);
     let state = ocicache::server::State::new(config)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("listen {listen}: {e}"))?;
-    ocicache::server::run(listener, state, shutdown_signal()).await?;
+    // The admin API beside the public listener, stopped by the same signal.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let admin = match admin_listen {
+        Some(addr) => {
+            let admin_listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("admin.listen {addr}: {e}"))?;
+            let admin = ocicache::admin::Admin::new(state.clone())?;
+            let mut stopped = stopped.clone();
+            Some(tokio::spawn(ocicache::admin::run(
+                admin_listener,
+                admin,
+                async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                },
+            )))
+        }
+        None => None,
+    };
+    let signal = async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    };
+    ocicache::server::run(listener, state, signal).await?;
+    if let Some(task) = admin {
+        task.await??;
+    }
     Ok(())
 }
 

@@ -82,6 +82,10 @@ pub struct Metrics {
     pub index_scan_done: Gauge,
     /// Blobs the index's rebuild at start has found so far.
     pub index_scanned_blobs: Gauge,
+    /// Bytes of pinned blobs in the cache (they count toward `cache.max_size`).
+    pub pinned_bytes: Gauge,
+    /// 1 while pinned blobs alone exceed `cache.max_size` (only unpinned ones are evicted).
+    pub pins_over_bound: Gauge,
     /// Scheduled syncs (`[[sync]]`): runs by result, images synced, bytes they fetched,
     /// when each entry last succeeded.
     pub sync_runs: Family<SyncRunLabels, Counter>,
@@ -119,6 +123,8 @@ impl Metrics {
             shared_ops: Family::default(),
             index_scan_done: Gauge::default(),
             index_scanned_blobs: Gauge::default(),
+            pinned_bytes: Gauge::default(),
+            pins_over_bound: Gauge::default(),
             sync_runs: Family::default(),
             sync_images: Family::default(),
             sync_bytes: Family::default(),
@@ -222,6 +228,16 @@ impl Metrics {
             m.index_scanned_blobs.clone(),
         );
         registry.register(
+            "pinned_bytes",
+            "Bytes of pinned blobs in the cache (they count toward cache.max_size)",
+            m.pinned_bytes.clone(),
+        );
+        registry.register(
+            "pins_over_bound",
+            "1 while pinned blobs alone exceed cache.max_size (only unpinned ones are evicted)",
+            m.pins_over_bound.clone(),
+        );
+        registry.register(
             "sync_runs",
             "Runs of [[sync]] entries, by result (ok, error, rate_limited)",
             m.sync_runs.clone(),
@@ -288,4 +304,35 @@ impl Metrics {
             })
             .inc();
     }
+
+    /// Hits and misses since start, of every kind (`blob`, `manifest`, `tag`): for the
+    /// admin API's hit ratio.
+    pub fn hits_and_misses(&self) -> (u64, u64) {
+        let sum = |family: &Family<KindLabels, Counter>| {
+            HIT_KINDS
+                .iter()
+                .map(|&kind| family.get_or_create(&KindLabels { kind }).get())
+                .sum()
+        };
+        (sum(&self.hits), sum(&self.misses))
+    }
+
+    /// Body bytes sent to clients since start, by source (`cache`, `upstream`, `bucket`).
+    pub fn served_bytes_by_source(&self) -> Vec<(&'static str, u64)> {
+        SERVED_SOURCES
+            .iter()
+            .map(|&source| {
+                let n = self
+                    .bytes_served
+                    .get_or_create(&SourceLabels { source })
+                    .get();
+                (source, n)
+            })
+            .collect()
+    }
 }
+
+/// The `kind` labels of hits and misses.
+const HIT_KINDS: [&str; 3] = ["blob", "manifest", "tag"];
+/// The `source` labels of served bytes.
+const SERVED_SOURCES: [&str; 3] = ["cache", "upstream", "bucket"];

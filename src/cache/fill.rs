@@ -60,6 +60,12 @@ pub struct Fill {
     /// Set before the first byte when a tier behind the local one (the bucket) feeds the
     /// fill rather than the upstream: the answer is then labelled `bucket`, not `fill`.
     from_tier: Arc<AtomicBool>,
+    /// When it started, for the admin API's list of fills (display only).
+    pub(super) started: std::time::SystemTime,
+    /// `upstream/name` of the request that started it, once known (the admin API).
+    pub(super) repository: std::sync::OnceLock<String>,
+    /// Clients that joined it so far, the first included: the admin API's figure.
+    pub(super) joined: std::sync::atomic::AtomicU32,
 }
 
 impl Source {
@@ -140,6 +146,9 @@ impl Cache {
             progress: rx,
             recent: Arc::new(Mutex::new(Recent::default())),
             from_tier: Arc::new(AtomicBool::new(false)),
+            started: crate::clock::now(),
+            repository: std::sync::OnceLock::new(),
+            joined: std::sync::atomic::AtomicU32::new(0),
         });
         // Made before the task is spawned: if the task never runs (the runtime shuts down),
         // dropping it still cleans up.

@@ -13,8 +13,10 @@ pub mod admin;
 pub mod bucket;
 mod disk;
 pub mod fill;
+pub mod inventory;
 pub mod local;
 pub mod outcome;
+pub mod pins;
 pub mod records;
 pub mod source;
 pub mod tier;
@@ -76,6 +78,8 @@ pub struct Cache {
     /// Turns to run a fill (`cache.max_fills`). tokio's semaphore is fair: fills waiting
     /// for a turn get it in the order they asked.
     turns: tokio::sync::Semaphore,
+    /// Images whose blobs the index never evicts, kept in `pins.json` (see `pins`).
+    pins: pins::Pins,
 }
 
 /// The bounds of fills, from `[cache]`.
@@ -162,6 +166,8 @@ impl Cache {
         } = limits;
         let store = Arc::new(Store::open(dir)?);
         let index = Index::new(max_size, store.clone(), metrics.clone());
+        let pins = pins::Pins::load(dir)?;
+        index.set_pinned(pins.digests());
         let scan = index::Scan::new(index.clone(), store.clone());
         let local = Arc::new(local::Local {
             store: store.clone(),
@@ -180,6 +186,7 @@ impl Cache {
             stall_timeout,
             fill_deadline,
             turns: tokio::sync::Semaphore::new(max_fills),
+            pins,
         });
         Ok((cache, scan))
     }
@@ -298,7 +305,13 @@ impl Cache {
             };
             self.clone().source(digest.clone(), fetch)
         };
-        self.open_or_start(digest, source).await
+        let found = self.open_or_start(digest, source).await;
+        if let Some(fill) = self.fills.get(digest) {
+            // For the admin API's list of fills: the first repository to ask names it.
+            fill.repository
+                .get_or_init(|| format!("{}/{name}", up.name));
+        }
+        found
     }
 
     /// `open_or_fill` with the source of a new fill made by `source` (called only when a new
@@ -328,6 +341,8 @@ impl Cache {
             };
         };
         self.metrics.miss("blob");
+        fill.joined
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Source::filling(&fill))
     }
 

@@ -13,9 +13,11 @@
 //! Everything is stored and read through the cache (`Cache::manifest`, records, leases): this
 //! module never sees a path, a file or the bucket. `digest` has manifests by digest and the
 //! upstream fetch, `tags` the tag records and revalidation, `lists` tag lists, `referrers`
-//! the referrers API.
+//! the referrers API, `image` an image reference resolved into all its digests (pins,
+//! syncs).
 
 mod digest;
+mod image;
 mod lists;
 mod referrers;
 mod tags;

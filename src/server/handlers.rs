@@ -253,6 +253,15 @@ async fn readyz(state: &State) -> Response<Body> {
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         return resp;
     }
+    // Still ready (it serves), but the bound no longer holds: say why.
+    let (pinned, over) = state.cache.index.pinned_usage();
+    if over {
+        return Response::new(body::full(format!(
+            "ready; pinned images alone ({pinned} bytes) exceed cache.max_size ({} bytes): \
+             only unpinned blobs are evicted\n",
+            state.cache.index.max_size()
+        )));
+    }
     text(StatusCode::OK, "ready\n")
 }
 

@@ -422,7 +422,9 @@ fn sigkill_mid_fill_then_restart_serves_only_verified_blobs() {
     );
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
-    let ChildProxy { base, mut child } = ChildProxy::start(
+    let ChildProxy {
+        base, mut child, ..
+    } = ChildProxy::start(
         dir.path(),
         &toml_for(&cache, &fake.url(), ""),
         std::process::Stdio::null(),

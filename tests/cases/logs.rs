@@ -29,7 +29,9 @@ impl Logged {
             "[log]\nformat = \"json\"\nlevel = \"info\"\n[cache]\ndir = \"{}\"\n{upstreams}",
             dir.join("cache").display()
         );
-        let ChildProxy { base, mut child } = ChildProxy::start(dir, &toml, Stdio::piped());
+        let ChildProxy {
+            base, mut child, ..
+        } = ChildProxy::start(dir, &toml, Stdio::piped());
         let stderr = child.stderr.take().unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = lines.clone();

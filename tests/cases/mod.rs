@@ -1,4 +1,5 @@
 mod abuse;
+mod admin;
 mod blobs;
 mod faults;
 mod logs;

@@ -15,6 +15,9 @@ use super::registry::{http_request, HttpResponse};
 
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The admin API's address, when the configuration has `[admin] listen` (bound here on
+    /// a free loopback port, whatever the address configured).
+    pub admin_addr: Option<SocketAddr>,
     pub state: Arc<State>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -52,24 +55,43 @@ impl Proxy {
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 config.listen = listener.local_addr().unwrap();
+                let admin_listener = match config.admin.listen {
+                    Some(_) => Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
+                    None => None,
+                };
+                let admin_addr = admin_listener.as_ref().map(|l| l.local_addr().unwrap());
+                config.admin.listen = admin_addr;
                 let state = State::new(config).expect("proxy state");
                 ready_tx
-                    .send((listener.local_addr().unwrap(), state.clone()))
+                    .send((listener.local_addr().unwrap(), admin_addr, state.clone()))
                     .unwrap();
+                let (stop, stopped) = tokio::sync::watch::channel(false);
+                let admin = admin_listener.map(|l| {
+                    let admin = ocicache::admin::Admin::new(state.clone()).expect("admin");
+                    let mut stopped = stopped.clone();
+                    tokio::spawn(ocicache::admin::run(l, admin, async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                    }))
+                });
                 ocicache::server::run(listener, state, async {
                     let _ = rx.await;
+                    let _ = stop.send(true);
                 })
                 .await
                 .unwrap();
+                if let Some(admin) = admin {
+                    admin.await.unwrap().unwrap();
+                }
             });
         });
-        let (addr, state) = ready_rx.recv().expect("proxy started");
+        let (addr, admin_addr, state) = ready_rx.recv().expect("proxy started");
         // The index is rebuilt in the background: tests start from a whole one.
         while !state.cache.index.scan_done() {
             std::thread::sleep(Duration::from_millis(1));
         }
         Proxy {
             addr,
+            admin_addr,
             state,
             shutdown: Some(tx),
             thread: Some(thread),
@@ -78,6 +100,11 @@ impl Proxy {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// "http://127.0.0.1:PORT" of the admin API (the configuration must have one).
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin_addr.expect("an admin listener"))
     }
 
     pub fn cache_dir(&self) -> PathBuf {
@@ -127,6 +154,8 @@ impl Drop for Proxy {
 /// `ocicache serve` as a child process (for signals and kills), listening on a free port.
 pub struct ChildProxy {
     pub base: String,
+    /// The admin API's base URL (on a free port, set through `OCICACHE_ADMIN__LISTEN`).
+    pub admin: String,
     pub child: std::process::Child,
 }
 
@@ -144,9 +173,11 @@ impl ChildProxy {
         let port = super::registry::free_port();
         let cfg = dir.join("c.toml");
         std::fs::write(&cfg, format!("listen = \"127.0.0.1:{port}\"\n{toml}")).unwrap();
+        let admin = format!("127.0.0.1:{}", super::registry::free_port());
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_ocicache"))
             .args(["serve", "--config"])
             .arg(&cfg)
+            .env("OCICACHE_ADMIN__LISTEN", &admin)
             .env_remove("RUST_LOG")
             .stderr(stderr)
             .spawn()
@@ -160,7 +191,11 @@ impl ChildProxy {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        ChildProxy { base, child }
+        ChildProxy {
+            base,
+            admin: format!("http://{admin}"),
+            child,
+        }
     }
 
     /// Sends SIGTERM and waits for the exit; returns the process output.

@@ -12,6 +12,11 @@
 //! would refuse a fresh blob in favour of old popular ones). Eviction deletes the file; a
 //! reader that has it open keeps reading (unlink semantics).
 //!
+//! Pinned digests (`cache::pins`) are never evicted: they count toward the bound, but the
+//! eviction passes over them (moving each out of its way, to the recent end: a pinned entry
+//! needs no recency). When what is left is all pinned and still over the bound, the index
+//! says so (a warning, `ocicache_pins_over_bound`, `/readyz`) and evicts nothing more.
+//!
 //! The rebuild ([`Scan`]) runs on its own thread while the server answers: it walks the
 //! store, sorts what it found by last use (the file's mtime, which hits refresh), and inserts
 //! it oldest first, in batches. A blob used or added since the start is already indexed (a
@@ -122,6 +127,10 @@ struct Lru {
     /// have found before and must not bring back. Few: only what a request evicted or an
     /// admin removed in those seconds.
     gone: Option<HashSet<Key>>,
+    /// Digests the eviction passes over (`cache::pins`), indexed or not yet arrived.
+    pinned: HashSet<Key>,
+    /// Bytes of the indexed entries that are pinned.
+    pinned_bytes: u64,
 }
 
 impl Lru {
@@ -138,7 +147,13 @@ impl Lru {
             bytes: 0,
             len: 0,
             gone: Some(HashSet::new()),
+            pinned: HashSet::new(),
+            pinned_bytes: 0,
         }
+    }
+
+    fn is_pinned(&self, key: &Key) -> bool {
+        !self.pinned.is_empty() && self.pinned.contains(key)
     }
 
     fn find(&self, key: &Key) -> Option<u32> {
@@ -205,6 +220,9 @@ impl Lru {
         }
         self.bytes += size.min(!SHA512);
         self.len += 1;
+        if self.is_pinned(&key) {
+            self.pinned_bytes += size.min(!SHA512);
+        }
         i
     }
 
@@ -225,6 +243,9 @@ impl Lru {
             Key::Sha512(k) => {
                 self.sha512.remove(k);
             }
+        }
+        if self.is_pinned(&key) {
+            self.pinned_bytes -= self.nodes[i as usize].bytes();
         }
         let node = &mut self.nodes[i as usize];
         self.bytes -= node.bytes();
@@ -283,11 +304,37 @@ impl Lru {
         }
     }
 
-    /// Evicts from the least recently used end until `max` bytes fit.
-    fn evict_over(&mut self, max: u64, evicted: &mut Vec<Key>) {
+    /// Evicts from the least recently used end until `max` bytes fit, passing over pinned
+    /// entries; returns whether it stopped over `max` (what is left is all pinned).
+    fn evict_over(&mut self, max: u64, evicted: &mut Vec<Key>) -> bool {
+        // Each pinned entry is moved at most once before the loop meets a moved one again,
+        // which it can only do once every entry left is pinned.
+        let mut passed = 0;
         while self.bytes > max && self.head != NIL {
-            evicted.push(self.remove(self.head));
+            let head = self.head;
+            if self.is_pinned(&self.key_of(head)) {
+                if passed >= self.len {
+                    break;
+                }
+                passed += 1;
+                self.make_recent(head);
+                continue;
+            }
+            evicted.push(self.remove(head));
         }
+        self.bytes > max
+    }
+
+    /// Replaces the pinned set and recounts the pinned bytes.
+    fn set_pinned(&mut self, pinned: HashSet<Key>) {
+        self.pinned = pinned;
+        let mut bytes = 0;
+        for key in &self.pinned {
+            if let Some(i) = self.find(key) {
+                bytes += self.nodes[i as usize].bytes();
+            }
+        }
+        self.pinned_bytes = bytes;
     }
 
     /// Notes, while the scan runs, that `key`'s file is gone.
@@ -325,6 +372,8 @@ struct Inner {
     scan_done: AtomicBool,
     /// Blobs the start's scan has found so far.
     scanned: AtomicU64,
+    /// Whether the last eviction stopped over the bound with only pinned blobs left.
+    over_bound: AtomicBool,
 }
 
 impl Index {
@@ -340,6 +389,7 @@ impl Index {
                 metrics,
                 scan_done: AtomicBool::new(false),
                 scanned: AtomicU64::new(0),
+                over_bound: AtomicBool::new(false),
             }),
         }
     }
@@ -357,6 +407,9 @@ impl Index {
                     let old = node.bytes();
                     node.size = (node.size & SHA512) | size.min(!SHA512);
                     lru.bytes = lru.bytes - old + size.min(!SHA512);
+                    if lru.is_pinned(&key) {
+                        lru.pinned_bytes = lru.pinned_bytes - old + size.min(!SHA512);
+                    }
                     lru.make_recent(i);
                 }
                 None => {
@@ -365,10 +418,11 @@ impl Index {
                     lru.link_after(i, tail);
                 }
             }
-            lru.evict_over(self.inner.max_size, &mut evicted);
+            let over = lru.evict_over(self.inner.max_size, &mut evicted);
             for key in &evicted {
                 lru.note_gone(*key);
             }
+            self.note_bound(&lru, over);
         }
         self.delete(evicted);
     }
@@ -389,9 +443,88 @@ impl Index {
                 lru.link_after(i, after);
                 lru.scan_tail = i;
             }
-            lru.evict_over(self.inner.max_size, &mut evicted);
+            let over = lru.evict_over(self.inner.max_size, &mut evicted);
+            self.note_bound(&lru, over);
         }
         self.delete(evicted);
+    }
+
+    /// After an eviction: the pinned bytes, and whether pins alone exceed the bound (said
+    /// once in the log when it starts, in the gauges always).
+    fn note_bound(&self, lru: &Lru, over: bool) {
+        let metrics = &self.inner.metrics;
+        metrics.pinned_bytes.set(lru.pinned_bytes as i64);
+        metrics.pins_over_bound.set(over as i64);
+        if over && !self.inner.over_bound.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                pinned_bytes = lru.pinned_bytes,
+                max_size = self.inner.max_size,
+                "pinned images alone exceed cache.max_size: only unpinned blobs are evicted"
+            );
+        } else if !over && self.inner.over_bound.swap(false, Ordering::Relaxed) {
+            tracing::info!("the cache is back under cache.max_size");
+        }
+    }
+
+    /// Makes `digests` the pinned set: never evicted from now on, even those not yet
+    /// indexed (once they arrive). What it no longer holds is evicted if over the bound.
+    pub fn set_pinned(&self, digests: impl IntoIterator<Item = Digest>) {
+        let pinned = digests.into_iter().map(|d| Key::of(&d)).collect();
+        let mut evicted = Vec::new();
+        {
+            let mut lru = self.inner.lru.lock().unwrap();
+            lru.set_pinned(pinned);
+            let over = lru.evict_over(self.inner.max_size, &mut evicted);
+            for key in &evicted {
+                lru.note_gone(*key);
+            }
+            self.note_bound(&lru, over);
+        }
+        self.delete(evicted);
+    }
+
+    pub fn is_pinned(&self, digest: &Digest) -> bool {
+        let key = Key::of(digest);
+        self.inner.lru.lock().unwrap().is_pinned(&key)
+    }
+
+    /// The bytes of pinned blobs indexed, and whether they alone exceed the bound.
+    pub fn pinned_usage(&self) -> (u64, bool) {
+        let bytes = self.inner.lru.lock().unwrap().pinned_bytes;
+        (bytes, self.inner.over_bound.load(Ordering::Relaxed))
+    }
+
+    /// The size of an indexed blob.
+    pub fn size_of(&self, digest: &Digest) -> Option<u64> {
+        let key = Key::of(digest);
+        let lru = self.inner.lru.lock().unwrap();
+        lru.find(&key).map(|i| lru.nodes[i as usize].bytes())
+    }
+
+    /// The bound (`cache.max_size`).
+    pub fn max_size(&self) -> u64 {
+        self.inner.max_size
+    }
+
+    /// Evicts least recently used, unpinned blobs until at most `target` bytes are indexed
+    /// (the server's `gc`: beside fills, through the index). Returns the blobs and bytes
+    /// removed.
+    pub fn shrink_to(&self, target: u64) -> (u64, u64) {
+        let mut evicted = Vec::new();
+        let freed = {
+            let mut lru = self.inner.lru.lock().unwrap();
+            let before = lru.bytes;
+            lru.evict_over(target, &mut evicted);
+            for key in &evicted {
+                lru.note_gone(*key);
+            }
+            let over = lru.bytes > self.inner.max_size;
+            self.note_bound(&lru, over);
+            before - lru.bytes
+        };
+        let removed = evicted.len() as u64;
+        self.delete(evicted);
+        (removed, freed)
     }
 
     /// Deletes evicted blobs, outside the lock.

@@ -1,0 +1,268 @@
+//! The admin API (issue 17) end to end: a proxy in front of the fake upstream, its admin
+//! listener asked over HTTP as an operator would, the fake counting what reaches the
+//! upstream.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::fake::{Fake, Fault};
+use crate::support::proxy::{config, Proxy};
+use crate::support::registry::{header, http_request, random_bytes};
+use crate::support::wait_until;
+
+const TOKEN: &str = "s3cret-admin-token";
+
+/// A proxy of `fake` (the default upstream `docker.io`) with its admin API and `TOKEN`.
+fn proxy_of(dir: &std::path::Path, fake: &Fake, max_size: u64) -> Proxy {
+    let mut c = config(dir, &[("docker.io", &fake.url(), true)]);
+    c.admin.token = Some(ocicache::config::Secret(TOKEN.into()));
+    c.cache.max_size.0 = max_size;
+    Proxy::start(c)
+}
+
+/// An admin request with the token: the status and the JSON body.
+fn admin(proxy: &Proxy, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let auth = format!("Bearer {TOKEN}");
+    let url = format!("{}{path}", proxy.admin_url());
+    let (status, _, bytes) =
+        http_request(method, &url, &[("authorization", &auth)], body.as_bytes());
+    let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, json)
+}
+
+/// The OCI error code of an error envelope.
+fn code(body: &Value) -> &str {
+    body["errors"][0]["code"].as_str().unwrap_or("")
+}
+
+#[test]
+fn the_cache_report_has_the_figures_and_every_request_needs_the_token() {
+    let fake = Fake::start();
+    let data = random_bytes(200_000, 17);
+    let d = fake.add_blob(&data);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy_of(dir.path(), &fake, 1 << 30);
+
+    // Without the token, or with a wrong one: 401, Bearer challenge, the spec's envelope.
+    let url = format!("{}/api/v1/cache", proxy.admin_url());
+    for auth in [None, Some("Bearer nope"), Some("Basic czNjcmV0")] {
+        let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", *a)).collect();
+        let (s, h, body) = http_request("GET", &url, &headers, b"");
+        assert_eq!(s, 401, "{auth:?}");
+        assert!(header(&h, "www-authenticate")
+            .unwrap()
+            .starts_with("Bearer"));
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(code(&body), "UNAUTHORIZED");
+    }
+    // The public port never answers the admin API.
+    let (s, _, _) = proxy.get("/api/v1/cache", &[]);
+    assert_eq!(s, 404);
+
+    // A miss then a hit.
+    let blob = format!("/v2/x/blobs/{d}");
+    assert_eq!(proxy.get(&blob, &[]).0, 200);
+    assert_eq!(proxy.get(&blob, &[]).0, 200);
+    let (s, report) = admin(&proxy, "GET", "/api/v1/cache", "");
+    assert_eq!(s, 200, "{report}");
+    assert_eq!(report["size"], 200_000);
+    assert_eq!(report["blobs"], 1);
+    assert_eq!(report["max_size"], 1u64 << 30);
+    assert_eq!(
+        (report["hits"].as_u64(), report["misses"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(report["hit_ratio"], 0.5);
+    assert_eq!(report["served_bytes"]["upstream"], 200_000);
+    assert_eq!(report["served_bytes"]["cache"], 200_000);
+    assert_eq!(report["fills"], Value::Array(vec![]));
+
+    // A fill under way, slow: listed with its progress.
+    let big = random_bytes(1 << 20, 18);
+    let d2 = fake.add_blob(&big);
+    let slow = Fault::Slow {
+        chunk: 64 << 10,
+        delay: Duration::from_millis(100),
+    };
+    fake.fault(&d2, slow, Some(1));
+    let url = format!("{}/v2/x/blobs/{d2}", proxy.url());
+    let client = std::thread::spawn(move || {
+        crate::support::registry::try_http_request("GET", &url, &[], b"")
+    });
+    let mut fill = Value::Null;
+    wait_until("the fill in the report", Duration::from_secs(10), || {
+        let (_, report) = admin(&proxy, "GET", "/api/v1/cache", "");
+        fill = report["fills"][0].clone();
+        fill["received"]
+            .as_u64()
+            .is_some_and(|n| n > 0 && n < 1 << 20)
+    });
+    assert_eq!(fill["digest"], d2);
+    assert_eq!(fill["repository"], "docker.io/library/x");
+    assert_eq!(fill["expected"], 1 << 20);
+    assert_eq!(fill["state"], "streaming");
+    assert_eq!(fill["readers"], 1);
+    assert!(fill["started"].as_str().unwrap().ends_with('Z'));
+    let (s, _, body) = client.join().unwrap().unwrap();
+    assert!(s == 200 && body == big);
+    let (_, report) = admin(&proxy, "GET", "/api/v1/cache", "");
+    assert_eq!(report["fills"], Value::Array(vec![]), "done: off the list");
+    assert_eq!(report["blobs"], 2);
+}
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// An image in `repo:tag` of the fake: a config and these layers. Returns the manifest's
+/// digest and the blobs' (config first).
+fn image(fake: &Fake, repo: &str, tag: &str, layers: &[Vec<u8>]) -> (String, Vec<String>) {
+    let config = format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"tag\":\"{tag}\"}}");
+    let mut blobs = vec![fake.add_blob(config.as_bytes())];
+    let descriptor = |d: &str, size: usize, media_type: &str| serde_json::json!({ "mediaType": media_type, "digest": d, "size": size });
+    let mut json_layers = Vec::new();
+    for l in layers {
+        let d = fake.add_blob(l);
+        json_layers.push(descriptor(
+            &d,
+            l.len(),
+            "application/vnd.oci.image.layer.v1.tar",
+        ));
+        blobs.push(d);
+    }
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": descriptor(&blobs[0], config.len(), "application/vnd.oci.image.config.v1+json"),
+        "layers": json_layers,
+    });
+    let bytes = serde_json::to_vec(&manifest).unwrap();
+    (
+        fake.add_manifest(repo, Some(tag), OCI_MANIFEST, &bytes),
+        blobs,
+    )
+}
+
+/// Pulls `repo:tag` through the proxy as a client would: the manifest, then every blob.
+fn pull(proxy: &Proxy, repo: &str, tag: &str, blobs: &[String]) {
+    let (s, _, _) = proxy.get(
+        &format!("/v2/{repo}/manifests/{tag}"),
+        &[("accept", OCI_MANIFEST)],
+    );
+    assert_eq!(s, 200, "{repo}:{tag}");
+    for b in blobs {
+        assert_eq!(
+            proxy.get(&format!("/v2/{repo}/blobs/{b}"), &[]).0,
+            200,
+            "{b}"
+        );
+    }
+}
+
+/// Pulls `n` unrelated blobs of `size` bytes through the proxy: an eviction storm.
+fn storm(proxy: &Proxy, fake: &Fake, n: u8, size: usize) {
+    for i in 0..n {
+        let d = fake.add_blob(&random_bytes(size, 1000 + u64::from(i)));
+        assert_eq!(proxy.get(&format!("/v2/other/blobs/{d}"), &[]).0, 200);
+    }
+}
+
+#[test]
+fn a_pinned_image_outlives_an_eviction_storm_and_a_restart() {
+    let fake = Fake::start();
+    let (manifest, blobs) = image(
+        &fake,
+        "library/app",
+        "1",
+        &[random_bytes(400_000, 1), random_bytes(300_000, 2)],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy_of(dir.path(), &fake, 2 << 20);
+
+    // Pinned before it is pulled: resolved through the manifests service.
+    let (s, pin) = admin(&proxy, "PUT", "/api/v1/pins/docker.io/app/1", "");
+    assert_eq!(s, 200, "{pin}");
+    assert_eq!(pin["name"], "library/app");
+    assert_eq!(pin["reference"], "1");
+    assert_eq!(pin["manifests"], serde_json::json!([manifest]));
+    assert_eq!(pin["blobs"], serde_json::json!(blobs));
+    pull(&proxy, "app", "1", &blobs);
+
+    // 30 blobs of 200 KB through a 2 MiB cache: everything unpinned goes around.
+    storm(&proxy, &fake, 30, 200_000);
+    let (_, report) = admin(&proxy, "GET", "/api/v1/cache", "");
+    assert!(report["size"].as_u64().unwrap() <= 2 << 20, "{report}");
+    assert!(
+        report["pinned_bytes"].as_u64().unwrap() >= 700_000,
+        "{report}"
+    );
+    fake.reset_counts();
+    pull(&proxy, "app", "1", &blobs);
+    assert_eq!(
+        fake.requests().len(),
+        0,
+        "the pinned image came from the cache"
+    );
+
+    // The pin survives a restart, and keeps protecting the image.
+    proxy.stop();
+    let proxy = proxy_of(dir.path(), &fake, 2 << 20);
+    let (s, pins) = admin(&proxy, "GET", "/api/v1/pins", "");
+    assert_eq!(s, 200);
+    assert_eq!(pins[0]["manifests"], serde_json::json!([manifest]));
+    storm(&proxy, &fake, 30, 200_000);
+    fake.reset_counts();
+    for b in &blobs {
+        assert_eq!(proxy.get(&format!("/v2/app/blobs/{b}"), &[]).0, 200);
+    }
+    assert_eq!(fake.requests().len(), 0, "still cached after the restart");
+
+    // Unpinned: the next storm evicts it.
+    let (s, _) = admin(&proxy, "DELETE", "/api/v1/pins/docker.io/app/1", "");
+    assert_eq!(s, 200);
+    let (s, body) = admin(&proxy, "DELETE", "/api/v1/pins/docker.io/app/1", "");
+    assert_eq!((s, code(&body)), (404, "MANIFEST_UNKNOWN"));
+    storm(&proxy, &fake, 30, 200_000);
+    fake.reset_counts();
+    assert_eq!(
+        proxy.get(&format!("/v2/app/blobs/{}", blobs[1]), &[]).0,
+        200
+    );
+    assert_eq!(fake.count("GET", &blobs[1]), 1, "evicted once unpinned");
+}
+
+#[test]
+fn bad_names_tags_and_digests_are_400_and_change_nothing() {
+    let fake = Fake::start();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy_of(dir.path(), &fake, 1 << 30);
+    for (method, path, expected) in [
+        ("PUT", "/api/v1/pins/docker.io/UPPER/1", "NAME_INVALID"),
+        (
+            "PUT",
+            "/api/v1/pins/docker.io/app/bad:tag",
+            "DIGEST_INVALID",
+        ),
+        ("PUT", "/api/v1/pins/docker.io/app/-tag", "MANIFEST_INVALID"),
+        ("PUT", "/api/v1/pins/docker.io/a/../b/1", "NAME_INVALID"),
+        ("PUT", "/api/v1/pins/docker.io/1", "NAME_INVALID"),
+        (
+            "DELETE",
+            "/api/v1/pins/docker.io/app/sha256:abc",
+            "DIGEST_INVALID",
+        ),
+    ] {
+        let (s, body) = admin(&proxy, method, path, "");
+        assert_eq!((s, code(&body)), (400, expected), "{method} {path}: {body}");
+    }
+    let (s, body) = admin(&proxy, "PUT", "/api/v1/pins/quay.io/app/1", "");
+    assert_eq!(
+        (s, code(&body)),
+        (404, "NAME_UNKNOWN"),
+        "not configured: {body}"
+    );
+    assert_eq!(fake.requests().len(), 0, "nothing reached the upstream");
+    assert_eq!(
+        admin(&proxy, "GET", "/api/v1/pins", "").1,
+        serde_json::json!([])
+    );
+}
