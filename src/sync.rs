@@ -27,6 +27,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use crate::cache::pins::{PinKey, PinnedImage};
 use crate::clock::{self, Clock, Instant};
 use crate::config::{Config, SyncConfig};
 use crate::metrics::{Metrics, SyncEntryLabels, SyncRunLabels};
@@ -552,7 +553,9 @@ impl ServerRunner {
                 Ok(w) => {
                     images += 1;
                     bytes += w.fetched_bytes;
-                    self.settle(i, &tag, w).await;
+                    if let Err(e) = self.settle(i, &tag, w) {
+                        errors.push(format!("{tag}: {e}"));
+                    }
                 }
                 Err(e) => errors.push(format!("{tag}: {e}")),
             }
@@ -568,15 +571,40 @@ impl ServerRunner {
         }
     }
 
-    /// Records what `tag` was synced at.
-    async fn settle(&self, i: usize, tag: &Tag, warmed: Warmed) {
-        let previous = self
-            .state
-            .sync
-            .tag_synced(i, tag.as_str(), warmed.digest.to_string());
-        if previous.is_some_and(|p| p != warmed.digest.to_string()) {
-            tracing::info!(entry = i, %tag, digest = %warmed.digest, "sync: the tag moved");
+    /// Records what `tag` was synced at and, with `pin = true`, pins it under the tag: a
+    /// pin by tag holds the digests it resolved to, so pinning the tag's new digest releases
+    /// the old one (unless another pin holds it).
+    fn settle(&self, i: usize, tag: &Tag, warmed: Warmed) -> std::io::Result<()> {
+        let entry = &self.entries[i];
+        let digest = warmed.digest.to_string();
+        let previous = self.state.sync.tag_synced(i, tag.as_str(), digest.clone());
+        let moved = previous.filter(|p| *p != digest);
+        if let Some(from) = &moved {
+            tracing::info!(image = %entry.config.image, %tag, %from, to = %digest, "sync: the tag moved");
         }
+        if !entry.config.pin {
+            return Ok(());
+        }
+        let key = PinKey {
+            upstream: warmed.upstream,
+            name: warmed.name,
+            reference: Reference::Tag(tag.clone()),
+        };
+        let cache = &self.state.cache;
+        let held = cache.pins().into_iter().find(|p| p.key == key);
+        if held
+            .is_some_and(|p| p.image.manifests == warmed.manifests && p.image.blobs == warmed.blobs)
+        {
+            return Ok(());
+        }
+        let image = PinnedImage {
+            manifests: warmed.manifests,
+            blobs: warmed.blobs,
+            pinned_at: self.state.clock.now(),
+        };
+        cache.pin(key, image)?;
+        tracing::info!(image = %entry.config.image, %tag, %digest, unpinned = ?moved, "sync: pinned");
+        Ok(())
     }
 }
 

@@ -174,6 +174,7 @@ async fn route(admin: &Arc<Admin>, req: Request<Incoming>) -> Result<Response<Bo
         (&Method::GET, ["pins"]) => api::pins(admin),
         (&Method::PUT, ["pins", image @ ..]) => api::pin(admin, image).await,
         (&Method::DELETE, ["pins", image @ ..]) => api::unpin(admin, image),
+        (&Method::GET, ["sync"]) => Ok(json(StatusCode::OK, &admin.state.sync.status())),
         _ => Err(not_found()),
     }
 }
