@@ -116,16 +116,21 @@ struct Backoff {
 
 /// The schedule: which entry runs when, one at a time.
 pub struct Scheduler<R> {
+    /// What a run does (the server's: [`ServerRunner`]; tests': a script).
     runner: R,
     plans: Vec<Plan>,
+    /// Every wait and time read: tests pause it or skip it ahead.
     clock: Arc<Clock>,
     metrics: Arc<Metrics>,
+    /// Where the admin API reads each entry's state.
     board: Arc<Board>,
+    /// The jitter's source.
     rng: Rng,
     /// When each entry is due next.
     due: Vec<Instant>,
     /// Failed runs in a row, per entry.
     failures: Vec<u32>,
+    /// Per upstream: its entries share its rate limit.
     backoff: HashMap<String, Backoff>,
 }
 

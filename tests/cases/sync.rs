@@ -281,6 +281,40 @@ fn a_429_during_a_sync_backs_off_and_the_server_keeps_serving() {
     assert!(fake.requests().is_empty(), "{:?}", fake.requests());
 }
 
+/// The upstream's `ratelimit-remaining` runs low: the run that saw it completes, the next
+/// one is deferred by a minute (rate_limited, no request), and once that reading has been
+/// acted on and no newer one came, the run after the back-off goes ahead.
+#[test]
+fn a_low_ratelimit_remaining_defers_the_next_sync() {
+    let fake = Fake::start();
+    let img = fake.add_image("library/app", "1", &PLATFORMS, 1000, 7);
+    fake.set_ratelimit_remaining(Some("3;w=21600"));
+    let dir = tempfile::tempdir().unwrap();
+    let p = proxy(
+        &fake,
+        dir.path(),
+        vec![entry("app", Some(&["1"]), None, false)],
+    );
+    let e = after_run(&p, 1);
+    assert_eq!(e.last_result.as_deref(), Some("ok"), "{e:?}");
+    assert_eq!(p.metric("ocicache_upstream_ratelimit_remaining{"), 3.0);
+
+    fake.reset_counts();
+    p.state.clock.advance(HOUR + ocicache::sync::JITTER_MAX);
+    let e = after_run(&p, 2);
+    assert_eq!(e.last_result.as_deref(), Some("rate_limited"), "{e:?}");
+    assert!(e.last_error.unwrap().contains("ratelimit-remaining is 3"));
+    assert!(fake.requests().is_empty(), "deferred without asking");
+
+    p.state
+        .clock
+        .advance(ocicache::sync::BACKOFF_START + Duration::from_secs(1));
+    let e = after_run(&p, 3);
+    assert_eq!(e.last_result.as_deref(), Some("ok"), "{e:?}");
+    assert_eq!(fake.count("HEAD", "/manifests/1"), 1, "the tag revalidated");
+    assert_eq!(e.tags["1"], img.index);
+}
+
 /// `tag_pattern` keeps exactly the repository's tags that match it, read across the pages
 /// of its tag list.
 #[test]
