@@ -165,6 +165,7 @@ fn unauthorized() -> Response<Body> {
 async fn route(admin: &Arc<Admin>, req: Request<Incoming>) -> Result<Response<Body>, Error> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     let Some(["api", "v1", rest @ ..]) = Some(segments.as_slice()) else {
         return Err(not_found());
@@ -174,6 +175,10 @@ async fn route(admin: &Arc<Admin>, req: Request<Incoming>) -> Result<Response<Bo
         (&Method::GET, ["pins"]) => api::pins(admin),
         (&Method::PUT, ["pins", image @ ..]) => api::pin(admin, image).await,
         (&Method::DELETE, ["pins", image @ ..]) => api::unpin(admin, image),
+        (&Method::GET, ["images"]) => api::images(admin, &query).await,
+        (&Method::DELETE, ["tags", image @ ..]) => api::delete_tag(admin, image, &query).await,
+        (&Method::DELETE, ["images", image @ ..]) => api::delete_image(admin, image, &query).await,
+        (&Method::DELETE, ["blobs", digest]) => api::delete_blob(admin, digest, &query).await,
         (&Method::GET, ["sync"]) => Ok(json(StatusCode::OK, &admin.state.sync.status())),
         _ => Err(not_found()),
     }

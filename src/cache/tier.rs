@@ -157,4 +157,15 @@ pub trait Tier: Send + Sync + 'static {
 
     /// Starts the tier's own background work (the bucket's GC).
     fn start(self: Arc<Self>) {}
+
+    /// Removes what this tier holds for `digest` because an operator purged it (the admin
+    /// API's `purge_shared`); a tier that cannot, does nothing.
+    fn purge<'a>(&'a self, _digest: &'a Digest) -> BoxFuture<'a, ()> {
+        future::ready(()).boxed()
+    }
+
+    /// Removes a record an operator purged; a tier that keeps none of its kind does nothing.
+    fn remove_record<'a>(&'a self, _record: &'a Record) -> BoxFuture<'a, ()> {
+        future::ready(()).boxed()
+    }
 }

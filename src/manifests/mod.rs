@@ -14,13 +14,16 @@
 //! module never sees a path, a file or the bucket. `digest` has manifests by digest and the
 //! upstream fetch, `tags` the tag records and revalidation, `lists` tag lists, `referrers`
 //! the referrers API, `image` an image reference resolved into all its digests (pins,
-//! syncs).
+//! syncs), `listing` what is cached (the admin API).
 
 mod digest;
 mod image;
+mod listing;
 mod lists;
 mod referrers;
 mod tags;
+
+pub use listing::CachedTag;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -46,6 +49,9 @@ pub struct Manifest {
     pub bytes: Bytes,
     /// The response headers, made once: a cached manifest is the hottest answer there is.
     pub headers: HeaderMap,
+    /// When a client last pulled it, in seconds since the epoch (0: not since it was
+    /// loaded). In memory only, for the admin API: a hit costs one relaxed store, no write.
+    pub last_pulled: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Manifest {
@@ -66,6 +72,22 @@ impl Manifest {
             media_type,
             bytes,
             headers,
+            last_pulled: Arc::default(),
+        }
+    }
+
+    /// Notes that a client pulled it now.
+    pub fn note_pulled(&self) {
+        let now = clock::since_epoch().as_secs();
+        self.last_pulled
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// When a client last pulled it since it was loaded into memory.
+    pub fn last_pulled(&self) -> Option<SystemTime> {
+        match self.last_pulled.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            s => Some(SystemTime::UNIX_EPOCH + Duration::from_secs(s)),
         }
     }
 }

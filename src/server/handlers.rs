@@ -311,6 +311,7 @@ async fn manifest(
         .get(up, &target.name, reference, accept.as_deref())
         .await?;
     let m = &ans.value;
+    m.note_pulled();
     let mut resp = Response::new(body::full(m.bytes.clone()));
     // The headers were built with the manifest: one copy of the map, nothing parsed.
     *resp.headers_mut() = m.headers.clone();

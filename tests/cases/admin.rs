@@ -233,9 +233,39 @@ fn a_pinned_image_outlives_an_eviction_storm_and_a_restart() {
 #[test]
 fn bad_names_tags_and_digests_are_400_and_change_nothing() {
     let fake = Fake::start();
+    let (a, blobs) = image(&fake, "library/app", "1", &[random_bytes(1000, 6)]);
     let dir = tempfile::tempdir().unwrap();
     let proxy = proxy_of(dir.path(), &fake, 1 << 30);
+    pull(&proxy, "app", "1", &blobs);
+    fake.reset_counts();
     for (method, path, expected) in [
+        ("DELETE", "/api/v1/tags/docker.io/App/1", "NAME_INVALID"),
+        (
+            "DELETE",
+            &format!("/api/v1/tags/docker.io/app/{a}"),
+            "MANIFEST_INVALID",
+        ),
+        (
+            "DELETE",
+            "/api/v1/images/docker.io/app/1;rm",
+            "MANIFEST_INVALID",
+        ),
+        (
+            "DELETE",
+            "/api/v1/images/docker.io/app/sha256:XYZ",
+            "DIGEST_INVALID",
+        ),
+        ("DELETE", "/api/v1/blobs/sha256:123", "DIGEST_INVALID"),
+        (
+            "DELETE",
+            "/api/v1/blobs/md5:d41d8cd98f00b204e9800998ecf8427e",
+            "DIGEST_INVALID",
+        ),
+        (
+            "DELETE",
+            "/api/v1/images/docker.io/app/1?purge_shared=yes",
+            "REQUEST_INVALID",
+        ),
         ("PUT", "/api/v1/pins/docker.io/UPPER/1", "NAME_INVALID"),
         (
             "PUT",
@@ -265,4 +295,212 @@ fn bad_names_tags_and_digests_are_400_and_change_nothing() {
         admin(&proxy, "GET", "/api/v1/pins", "").1,
         serde_json::json!([])
     );
+}
+
+#[test]
+fn the_images_list_names_what_is_cached_page_by_page() {
+    let fake = Fake::start();
+    let (a, a_blobs) = image(&fake, "library/app", "1", &[random_bytes(50_000, 3)]);
+    let (b, b_blobs) = image(&fake, "team/tool", "v2", &[random_bytes(70_000, 4)]);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy_of(dir.path(), &fake, 1 << 30);
+    pull(&proxy, "app", "1", &a_blobs);
+    pull(&proxy, "team/tool", "v2", &b_blobs);
+    assert_eq!(
+        admin(&proxy, "PUT", "/api/v1/pins/docker.io/team/tool/v2", "").0,
+        200
+    );
+
+    let (s, page) = admin(&proxy, "GET", "/api/v1/images", "");
+    assert_eq!(s, 200, "{page}");
+    let images = page["images"].as_array().unwrap();
+    assert_eq!(images.len(), 2, "{page}");
+    let app = &images[0];
+    assert_eq!(
+        (&app["upstream"], &app["name"], &app["tag"], &app["digest"]),
+        (
+            &"docker.io".into(),
+            &"library/app".into(),
+            &"1".into(),
+            &a.clone().into()
+        )
+    );
+    assert_eq!(app["media_type"], OCI_MANIFEST);
+    let blob_bytes = |blobs: &[String]| -> u64 {
+        blobs
+            .iter()
+            .map(|d| proxy.head(&format!("/v2/app/blobs/{d}"), &[]))
+            .map(|(_, h, _)| {
+                header(&h, "content-length")
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap()
+            })
+            .sum()
+    };
+    let a_size = blob_bytes(&a_blobs) + blob_bytes(std::slice::from_ref(&a));
+    assert_eq!(app["size"], a_size, "{app}");
+    assert!(app["confirmed"].as_str().unwrap().ends_with('Z'));
+    assert!(app["last_pulled"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(app["pinned"], false);
+    let tool = &images[1];
+    assert_eq!(
+        (&tool["name"], &tool["digest"]),
+        (&"team/tool".into(), &b.clone().into())
+    );
+    assert_eq!(tool["pinned"], true);
+
+    // Filtered, and one at a time: the next page after the first.
+    let (_, page) = admin(
+        &proxy,
+        "GET",
+        "/api/v1/images?upstream=docker.io&name=app",
+        "",
+    );
+    assert_eq!(page["images"].as_array().unwrap().len(), 1);
+    assert_eq!(page["images"][0]["digest"], a);
+    let (_, first) = admin(&proxy, "GET", "/api/v1/images?n=1", "");
+    assert_eq!(first["images"][0]["digest"], a);
+    let next = first["next"].as_str().unwrap().to_string();
+    let q: String = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("n", "1")
+        .append_pair("last", &next)
+        .finish();
+    let (_, second) = admin(&proxy, "GET", &format!("/api/v1/images?{q}"), "");
+    assert_eq!(second["images"][0]["digest"], b);
+    assert_eq!(second["next"], Value::Null);
+
+    // A manifest pulled by digest only: listed without a tag, upstream or name.
+    let (c, _) = image(&fake, "library/other", "x", &[random_bytes(10_000, 5)]);
+    let by_digest = format!("/v2/other/manifests/{c}");
+    assert_eq!(proxy.get(&by_digest, &[("accept", OCI_MANIFEST)]).0, 200);
+    let (_, page) = admin(&proxy, "GET", "/api/v1/images", "");
+    let untagged = &page["images"][0];
+    assert_eq!(
+        (&untagged["digest"], &untagged["tag"]),
+        (&c.clone().into(), &Value::Null)
+    );
+    assert_eq!(untagged["upstream"], Value::Null);
+    assert_eq!(page["images"].as_array().unwrap().len(), 3);
+
+    let (s, body) = admin(&proxy, "GET", "/api/v1/images?n=lots", "");
+    assert_eq!((s, code(&body)), (400, "PAGINATION_NUMBER_INVALID"));
+    let (s, body) = admin(&proxy, "GET", "/api/v1/images?name=Bad", "");
+    assert_eq!((s, code(&body)), (400, "NAME_INVALID"));
+}
+
+#[test]
+fn a_purged_tag_is_asked_again_and_a_purged_image_keeps_the_blobs_others_use() {
+    let fake = Fake::start();
+    let shared = random_bytes(100_000, 7);
+    let (a, a_blobs) = image(
+        &fake,
+        "library/app",
+        "1",
+        &[shared.clone(), random_bytes(60_000, 8)],
+    );
+    let (_, b_blobs) = image(
+        &fake,
+        "library/app",
+        "2",
+        &[shared, random_bytes(80_000, 9)],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy_of(dir.path(), &fake, 1 << 30);
+    pull(&proxy, "app", "1", &a_blobs);
+    pull(&proxy, "app", "2", &b_blobs);
+
+    // Within tag_ttl a pull asks nothing; once the tag is purged, the upstream is asked.
+    fake.reset_counts();
+    pull(&proxy, "app", "1", &a_blobs);
+    assert_eq!(fake.requests().len(), 0);
+    let (s, body) = admin(&proxy, "DELETE", "/api/v1/tags/docker.io/app/1", "");
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["tags"], serde_json::json!(["docker.io/library/app:1"]));
+    let (s, body) = admin(&proxy, "DELETE", "/api/v1/tags/docker.io/app/1", "");
+    assert_eq!(
+        (s, code(&body)),
+        (404, "MANIFEST_UNKNOWN"),
+        "already forgotten"
+    );
+    pull(&proxy, "app", "1", &a_blobs);
+    assert_eq!(
+        fake.count("GET", "/manifests/1"),
+        1,
+        "{:?}",
+        fake.requests()
+    );
+    assert_eq!(fake.requests().len(), 1, "the blobs stayed cached");
+
+    // The image goes, with its own blobs; the layer image 2 shares stays.
+    let (s, body) = admin(&proxy, "DELETE", "/api/v1/images/docker.io/app/1", "");
+    assert_eq!(s, 200, "{body}");
+    let removed: Vec<&str> = body["digests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap())
+        .collect();
+    let mut expected = vec![a.as_str(), a_blobs[0].as_str(), a_blobs[2].as_str()];
+    expected.sort();
+    let mut got = removed.clone();
+    got.sort();
+    assert_eq!(got, expected, "{body}");
+    assert_eq!(body["kept"], serde_json::json!([a_blobs[1]]));
+    let (_, list) = admin(&proxy, "GET", "/api/v1/images", "");
+    assert_eq!(list["images"].as_array().unwrap().len(), 1, "{list}");
+    fake.reset_counts();
+    pull(&proxy, "app", "2", &b_blobs);
+    assert_eq!(fake.requests().len(), 0, "image 2 is whole");
+    assert_eq!(
+        proxy.get(&format!("/v2/app/blobs/{}", a_blobs[2]), &[]).0,
+        200
+    );
+    assert_eq!(fake.requests().len(), 1, "image 1's own layer was deleted");
+
+    // A blob, then again (gone), then bad input.
+    let blob = format!("/api/v1/blobs/{}", a_blobs[2]);
+    let (s, body) = admin(&proxy, "DELETE", &blob, "");
+    assert_eq!(
+        (s, &body["digests"]),
+        (200, &serde_json::json!([a_blobs[2]]))
+    );
+    let (s, body) = admin(&proxy, "DELETE", &blob, "");
+    assert_eq!((s, code(&body)), (404, "BLOB_UNKNOWN"));
+    let (s, body) = admin(&proxy, "DELETE", &format!("{blob}?purge_shared=maybe"), "");
+    assert_eq!((s, code(&body)), (400, "REQUEST_INVALID"));
+}
+
+#[test]
+fn deleting_a_blob_while_it_fills_corrupts_nothing() {
+    let fake = Fake::start();
+    let data = random_bytes(1 << 20, 21);
+    let d = fake.add_blob(&data);
+    let slow = Fault::Slow {
+        chunk: 64 << 10,
+        delay: Duration::from_millis(50),
+    };
+    fake.fault(&d, slow, Some(1));
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy_of(dir.path(), &fake, 1 << 30);
+    let url = format!("{}/v2/x/blobs/{d}", proxy.url());
+    let client = std::thread::spawn(move || http_request("GET", &url, &[], b""));
+    wait_until("the fill", Duration::from_secs(10), || {
+        let (_, report) = admin(&proxy, "GET", "/api/v1/cache", "");
+        report["fills"][0]["received"]
+            .as_u64()
+            .is_some_and(|n| n > 0)
+    });
+    let (s, body) = admin(&proxy, "DELETE", &format!("/api/v1/blobs/{d}"), "");
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["filling"], serde_json::json!([d]));
+    let (s, _, got) = client.join().unwrap();
+    assert!(
+        s == 200 && got == data,
+        "the client got the whole, right blob"
+    );
+    let (s, h, got) = proxy.get(&format!("/v2/x/blobs/{d}"), &[]);
+    assert_eq!((s, header(&h, "x-cache")), (200, Some("HIT")));
+    assert!(got == data);
+    assert_eq!(fake.count("GET", &d), 1);
 }

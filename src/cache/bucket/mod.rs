@@ -349,6 +349,19 @@ impl Tier for Bucket {
         .boxed()
     }
 
+    fn purge<'a>(&'a self, digest: &'a Digest) -> BoxFuture<'a, ()> {
+        Bucket::purge(self, digest).boxed()
+    }
+
+    fn remove_record<'a>(&'a self, record: &'a Record) -> BoxFuture<'a, ()> {
+        async move {
+            if let Record::Tag(hex) = record {
+                self.delete_tag(hex).await;
+            }
+        }
+        .boxed()
+    }
+
     fn touch(&self, digest: &Digest) {
         Bucket::touch(self, digest)
     }

@@ -63,6 +63,21 @@ impl Bucket {
         let _ = self.call("discard", self.store.delete(&path)).await;
     }
 
+    /// Deletes a blob or manifest an operator purged (`purge_shared`): every replica
+    /// fetches it again on its next miss.
+    pub async fn purge(&self, d: &Digest) {
+        tracing::info!(%d, "purged from the shared store");
+        self.present.invalidate(d);
+        let path = self.path("blobs", d);
+        let _ = self.call("purge", self.store.delete(&path)).await;
+    }
+
+    /// Deletes a tag record an operator purged (`purge_shared`).
+    pub async fn delete_tag(&self, hex: &str) {
+        let path = self.tag_path(hex);
+        let _ = self.call("delete_tag", self.store.delete(&path)).await;
+    }
+
     /// Stores a verified manifest (small: one PUT), with its media type.
     pub async fn put_manifest(&self, d: &Digest, bytes: Bytes, media_type: &str) {
         let path = self.path("blobs", d);

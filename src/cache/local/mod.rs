@@ -152,4 +152,16 @@ impl Tier for Local {
     fn touch(&self, digest: &Digest) {
         self.index.touch(digest);
     }
+
+    fn purge<'a>(&'a self, digest: &'a Digest) -> BoxFuture<'a, ()> {
+        self.discard(digest)
+    }
+
+    fn remove_record<'a>(&'a self, record: &'a Record) -> BoxFuture<'a, ()> {
+        async move {
+            let path = self.store.root().join(record.local_path());
+            let _ = tokio::fs::remove_file(path).await;
+        }
+        .boxed()
+    }
 }
