@@ -45,6 +45,18 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SyncRunLabels {
+    pub entry: String,
+    /// `ok`, `error` or `rate_limited` (skipped or cut short by the upstream's rate limit).
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SyncEntryLabels {
+    pub entry: String,
+}
+
 /// Every metric of the process. Cheap to update from any task: atomics behind `Arc`s.
 pub struct Metrics {
     registry: Registry,
@@ -74,6 +86,12 @@ pub struct Metrics {
     pub pinned_bytes: Gauge,
     /// 1 while pinned blobs alone exceed `cache.max_size` (only unpinned ones are evicted).
     pub pins_over_bound: Gauge,
+    /// Scheduled syncs (`[[sync]]`): runs by result, images synced, bytes they fetched,
+    /// when each entry last succeeded.
+    pub sync_runs: Family<SyncRunLabels, Counter>,
+    pub sync_images: Family<SyncEntryLabels, Counter>,
+    pub sync_bytes: Family<SyncEntryLabels, Counter>,
+    pub sync_last_success: Family<SyncEntryLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -107,6 +125,10 @@ impl Metrics {
             index_scanned_blobs: Gauge::default(),
             pinned_bytes: Gauge::default(),
             pins_over_bound: Gauge::default(),
+            sync_runs: Family::default(),
+            sync_images: Family::default(),
+            sync_bytes: Family::default(),
+            sync_last_success: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -214,6 +236,26 @@ impl Metrics {
             "pins_over_bound",
             "1 while pinned blobs alone exceed cache.max_size (only unpinned ones are evicted)",
             m.pins_over_bound.clone(),
+        );
+        registry.register(
+            "sync_runs",
+            "Runs of [[sync]] entries, by result (ok, error, rate_limited)",
+            m.sync_runs.clone(),
+        );
+        registry.register(
+            "sync_images",
+            "Images (one tag each) a [[sync]] entry has synced",
+            m.sync_images.clone(),
+        );
+        registry.register(
+            "sync_bytes",
+            "Blob bytes [[sync]] runs brought into the cache",
+            m.sync_bytes.clone(),
+        );
+        registry.register(
+            "sync_last_success_timestamp_seconds",
+            "When a [[sync]] entry last ran without error (Unix time)",
+            m.sync_last_success.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -195,6 +195,7 @@ async fn route(admin: &Arc<Admin>, req: Request<Incoming>) -> Result<Response<Bo
         (&Method::POST, ["gc"]) => api::gc(admin, read_json(req).await?),
         (&Method::GET, ["jobs"]) => Ok(json(StatusCode::OK, &admin.jobs.list())),
         (&Method::GET, ["jobs", id]) => api::job(admin, id),
+        (&Method::GET, ["sync"]) => Ok(json(StatusCode::OK, &admin.state.sync.status())),
         _ => Err(not_found()),
     }
 }

@@ -66,6 +66,8 @@ pub struct State {
     pub auth: Option<auth::ClientAuth>,
     /// TLS for clients, when `[tls]` is configured.
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The scheduled syncs' status (`[[sync]]`), for the admin API.
+    pub sync: Arc<crate::sync::Board>,
 }
 
 impl State {
@@ -99,6 +101,7 @@ impl State {
             None => None,
         };
         Ok(Arc::new(State {
+            sync: Arc::new(crate::sync::Board::new(&config)),
             auth,
             tls,
             config,
@@ -135,6 +138,7 @@ pub async fn run(
         .keep_alive_interval(Some(limits.idle_timeout.0));
     let builder = Arc::new(builder);
     state.cache.start();
+    let syncs = crate::sync::start(&state);
     tokio::pin!(shutdown);
     tracing::info!(addr = %listener.local_addr()?, "serving");
     loop {
@@ -189,6 +193,9 @@ pub async fn run(
         });
     }
     drop(listener);
+    if let Some(syncs) = syncs {
+        syncs.abort();
+    }
     tracing::info!("shutting down: waiting for responses in flight");
     tokio::select! {
         _ = graceful.shutdown() => {}

@@ -9,3 +9,4 @@ mod real;
 mod shared;
 mod start;
 mod storm;
+mod sync;
