@@ -50,6 +50,9 @@ pub fn age(then: SystemTime) -> Duration {
 pub struct Clock {
     /// Milliseconds skipped by [`Clock::advance`]; zero outside tests.
     skipped_ms: AtomicU64,
+    /// Wakes [`Clock::sleep_until`] when a test skips ahead, so that a wait on this clock
+    /// (a sync's interval) ends as soon as it has been skipped past.
+    advanced: tokio::sync::Notify,
 }
 
 impl Clock {
@@ -76,6 +79,24 @@ impl Clock {
     pub fn advance(&self, d: Duration) {
         self.skipped_ms
             .fetch_add(d.as_millis() as u64, Ordering::Relaxed);
+        self.advanced.notify_waiters();
+    }
+
+    /// Waits until [`Clock::instant`] reaches `deadline`: tokio's sleep (which a paused
+    /// runtime skips), cut short by [`Clock::advance`].
+    pub async fn sleep_until(&self, deadline: Instant) {
+        loop {
+            // Made before the check: an advance between the two still wakes it.
+            let advanced = self.advanced.notified();
+            let now = self.instant();
+            if now >= deadline {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(deadline - now) => {}
+                _ = advanced => {}
+            }
+        }
     }
 }
 
@@ -94,6 +115,28 @@ mod tests {
             "{moved:?}"
         );
         assert!(age(before) >= Duration::from_secs(3600));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sleep_on_an_instance_clock_ends_when_skipped_past() {
+        let c = std::sync::Arc::new(Clock::default());
+        let deadline = c.instant() + Duration::from_secs(3600);
+        let sleeper = tokio::spawn({
+            let c = c.clone();
+            async move { c.sleep_until(deadline).await }
+        });
+        tokio::task::yield_now().await;
+        c.advance(Duration::from_secs(1800));
+        tokio::task::yield_now().await;
+        assert!(!sleeper.is_finished(), "half way");
+        let before = Instant::now();
+        c.advance(Duration::from_secs(1800));
+        sleeper.await.unwrap();
+        assert_eq!(
+            Instant::now(),
+            before,
+            "woken by the skip, not by tokio's time"
+        );
     }
 
     #[test]

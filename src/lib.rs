@@ -45,6 +45,10 @@
 //! - [`prefetch`]: `ocicache prefetch`, warming a cache through an ocicache.
 //! - [`admin`]: the admin API on its own listener (`/api/v1/`: what is cached, purge, pin,
 //!   jobs) and the client the `ocicache cache` commands use with `--server`.
+//! - [`warm`]: warming the cache inside the server (an image's manifests and blobs, through
+//!   the manifests service and the cache's fills), for syncs and admin prefetch jobs.
+//! - [`sync`]: scheduled syncs (`[[sync]]`): images kept cached on an interval, one at a
+//!   time, with jitter and back-off from the upstream's rate limit.
 //! - [`status`]: what the status page shows that the metrics do not keep (upstream health,
 //!   recent errors, the most pulled images, the last five minutes).
 //!
@@ -64,4 +68,6 @@ pub mod reference;
 pub mod route;
 pub mod server;
 pub mod status;
+pub mod sync;
 pub mod upstream;
+pub mod warm;

@@ -363,6 +363,8 @@ async fn prefetch(
         None => {
             let mut config = Config::load(config.as_deref())?;
             config.offline = false;
+            // This server only answers our pulls: no scheduled syncs beside them.
+            config.sync.clear();
             config.tls = None;
             config.auth = None;
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -47,6 +47,18 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SyncRunLabels {
+    pub entry: String,
+    /// `ok`, `error` or `rate_limited` (skipped or cut short by the upstream's rate limit).
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SyncEntryLabels {
+    pub entry: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteOutcomeLabels {
     pub route: &'static str,
     /// How the cache answered (`Outcome::as_str`), `error` for an error answer, `none` for
@@ -90,6 +102,12 @@ pub struct Metrics {
     pub pinned_bytes: Gauge,
     /// 1 while pinned blobs alone exceed `cache.max_size` (only unpinned ones are evicted).
     pub pins_over_bound: Gauge,
+    /// Scheduled syncs (`[[sync]]`): runs by result, images synced, bytes they fetched,
+    /// when each entry last succeeded.
+    pub sync_runs: Family<SyncRunLabels, Counter>,
+    pub sync_images: Family<SyncEntryLabels, Counter>,
+    pub sync_bytes: Family<SyncEntryLabels, Counter>,
+    pub sync_last_success: Family<SyncEntryLabels, Gauge>,
     /// Time to the answer's headers (what a client waits before bytes flow), by route and
     /// outcome: a blob's body streams after it.
     pub request_duration: Family<RouteOutcomeLabels, Histogram, fn() -> Histogram>,
@@ -130,6 +148,10 @@ impl Metrics {
             index_scanned_blobs: Gauge::default(),
             pinned_bytes: Gauge::default(),
             pins_over_bound: Gauge::default(),
+            sync_runs: Family::default(),
+            sync_images: Family::default(),
+            sync_bytes: Family::default(),
+            sync_last_success: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram),
             cache_max_size: Gauge::default(),
             process_start_time: Gauge::default(),
@@ -240,6 +262,26 @@ impl Metrics {
             "pins_over_bound",
             "1 while pinned blobs alone exceed cache.max_size (only unpinned ones are evicted)",
             m.pins_over_bound.clone(),
+        );
+        registry.register(
+            "sync_runs",
+            "Runs of [[sync]] entries, by result (ok, error, rate_limited)",
+            m.sync_runs.clone(),
+        );
+        registry.register(
+            "sync_images",
+            "Images (one tag each) a [[sync]] entry has synced",
+            m.sync_images.clone(),
+        );
+        registry.register(
+            "sync_bytes",
+            "Blob bytes [[sync]] runs brought into the cache",
+            m.sync_bytes.clone(),
+        );
+        registry.register(
+            "sync_last_success_timestamp_seconds",
+            "When a [[sync]] entry last ran without error (Unix time)",
+            m.sync_last_success.clone(),
         );
         registry.register(
             "http_request_duration_seconds",

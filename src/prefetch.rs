@@ -162,6 +162,35 @@ pub struct ManifestDoc {
     pub layers: Vec<Descriptor>,
 }
 
+impl ManifestDoc {
+    /// Is this an index (a list of platforms' manifests), served as `media_type`?
+    pub fn is_index(&self, media_type: &str) -> bool {
+        media_type.contains("index")
+            || media_type.contains("manifest.list")
+            || !self.manifests.is_empty()
+    }
+
+    /// The blobs of an image manifest: its config, then its layers.
+    pub fn blobs(&self) -> impl Iterator<Item = &Descriptor> {
+        self.config.iter().chain(self.layers.iter())
+    }
+}
+
+/// Is a manifest of `platform` wanted, given `platforms` (`os/arch[/variant]`; empty: all)?
+/// `linux/arm64` takes every variant of it; an entry without a platform only when all are.
+pub fn platform_wanted(platforms: &[String], platform: Option<&Platform>) -> bool {
+    if platforms.is_empty() {
+        return true;
+    }
+    let Some(p) = platform else { return false };
+    let os_arch = format!("{}/{}", p.os, p.architecture);
+    let full = match &p.variant {
+        Some(v) => format!("{os_arch}/{v}"),
+        None => os_arch.clone(),
+    };
+    platforms.iter().any(|w| *w == full || *w == os_arch)
+}
+
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
 
 pub struct Prefetcher {
@@ -198,12 +227,9 @@ impl Prefetcher {
     pub async fn image(&mut self, image: &ImageRef) -> Result<(), PrefetchError> {
         let (bytes, media_type) = self.manifest(image, &image.reference).await?;
         let doc: ManifestDoc = serde_json::from_slice(&bytes)?;
-        if media_type.contains("index")
-            || media_type.contains("manifest.list")
-            || !doc.manifests.is_empty()
-        {
+        if doc.is_index(&media_type) {
             for m in &doc.manifests {
-                if !self.wanted(m.platform.as_ref()) {
+                if !platform_wanted(&self.platforms, m.platform.as_ref()) {
                     continue;
                 }
                 let d = Reference::parse(&m.digest)?;
@@ -215,20 +241,6 @@ impl Prefetcher {
             self.blobs(image, &doc).await?;
         }
         Ok(())
-    }
-
-    fn wanted(&self, platform: Option<&Platform>) -> bool {
-        if self.platforms.is_empty() {
-            return true;
-        }
-        let Some(p) = platform else { return false };
-        let full = match &p.variant {
-            Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
-            None => format!("{}/{}", p.os, p.architecture),
-        };
-        self.platforms
-            .iter()
-            .any(|w| *w == full || *w == format!("{}/{}", p.os, p.architecture))
     }
 
     fn url(&self, image: &ImageRef, kind: &str, reference: &str) -> String {
@@ -272,7 +284,7 @@ impl Prefetcher {
     }
 
     async fn blobs(&mut self, image: &ImageRef, doc: &ManifestDoc) -> Result<(), PrefetchError> {
-        for d in doc.config.iter().chain(doc.layers.iter()) {
+        for d in doc.blobs() {
             self.blob(image, d).await?;
         }
         Ok(())
@@ -357,6 +369,30 @@ pub const SHUTDOWN: Duration = Duration::from_secs(5);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn platforms_are_chosen_by_os_arch_and_variant() {
+        let p = |os: &str, arch: &str, variant: Option<&str>| Platform {
+            os: os.into(),
+            architecture: arch.into(),
+            variant: variant.map(String::from),
+        };
+        let want = |list: &[&str], platform: Option<&Platform>| {
+            let list: Vec<String> = list.iter().map(|s| s.to_string()).collect();
+            platform_wanted(&list, platform)
+        };
+        let arm64 = p("linux", "arm64", Some("v8"));
+        assert!(want(&["linux/arm64"], Some(&arm64)), "any variant of it");
+        assert!(want(&["linux/arm64/v8"], Some(&arm64)));
+        assert!(!want(&["linux/arm64/v7"], Some(&arm64)));
+        assert!(!want(&["linux/amd64"], Some(&arm64)));
+        assert!(!want(
+            &["linux/arm/v7"],
+            Some(&p("linux", "arm", Some("v6")))
+        ));
+        assert!(want(&[], None), "no list: everything");
+        assert!(!want(&["linux/amd64"], None), "an entry without a platform");
+    }
 
     #[test]
     fn image_references_normalize_like_docker() {

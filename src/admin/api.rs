@@ -498,3 +498,89 @@ pub async fn delete_blob(
     tracing::info!(%digest, shared, "blob deleted");
     Ok(json(StatusCode::OK, &deleted))
 }
+
+/// `GET /api/v1/jobs/<id>`.
+pub fn job(admin: &Arc<Admin>, id: &str) -> Result<Response<Body>, Error> {
+    let job = id
+        .parse()
+        .ok()
+        .and_then(|id| admin.jobs.get(id))
+        .ok_or_else(|| Error::client(ErrorCode::NameUnknown, "no such job"))?;
+    Ok(json(StatusCode::OK, &job))
+}
+
+/// A job's answer: 202 with the job, and where to follow it.
+fn accepted(job: &super::jobs::JobView) -> Response<Body> {
+    let mut resp = json(StatusCode::ACCEPTED, job);
+    if let Ok(v) = http::HeaderValue::from_str(&format!("/api/v1/jobs/{}", job.id)) {
+        resp.headers_mut().insert(http::header::LOCATION, v);
+    }
+    resp
+}
+
+/// Runs `f` on a thread of its own (a walk of the whole cache blocks for seconds to hours:
+/// no work for the runtime's blocking pool) and waits for it.
+async fn on_thread<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .map_err(|e| e.to_string())?;
+    rx.await
+        .map_err(|_| format!("the {name} thread ended abnormally"))?
+}
+
+/// `POST /api/v1/verify`: rehashes every cached blob beside the fills, as a job; corrupt
+/// ones are removed through the cache.
+pub fn verify(admin: &Arc<Admin>) -> Response<Body> {
+    let cache = admin.state.cache.clone();
+    let job = admin.jobs.start("verify", move |reporter| {
+        on_thread("admin-verify", move || {
+            cache
+                .verify_blobs(|checked, total| {
+                    if checked % 100 == 0 || checked == total {
+                        reporter
+                            .progress(serde_json::json!({ "checked": checked, "total": total }));
+                    }
+                })
+                .map_err(|e| e.to_string())
+        })
+    });
+    accepted(&job)
+}
+
+/// The body of `POST /api/v1/gc`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcRequest {
+    /// Target size, e.g. `"10GiB"`; default `cache.max_size`.
+    pub size: Option<String>,
+}
+
+/// `POST /api/v1/gc`: evicts least recently used, unpinned blobs down to the target, as a
+/// job, through the index (fills under way are untouched).
+pub fn gc(admin: &Arc<Admin>, req: GcRequest) -> Result<Response<Body>, Error> {
+    let cache = admin.state.cache.clone();
+    let target = match &req.size {
+        Some(s) => {
+            s.parse::<crate::config::ByteSize>()
+                .map_err(|e| super::bad_request(format!("size: {e}")))?
+                .0
+        }
+        None => cache.index.max_size(),
+    };
+    let job = admin.jobs.start("gc", move |_| {
+        on_thread("admin-gc", move || {
+            let (removed, freed, remaining) = cache.gc_to(target);
+            Ok(serde_json::json!({
+                "removed": removed, "freed": freed, "remaining": remaining, "target": target
+            }))
+        })
+    });
+    Ok(accepted(&job))
+}

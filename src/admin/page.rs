@@ -106,10 +106,13 @@ fn span(d: Duration) -> String {
     }
 }
 
-/// How long ago `t` was: `just now`, `3 min ago`.
+/// How long ago `t` was, or how far ahead it is: `just now`, `3 min ago`, `in 2 h`.
 fn ago(t: SystemTime) -> String {
     match clock::age(t) {
-        Duration::MAX => "in the future".to_string(),
+        Duration::MAX => {
+            let ahead = t.duration_since(clock::now()).unwrap_or_default();
+            format!("in {}", span(ahead))
+        }
         d if d < Duration::from_secs(2) => "just now".to_string(),
         d => format!("{} ago", span(d)),
     }
@@ -169,7 +172,7 @@ fn render(admin: &Arc<Admin>) -> String {
     upstreams_section(&mut out, admin);
     images_section(&mut out, admin);
     errors_section(&mut out, admin);
-    sync_section(&mut out);
+    sync_section(&mut out, admin);
     pins_section(&mut out, admin);
     out.push_str("</main>");
     out.push_str(SCRIPT);
@@ -541,11 +544,68 @@ fn errors_section(out: &mut String, admin: &Admin) {
     Section::close(out);
 }
 
-fn sync_section(out: &mut String) {
-    out.push_str(
-        "<section id=sync><h2>Sync</h2><p class=dim>No sync configured \
-         (<code>[[sync]]</code> entries keep images cached on a schedule).</p></section>",
-    );
+fn sync_section(out: &mut String, admin: &Admin) {
+    let sync = admin.state.sync.status();
+    let section = Section {
+        id: "sync",
+        title: if sync.enabled || sync.entries.is_empty() {
+            "Sync"
+        } else {
+            "Sync (off: offline)"
+        },
+        count: Some(sync.entries.len()),
+        wide: true,
+    };
+    let headers = [
+        "entry",
+        "every",
+        "last run",
+        "result",
+        "last success",
+        "next run",
+        "#images",
+        "#bytes",
+        "tags",
+        "last error",
+    ];
+    let none = "No sync configured (<code>[[sync]]</code> entries keep images cached on a \
+                schedule).";
+    if !section.open(out, sync.entries.len(), none, &headers) {
+        return;
+    }
+    // The sync status gives its times as RFC 3339 text.
+    let when = |t: &Option<String>| {
+        time_cell(
+            t.as_deref()
+                .and_then(|t| humantime::parse_rfc3339_weak(t).ok()),
+        )
+    };
+    for e in &sync.entries {
+        let (class, result) = match (e.running, e.last_result.as_deref()) {
+            (true, _) => ("warn", "running"),
+            (false, Some("ok")) => ("up", "ok"),
+            (false, Some("rate_limited")) => ("warn", "rate limited"),
+            (false, Some(other)) => ("failing", other),
+            (false, None) => ("unused", "not run yet"),
+        };
+        let tags: Vec<&str> = e.tags.keys().map(String::as_str).collect();
+        let _ = write!(
+            out,
+            "<tr><td class=mono>{}</td><td>{}</td>{}<td class=\"state {class}\">{}</td>{}{}\
+             {}{}<td class=mono>{}</td><td>{}</td></tr>",
+            escape(&e.entry),
+            span(Duration::from_secs(e.interval_seconds)),
+            when(&e.last_run),
+            escape(result),
+            when(&e.last_success),
+            when(&e.next_run),
+            num("", e.images, &e.images.to_string()),
+            num("", e.bytes, &human(e.bytes)),
+            escape(&tags.join(", ")),
+            escape(e.last_error.as_deref().unwrap_or("")),
+        );
+    }
+    Section::close(out);
 }
 
 fn pins_section(out: &mut String, admin: &Admin) {
@@ -620,7 +680,7 @@ mod tests {
         assert_eq!(ago(then), "just now");
         tokio::time::advance(Duration::from_secs(185)).await;
         assert_eq!(ago(then), "3 min ago");
-        assert_eq!(ago(clock::now() + Duration::from_secs(60)), "in the future");
+        assert_eq!(ago(clock::now() + Duration::from_secs(125)), "in 2 min");
     }
 
     #[test]

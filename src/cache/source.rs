@@ -233,6 +233,31 @@ impl Source {
             end,
         }
     }
+
+    /// Waits until the blob is whole and verified (at once for a committed file), telling
+    /// `written` the bytes on disk as they grow; the blob's size, or the failed fill's
+    /// error. For callers that fill the cache without reading the bytes (`warm`).
+    pub async fn verified(&mut self, mut written: impl FnMut(u64)) -> Result<u64, Error> {
+        let Some(rx) = self.progress.as_mut() else {
+            let size = self.size.expect("a committed file knows its size");
+            written(size);
+            return Ok(size);
+        };
+        loop {
+            match &*rx.borrow_and_update() {
+                Progress::Done { size } => {
+                    written(*size);
+                    return Ok(*size);
+                }
+                Progress::Failed(e) => return Err(e.clone()),
+                Progress::Streaming { written: w, .. } => written(*w),
+                Progress::Connecting => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err(Error::from(io::Error::other("fill ended without a result")));
+            }
+        }
+    }
 }
 
 /// Reads a range of a blob at its own pace, waiting for a fill to write the bytes.

@@ -66,6 +66,8 @@ pub struct State {
     pub auth: Option<auth::ClientAuth>,
     /// TLS for clients, when `[tls]` is configured.
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The scheduled syncs' status (`[[sync]]`), for the admin API.
+    pub sync: Arc<crate::sync::Board>,
     /// What the status page shows beside the metrics.
     pub status: Arc<crate::status::Status>,
 }
@@ -102,6 +104,7 @@ impl State {
             None => None,
         };
         Ok(Arc::new(State {
+            sync: Arc::new(crate::sync::Board::new(&config)),
             status: Arc::new(crate::status::Status::new(metrics.clone())),
             auth,
             tls,
@@ -139,6 +142,7 @@ pub async fn run(
         .keep_alive_interval(Some(limits.idle_timeout.0));
     let builder = Arc::new(builder);
     state.cache.start();
+    let syncs = crate::sync::start(&state);
     state.status.start();
     tokio::pin!(shutdown);
     tracing::info!(addr = %listener.local_addr()?, "serving");
@@ -194,6 +198,9 @@ pub async fn run(
         });
     }
     drop(listener);
+    if let Some(syncs) = syncs {
+        syncs.abort();
+    }
     tracing::info!("shutting down: waiting for responses in flight");
     tokio::select! {
         _ = graceful.shutdown() => {}

@@ -6,6 +6,7 @@
 //! CDN with signed URLs that must never see our token or password. A `Location` is used once
 //! and never cached.
 
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -115,6 +116,9 @@ impl Upstream {
                     .upstream_request(&self.name, resp.status().as_str());
                 self.health.answered(resp.status());
                 self.note_rate_limit(resp.headers());
+                if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+                    self.rate.throttled.fetch_add(1, Ordering::Relaxed);
+                }
             }
             Err(e @ UpstreamError::Timeout) => {
                 self.metrics.upstream_request(&self.name, "timeout");
@@ -155,10 +159,42 @@ impl Upstream {
                 .ratelimit_remaining
                 .get_or_create(&labels)
                 .set(remaining);
+            self.rate.remaining.store(remaining, Ordering::Relaxed);
+            self.rate.readings.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(upstream = %self.name, remaining, "upstream rate limit");
         }
         self.health
             .rate_limit(read("ratelimit-remaining"), read("ratelimit-limit"));
+    }
+}
+
+/// An upstream's rate-limit signals, as its answers arrive (read by [`Upstream::rate_signals`]).
+#[derive(Debug)]
+pub(super) struct RateNotes {
+    /// The last `ratelimit-remaining`; `i64::MIN` before the first.
+    remaining: AtomicI64,
+    readings: AtomicU64,
+    throttled: AtomicU64,
+}
+
+impl Default for RateNotes {
+    fn default() -> Self {
+        RateNotes {
+            remaining: AtomicI64::new(i64::MIN),
+            readings: AtomicU64::new(0),
+            throttled: AtomicU64::new(0),
+        }
+    }
+}
+
+impl RateNotes {
+    pub(super) fn signals(&self) -> super::RateSignals {
+        let remaining = self.remaining.load(Ordering::Relaxed);
+        super::RateSignals {
+            remaining: (remaining != i64::MIN).then_some(remaining),
+            readings: self.readings.load(Ordering::Relaxed),
+            throttled: self.throttled.load(Ordering::Relaxed),
+        }
     }
 }
 

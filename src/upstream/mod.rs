@@ -55,6 +55,8 @@ pub struct Upstream {
     client: HttpClient,
     auth: auth::Auth,
     metrics: Arc<Metrics>,
+    /// What this upstream said of its rate limit, for the sync scheduler's back-off.
+    rate: client::RateNotes,
     /// Its answers as the status page shows them.
     pub health: crate::status::Health,
 }
@@ -77,6 +79,17 @@ pub enum SetupError {
     Io(String, io::Error),
     #[error("upstream {0}: TLS: {1}")]
     Tls(String, rustls::Error),
+}
+
+/// What an upstream said of its rate limit (see [`Upstream::rate_signals`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateSignals {
+    /// The last `ratelimit-remaining`, if it ever sent one.
+    pub remaining: Option<i64>,
+    /// How many `ratelimit-remaining` headers it sent: tells a fresh reading from an old one.
+    pub readings: u64,
+    /// How many 429 answers it gave.
+    pub throttled: u64,
 }
 
 /// A blob body streaming from an upstream.
@@ -130,8 +143,15 @@ impl Upstream {
             metrics,
             client,
             base,
+            rate: client::RateNotes::default(),
             health: Default::default(),
         })
+    }
+
+    /// The last `ratelimit-remaining` this upstream sent, how many it has sent, and how many
+    /// 429 answers it gave, since start.
+    pub fn rate_signals(&self) -> RateSignals {
+        self.rate.signals()
     }
 
     /// Does this upstream answer to registry host `host` (its name or its URL's host)?

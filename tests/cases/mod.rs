@@ -10,3 +10,4 @@ mod real;
 mod shared;
 mod start;
 mod storm;
+mod sync;

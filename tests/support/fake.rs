@@ -43,6 +43,7 @@ use tokio::net::TcpStream;
 /// Longest request head (request line and headers) the fake reads: beyond it, 431.
 const MAX_HEAD: usize = 64 << 10;
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 /// The parameter `RedirectLoop` counts its hops in.
 const LOOP_PARAM: &str = "fake_loop";
 /// How long `ResetAfter` waits between sending its bytes and the reset, so that they reach
@@ -193,6 +194,11 @@ struct Store {
     tokens: HashMap<String, Token>,
     issued: u64,
     requests: Vec<Recorded>,
+    /// Sent as `ratelimit-remaining` on every registry answer, when set.
+    ratelimit_remaining: Option<String>,
+    /// The page size of tag lists asked without `n`, when paginating (Docker Hub pages by
+    /// default; the CNCF registry does not).
+    default_page: Option<usize>,
 }
 
 struct Shared {
@@ -233,6 +239,8 @@ impl Fake {
                 tokens: HashMap::new(),
                 issued: 0,
                 requests: Vec::new(),
+                ratelimit_remaining: None,
+                default_page: None,
             }),
             connections: AtomicUsize::new(0),
             url: format!("http://{addr}"),
@@ -409,6 +417,75 @@ impl Fake {
     pub fn connections(&self) -> usize {
         self.shared.connections.load(Ordering::SeqCst)
     }
+
+    /// Send `ratelimit-remaining: <value>` (e.g. `"3;w=21600"`) on every registry answer
+    /// from now on; `None` stops it.
+    pub fn set_ratelimit_remaining(&self, value: Option<&str>) {
+        self.shared.lock().ratelimit_remaining = value.map(String::from);
+    }
+
+    /// With `paginate_tags(true)`: a tag list asked without `n` gets pages of this size
+    /// (`None`: the whole rest, the default).
+    pub fn set_default_tag_page(&self, n: Option<usize>) {
+        self.shared.lock().default_page = n;
+    }
+
+    /// Adds an image under `repo:tag`: for each platform (`os/arch[/variant]`) a config and
+    /// one layer of `layer_size` bytes (contents from `seed`) and an OCI image manifest,
+    /// then an OCI index of them, tagged. The digests, to assert on.
+    pub fn add_image(
+        &self,
+        repo: &str,
+        tag: &str,
+        platforms: &[&str],
+        layer_size: usize,
+        seed: u64,
+    ) -> FakeImage {
+        let mut image = FakeImage::default();
+        let mut entries = Vec::new();
+        for (i, platform) in platforms.iter().enumerate() {
+            let mut parts = platform.split('/');
+            let (os, arch) = (parts.next().unwrap(), parts.next().unwrap());
+            let variant = parts.next();
+            let config = format!("{{\"architecture\":\"{arch}\",\"os\":\"{os}\",\"seed\":{seed}}}");
+            let layer = super::registry::random_bytes(layer_size, seed * 1000 + i as u64);
+            let (config_digest, layer_digest) =
+                (self.add_blob(config.as_bytes()), self.add_blob(&layer));
+            let manifest = serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer.len()}],
+            });
+            let bytes = serde_json::to_vec(&manifest).unwrap();
+            let digest = self.add_manifest(repo, None, OCI_MANIFEST, &bytes);
+            let mut p = serde_json::json!({"os": os, "architecture": arch});
+            if let Some(v) = variant {
+                p["variant"] = v.into();
+            }
+            entries.push(serde_json::json!({"mediaType": OCI_MANIFEST, "digest": digest, "size": bytes.len(), "platform": p}));
+            image.manifests.push(digest);
+            image.blobs.extend([config_digest, layer_digest]);
+        }
+        let index =
+            serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries});
+        image.index = self.add_manifest(
+            repo,
+            Some(tag),
+            OCI_INDEX,
+            &serde_json::to_vec(&index).unwrap(),
+        );
+        image
+    }
+}
+
+/// An image added by [`Fake::add_image`]: its index, its platforms' manifests (in the order
+/// given) and their blobs (config, layer, per platform).
+#[derive(Clone, Debug, Default)]
+pub struct FakeImage {
+    pub index: String,
+    pub manifests: Vec<String>,
+    pub blobs: Vec<String>,
 }
 
 impl Drop for Fake {
@@ -635,6 +712,7 @@ impl Shared {
         }
 
         let fault = st.take_fault(req);
+        let ratelimit_remaining = st.ratelimit_remaining.clone();
         let challenge = if let Route::Token = route {
             Some("Basic realm=\"fake\"".to_string())
         } else {
@@ -712,6 +790,11 @@ impl Shared {
                 "Docker-Distribution-API-Version".into(),
                 "registry/2.0".into(),
             ));
+            if let Some(r) = ratelimit_remaining {
+                plan.response
+                    .headers
+                    .push(("ratelimit-remaining".into(), r));
+            }
         }
         match fault {
             None
@@ -957,7 +1040,7 @@ impl Store {
                         return Response::error(400, "PAGINATION_NUMBER_INVALID", "invalid n")
                     }
                 },
-                None => None,
+                None => self.default_page,
             };
             tags.sort();
             if let Some(last) = param("last") {
