@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use ocicache::config::{HumanDuration, SyncConfig};
+
 use crate::support::fake::{Fake, Fault};
 use crate::support::proxy::{config, Proxy};
 use crate::support::registry::{
@@ -270,12 +272,36 @@ const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 /// A proxy of a fake upstream that has served a few pulls: two tags of `library/app`
 /// pulled (one three times), a blob filled then hit, and one manifest request the upstream
-/// failed with a 503 before answering again.
-fn served_a_few_pulls(dir: &Path, fake: &Fake) -> Proxy {
+/// failed with a 503 before answering again. With `sync`, also a `[[sync]]` entry that keeps
+/// and pins `library/base:1` (synced before this returns).
+fn served_a_few_pulls(dir: &Path, fake: &Fake, sync: bool) -> Proxy {
     let mut c = config(dir, &[("docker.io", &fake.url(), true)]);
     // Small enough that the usage bar shows.
     c.cache.max_size.0 = 8 << 20;
+    if sync {
+        fake.add_image(
+            "library/base",
+            "1",
+            &["linux/amd64", "linux/arm64"],
+            200_000,
+            7,
+        );
+        c.sync = vec![SyncConfig {
+            image: "docker.io/library/base".into(),
+            tags: Some(vec!["1".into()]),
+            tag_pattern: None,
+            platforms: vec![],
+            interval: HumanDuration(Duration::from_secs(6 * 3600)),
+            pin: true,
+        }];
+    }
     let proxy = Proxy::start(c);
+    if sync {
+        wait_until("the sync's first run", Duration::from_secs(20), || {
+            let s = proxy.state.sync.status();
+            s.entries[0].runs >= 1 && !s.entries[0].running
+        });
+    }
     let blob = random_bytes(300_000, 18);
     let d = fake.add_blob(&blob);
     for (tag, body) in [
@@ -320,7 +346,7 @@ fn page_value(html: &str, id: &str) -> f64 {
 fn the_pages_numbers_agree_with_the_metrics_and_the_admin_api() {
     let fake = Fake::start();
     let dir = tempfile::tempdir().unwrap();
-    let proxy = served_a_few_pulls(dir.path(), &fake);
+    let proxy = served_a_few_pulls(dir.path(), &fake, false);
     // Quiet: nothing runs, so the three answers are of the same moment.
     assert_eq!(proxy.state.cache.fills_in_flight(), 0);
     let (s, page) = admin_get(&proxy, "/");
@@ -503,7 +529,7 @@ fn chromium(bin: &Path, url: &str, what: &str, scratch: &Path) -> (String, NetLo
             "--no-first-run",
             "--disable-sync",
             "--hide-scrollbars",
-            "--window-size=1280,960",
+            "--window-size=1280,1040",
         ])
         .arg(format!(
             "--user-data-dir={}",
@@ -533,7 +559,7 @@ fn the_status_page_in_a_real_browser_shows_a_fill_in_flight_and_asks_no_other_ho
     };
     let fake = Fake::start();
     let dir = tempfile::tempdir().unwrap();
-    let proxy = served_a_few_pulls(dir.path(), &fake);
+    let proxy = served_a_few_pulls(dir.path(), &fake, true);
     // A fill in flight: 4 MiB at 64 KiB every 300 ms, about 20 s, while the browser looks.
     let slow = random_bytes(4 << 20, 19);
     let slow_digest = fake.add_blob(&slow);
@@ -599,6 +625,13 @@ fn the_status_page_in_a_real_browser_shows_a_fill_in_flight_and_asks_no_other_ho
         dom.contains("docker.io/library/app:1.0"),
         "the most pulled image"
     );
+    // The sync entry ran and pinned its image.
+    assert!(dom.contains("docker.io/library/base"), "the sync entry");
+    assert!(
+        dom.contains("class=\"state up\">ok<"),
+        "its last run succeeded: {dom}"
+    );
+    assert!(dom.contains("docker.io/library/base:1"), "its pin");
 
     // The page asked for nothing but the admin address; the browser's own background
     // requests (initiated by no origin) resolved to nothing; no connection went anywhere
