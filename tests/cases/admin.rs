@@ -607,3 +607,54 @@ fn verify_and_gc_jobs_run_beside_fills_and_no_fill_fails() {
     let (s, body) = admin(&proxy, "GET", "/api/v1/jobs/999", "");
     assert_eq!((s, code(&body)), (404, "NAME_UNKNOWN"));
 }
+
+#[test]
+fn a_prefetch_job_fills_the_cache_inside_the_server() {
+    let fake = Fake::start();
+    let (manifest, blobs) = image(
+        &fake,
+        "library/app",
+        "1",
+        &[random_bytes(300_000, 50), random_bytes(200_000, 51)],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy_of(dir.path(), &fake, 1 << 30);
+    let (s, job) = admin(
+        &proxy,
+        "POST",
+        "/api/v1/prefetch",
+        r#"{"images": ["app:1"]}"#,
+    );
+    assert_eq!((s, &job["kind"]), (202, &"prefetch".into()), "{job}");
+    let job = job_end(&proxy, job["id"].as_u64().unwrap());
+    assert_eq!(job["state"], "done", "{job}");
+    let warmed = &job["result"]["images"][0]["warmed"];
+    assert_eq!(warmed["digest"], manifest);
+    assert_eq!(warmed["blobs"], serde_json::json!(blobs));
+    assert!(warmed["fetched_bytes"].as_u64() > Some(500_000), "{warmed}");
+    assert_eq!(job["result"]["failed"], 0);
+    fake.reset_counts();
+    pull(&proxy, "app", "1", &blobs);
+    assert_eq!(fake.requests().len(), 0, "the pull came from the cache");
+
+    for (body, status, expected) in [
+        (r#"{"images": []}"#, 400, "REQUEST_INVALID"),
+        (r#"{"images": ["Bad/Name"]}"#, 400, "NAME_INVALID"),
+        (r#"{"images": ["quay.io/x/y:1"]}"#, 404, "NAME_UNKNOWN"),
+        (
+            r#"{"images": ["app"], "platforms": ["linux"]}"#,
+            400,
+            "REQUEST_INVALID",
+        ),
+        (r#"{"imagez": ["app"]}"#, 400, "REQUEST_INVALID"),
+        ("not json", 400, "REQUEST_INVALID"),
+    ] {
+        let (s, err) = admin(&proxy, "POST", "/api/v1/prefetch", body);
+        assert_eq!((s, code(&err)), (status, expected), "{body}: {err}");
+    }
+    assert_eq!(
+        fake.requests().len(),
+        0,
+        "nothing was fetched for bad requests"
+    );
+}
