@@ -14,6 +14,7 @@
 //! each operation is safe beside the server's own fills.
 
 pub mod api;
+pub mod client;
 pub mod jobs;
 
 use std::convert::Infallible;

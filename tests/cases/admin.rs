@@ -545,7 +545,7 @@ fn verify_and_gc_jobs_run_beside_fills_and_no_fill_fails() {
             let d = fake.add_blob(&data);
             let fault = Fault::Slow {
                 chunk: 64 << 10,
-                delay: Duration::from_millis(40),
+                delay: Duration::from_millis(80),
             };
             fake.fault(&d, fault, Some(1));
             (d, data)
@@ -569,11 +569,12 @@ fn verify_and_gc_jobs_run_beside_fills_and_no_fill_fails() {
         (s, &verify["kind"], &verify["state"]),
         (202, &"verify".into(), &"running".into())
     );
-    let (s, gc) = admin(&proxy, "POST", "/api/v1/gc", r#"{"size": "0"}"#);
-    assert_eq!(s, 202, "{gc}");
     let verify = job_end(&proxy, verify["id"].as_u64().unwrap());
     assert_eq!(verify["state"], "done", "{verify}");
     assert_eq!(verify["result"]["removed"], serde_json::json!([rotten]));
+    // After the verify: a gc to 0 would otherwise remove the rotten blob first.
+    let (s, gc) = admin(&proxy, "POST", "/api/v1/gc", r#"{"size": "0"}"#);
+    assert_eq!(s, 202, "{gc}");
     let gc = job_end(&proxy, gc["id"].as_u64().unwrap());
     assert_eq!(gc["state"], "done", "{gc}");
     assert!(gc["result"]["removed"].as_u64() >= Some(2), "{gc}");
@@ -657,4 +658,145 @@ fn a_prefetch_job_fills_the_cache_inside_the_server() {
         0,
         "nothing was fetched for bad requests"
     );
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_ocicache");
+
+/// Runs `ocicache cache <args>`: exit code, stdout, stderr.
+fn cli(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(BIN)
+        .arg("cache")
+        .args(args)
+        .env_remove("OCICACHE_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cache_stats_beside_a_server_is_refused_without_server_and_answered_with_it() {
+    use crate::support::proxy::{toml_for, ChildProxy};
+    let fake = Fake::start();
+    let data = random_bytes(123_456, 60);
+    let d = fake.add_blob(&data);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let child = ChildProxy::start(
+        dir.path(),
+        &toml_for(&cache, &fake.url(), ""),
+        std::process::Stdio::null(),
+    );
+    let url = format!("{}/v2/x/blobs/{d}", child.base);
+    assert_eq!(http_request("GET", &url, &[], b"").0, 200);
+
+    let cfg = dir.path().join("c.toml");
+    let cfg = cfg.to_str().unwrap();
+    let (status, out, err) = cli(&["stats", "--config", cfg]);
+    assert_eq!(status, Some(3), "{err}");
+    assert!(out.is_empty());
+    assert!(
+        err.contains("a running server (pid") && err.contains("--server URL"),
+        "{err}"
+    );
+
+    let (status, out, err) = cli(&["stats", "--server", &child.admin]);
+    assert_eq!(status, Some(0), "{err}");
+    assert!(out.contains("entries:  1\n"), "{out}");
+    assert!(out.contains("(123456 bytes)"), "{out}");
+    assert!(out.contains("1 misses"), "{out}");
+    assert!(child.terminate().status.success());
+}
+
+#[test]
+fn the_cache_commands_ask_the_admin_api_with_server_and_its_token() {
+    let fake = Fake::start();
+    let shared = random_bytes(40_000, 70);
+    let (a, a_blobs) = image(
+        &fake,
+        "library/app",
+        "1",
+        &[shared.clone(), random_bytes(30_000, 71)],
+    );
+    let (_, b_blobs) = image(&fake, "library/app", "2", &[shared]);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy_of(dir.path(), &fake, 1 << 30);
+    pull(&proxy, "app", "1", &a_blobs);
+    pull(&proxy, "app", "2", &b_blobs);
+    let server = proxy.admin_url();
+    let with = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--server", &server, "--token", TOKEN]);
+        cli(&all)
+    };
+
+    let (status, _, err) = cli(&["ls", "--server", &server, "--token", "wrong"]);
+    assert_eq!(status, Some(1));
+    assert!(err.contains("401") && err.contains("UNAUTHORIZED"), "{err}");
+
+    let (status, out, err) = with(&["ls"]);
+    assert_eq!(status, Some(0), "{err}");
+    assert!(
+        out.contains("docker.io/library/app:1") && out.contains("docker.io/library/app:2"),
+        "{out}"
+    );
+
+    let (status, out, err) = with(&["pin", "app:2"]);
+    assert_eq!(status, Some(0), "{err}");
+    assert!(out.contains("pinned app:2: 1 manifests, 2 blobs"), "{out}");
+    assert_eq!(proxy.state.cache.pins().len(), 1);
+
+    let (status, out, err) = with(&["rm", "docker.io/library/app:1"]);
+    assert_eq!(status, Some(0), "{err}");
+    assert!(out.contains(&format!("removed {a}")), "{out}");
+    assert!(out.contains(&format!("kept {}", a_blobs[1])), "{out}");
+    let (status, _, err) = with(&["rm", "app:1"]);
+    assert_eq!(status, Some(1));
+    assert!(err.contains("MANIFEST_UNKNOWN"), "{err}");
+
+    let (status, out, err) = with(&["unpin", "app:2"]);
+    assert_eq!(status, Some(0), "{err}");
+    assert!(out.contains("unpinned app:2"), "{out}");
+    assert!(proxy.state.cache.pins().is_empty());
+
+    let blob = &b_blobs[1];
+    let (status, out, err) = with(&["rm", blob]);
+    assert_eq!(status, Some(0), "{err}");
+    assert!(out.contains(&format!("removed {blob}")), "{out}");
+
+    let (status, out, err) = with(&["verify"]);
+    assert_eq!(status, Some(0), "{err}");
+    assert!(out.contains("0 corrupt and removed"), "{out}");
+    let (status, out, err) = with(&["gc", "--size", "0"]);
+    assert_eq!(status, Some(0), "{err}");
+    assert!(out.contains("0B remain"), "{out}");
+}
+
+#[test]
+fn without_server_the_commands_work_on_a_folder_no_server_holds() {
+    let fake = Fake::start();
+    let (_, blobs) = image(&fake, "library/app", "1", &[random_bytes(20_000, 80)]);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy_of(dir.path(), &fake, 1 << 30);
+    pull(&proxy, "app", "1", &blobs);
+    let cache = proxy.cache_dir();
+    proxy.stop();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        crate::support::proxy::toml_for(&cache, &fake.url(), ""),
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let (status, out, err) = cli(&["ls", "--config", cfg]);
+    assert_eq!(status, Some(0), "{err}");
+    assert!(out.contains("docker.io/library/app:1"), "{out}");
+    let (status, out, err) = cli(&["rm", "app:1", "--config", cfg]);
+    assert_eq!(status, Some(0), "{err}");
+    assert!(out.contains("forgot tag docker.io/library/app:1"), "{out}");
+    let (_, out, _) = cli(&["ls", "--config", cfg]);
+    assert!(!out.contains("app:1"), "{out}");
 }
