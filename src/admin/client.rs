@@ -12,6 +12,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
 use crate::config::Secret;
+use crate::upstream::error_chain;
 
 /// How long one request may take (a verify or gc is a job: its request returns at once).
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -133,16 +134,4 @@ impl Client {
             tokio::time::sleep(POLL).await;
         }
     }
-}
-
-/// An error and its causes, on one line ("connection refused" is in a source).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

@@ -800,3 +800,36 @@ fn without_server_the_commands_work_on_a_folder_no_server_holds() {
     let (_, out, _) = cli(&["ls", "--config", cfg]);
     assert!(!out.contains("app:1"), "{out}");
 }
+
+#[test]
+fn pins_alone_over_the_bound_are_said_in_readyz_and_metrics() {
+    let fake = Fake::start();
+    let (_, blobs) = image(
+        &fake,
+        "library/big",
+        "1",
+        &[random_bytes(600_000, 90), random_bytes(600_000, 91)],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy_of(dir.path(), &fake, 1 << 20);
+    assert_eq!(
+        admin(&proxy, "PUT", "/api/v1/pins/docker.io/big/1", "").0,
+        200
+    );
+    pull(&proxy, "big", "1", &blobs);
+    let (s, _, body) = proxy.get("/readyz", &[]);
+    let body = String::from_utf8(body).unwrap();
+    assert_eq!(s, 200, "still serving: ready");
+    assert!(body.contains("pinned images alone"), "{body}");
+    assert_eq!(proxy.metric("ocicache_pins_over_bound"), 1.0);
+    assert!(proxy.metric("ocicache_pinned_bytes") > f64::from(1 << 20));
+    fake.reset_counts();
+    pull(&proxy, "big", "1", &blobs);
+    assert_eq!(fake.requests().len(), 0, "nothing pinned was evicted");
+    assert_eq!(
+        admin(&proxy, "DELETE", "/api/v1/pins/docker.io/big/1", "").0,
+        200
+    );
+    assert_eq!(proxy.get("/readyz", &[]).2, b"ready\n");
+    assert_eq!(proxy.metric("ocicache_pins_over_bound"), 0.0);
+}
