@@ -49,13 +49,30 @@ enum Command {
         #[arg(long)]
         from_file: Option<PathBuf>,
     },
-    /// Inspect and maintain a cache folder. Only while no server runs on it: a folder that a
-    /// server holds is refused with exit code 3, and nothing is done.
+    /// Inspect and maintain the cache: through a running server's admin API (--server), or
+    /// on a cache folder that no server holds (one that a server holds is refused with exit
+    /// code 3, and nothing is done).
     Cache {
         #[command(subcommand)]
         command: CacheCommand,
         #[arg(long, short, global = true, env = "OCICACHE_CONFIG_FILE")]
         config: Option<PathBuf>,
+        /// The admin API of a running server, e.g. http://127.0.0.1:5080 (its [admin]
+        /// listen): the command asks the server, beside its work.
+        #[arg(long, global = true)]
+        server: Option<String>,
+        /// The admin API's token ([admin] token).
+        #[arg(
+            long,
+            global = true,
+            env = "OCICACHE_ADMIN_TOKEN",
+            hide_env_values = true,
+            conflicts_with = "token_file"
+        )]
+        token: Option<String>,
+        /// A file holding the admin API's token.
+        #[arg(long, global = true)]
+        token_file: Option<PathBuf>,
     },
 }
 
@@ -75,6 +92,31 @@ enum CacheCommand {
         #[arg(long, conflicts_with = "size")]
         shared: bool,
     },
+    /// List the cached images: tags (with when the upstream confirmed them and when they
+    /// were last pulled) and manifests cached by digest.
+    Ls {
+        /// Only this upstream (`docker.io`).
+        #[arg(long)]
+        upstream: Option<String>,
+        /// Only this repository (`library/nginx`).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Remove an image (`nginx:1.27`, `ghcr.io/o/app@sha256:...`: its tags, manifests and
+    /// the blobs no other cached image uses), only its tag (--tag), or a blob (a digest).
+    Rm {
+        target: String,
+        /// Forget the tag only: the next pull asks the upstream.
+        #[arg(long)]
+        tag: bool,
+        /// Also remove it from the shared bucket ([cache.s3]).
+        #[arg(long)]
+        purge_shared: bool,
+    },
+    /// Pin an image: its manifests and blobs are never evicted.
+    Pin { image: String },
+    /// Remove an image's pin.
+    Unpin { image: String },
 }
 
 #[derive(Subcommand)]
@@ -207,15 +249,28 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Cache { command, config } => {
-            let config = match load(config.as_deref()) {
-                Ok(c) => c,
-                Err(code) => return code,
+        Command::Cache {
+            command,
+            config,
+            server,
+            token,
+            token_file,
+        } => {
+            let done = match server {
+                Some(server) => admin_token(token, token_file.as_deref())
+                    .and_then(|token| remote(command, &server, token)),
+                None => {
+                    let config = match load(config.as_deref()) {
+                        Ok(c) => c,
+                        Err(code) => return code,
+                    };
+                    cache_command(command, config)
+                }
             };
-            match cache_command(command, &config) {
+            match done {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => match e.downcast_ref::<ocicache::cache::admin::Error>() {
-                    Some(ocicache::cache::admin::Error::Held(held)) => {
+                Err(e) => match held(&e) {
+                    Some(held) => {
                         eprintln!("ocicache: {}", refusal(held));
                         ExitCode::from(EXIT_HELD)
                     }
@@ -234,12 +289,24 @@ fn main() -> ExitCode {
 /// done, and running it again later may work.
 const EXIT_HELD: u8 = 3;
 
-/// Why a `cache` command did nothing, and what to do about it. There is no admin API yet to
-/// ask a running server, so the message says what works today.
+/// The folder's holder, when a `cache` command was refused because another process holds
+/// the folder (the offline commands' error, or the store's when opened for a server).
+fn held(e: &anyhow::Error) -> Option<&ocicache::cache::store::Held> {
+    if let Some(ocicache::cache::admin::Error::Held(held)) = e.downcast_ref() {
+        return Some(held);
+    }
+    match e.downcast_ref::<ocicache::server::StartError>()? {
+        ocicache::server::StartError::Cache { source, .. } => source.get_ref()?.downcast_ref(),
+        _ => None,
+    }
+}
+
+/// Why a `cache` command did nothing, and what to do about it: ask the running server.
 fn refusal(held: &ocicache::cache::store::Held) -> String {
     let dir = held.dir.display();
     let pid = held.pid_text();
-    let ask = "these commands will take --server URL to ask a running server";
+    let ask = "ask it instead with --server URL (its admin API, [admin] listen, e.g. \
+               --server http://127.0.0.1:5080)";
     match held.role.as_deref() {
         Some(ocicache::cache::store::SERVER) => {
             format!("a running server ({pid}) holds {dir}; nothing was done. Stop it first: {ask}.")
@@ -255,7 +322,24 @@ fn refusal(held: &ocicache::cache::store::Held) -> String {
     }
 }
 
-fn cache_command(command: CacheCommand, config: &Config) -> anyhow::Result<()> {
+/// The token given on the command line (`--token` or `--token-file`).
+fn admin_token(
+    token: Option<String>,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<Option<ocicache::config::Secret>> {
+    use ocicache::config::Secret;
+    Ok(match (token, file) {
+        (Some(t), _) => Some(Secret(t)),
+        (None, Some(f)) => {
+            let text = std::fs::read_to_string(f)
+                .map_err(|e| anyhow::anyhow!("--token-file {}: {e}", f.display()))?;
+            Some(Secret(text.trim_end_matches(['\r', '\n']).to_string()))
+        }
+        (None, None) => None,
+    })
+}
+
+fn cache_command(command: CacheCommand, config: Config) -> anyhow::Result<()> {
     use ocicache::cache::admin;
     use ocicache::config::ByteSize;
     let dir = &config.cache.dir;
@@ -340,8 +424,264 @@ fn cache_command(command: CacheCommand, config: &Config) -> anyhow::Result<()> {
                 target
             );
         }
+        command @ (CacheCommand::Ls { .. }
+        | CacheCommand::Rm { .. }
+        | CacheCommand::Pin { .. }
+        | CacheCommand::Unpin { .. }) => on_folder(command, config)?,
     }
     Ok(())
+}
+
+/// `ls`, `rm`, `pin`, `unpin` on a folder no server holds: the folder is opened as a server
+/// would (its lock taken, so a server holding it refuses this), with the admin API on a
+/// loopback port of our own, which the command then asks like a server's.
+fn on_folder(command: CacheCommand, mut config: Config) -> anyhow::Result<()> {
+    config.tls = None;
+    config.auth = None;
+    config.admin.token = None;
+    config.admin.token_file = None;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let (server, stop, task) = runtime.block_on(async {
+        let state = ocicache::server::State::new(config)?;
+        // Sizes and evictions need the whole index.
+        while !state.cache.index.scan_done() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let admin = ocicache::admin::Admin::new(state)?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(ocicache::admin::run(listener, admin, async {
+            let _ = stopped.await;
+        }));
+        Ok::<_, anyhow::Error>((format!("http://{addr}"), stop, task))
+    })?;
+    let done = runtime.block_on(remote_async(command, &server, None));
+    let _ = stop.send(());
+    let _ = runtime.block_on(task);
+    done
+}
+
+/// A `cache` command through the admin API at `server`.
+fn remote(
+    command: CacheCommand,
+    server: &str,
+    token: Option<ocicache::config::Secret>,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(remote_async(command, server, token))
+}
+
+async fn remote_async(
+    command: CacheCommand,
+    server: &str,
+    token: Option<ocicache::config::Secret>,
+) -> anyhow::Result<()> {
+    use http::Method;
+    use ocicache::config::ByteSize;
+    let client = ocicache::admin::client::Client::new(server, token)?;
+    let bytes = |v: &serde_json::Value| ByteSize(v.as_u64().unwrap_or(0));
+    match command {
+        CacheCommand::Stats => {
+            let r = client.call(Method::GET, "cache", None).await?;
+            println!("server:   {server}");
+            println!(
+                "size:     {} ({} bytes) of max {}",
+                bytes(&r["size"]),
+                r["size"],
+                bytes(&r["max_size"])
+            );
+            println!("entries:  {}", r["blobs"]);
+            println!(
+                "pinned:   {}{}",
+                bytes(&r["pinned_bytes"]),
+                if r["pins_over_bound"] == true {
+                    " (over cache.max_size: only unpinned blobs are evicted)"
+                } else {
+                    ""
+                }
+            );
+            let fills = r["fills"].as_array().map_or(0, Vec::len);
+            println!("fills:    {fills} in flight");
+            let ratio = r["hit_ratio"]
+                .as_f64()
+                .map_or("-".into(), |r| format!("{:.1}%", r * 100.0));
+            println!(
+                "requests: {} hits, {} misses, hit ratio {ratio}",
+                r["hits"], r["misses"]
+            );
+            let served = &r["served_bytes"];
+            println!(
+                "served:   {} from the cache, {} from upstreams, {} from the bucket",
+                bytes(&served["cache"]),
+                bytes(&served["upstream"]),
+                bytes(&served["bucket"])
+            );
+        }
+        CacheCommand::Verify => {
+            let job = client
+                .run_job("verify", None, |job| {
+                    let p = &job["progress"];
+                    if !p.is_null() {
+                        eprintln!("verified {}/{}", p["checked"], p["total"]);
+                    }
+                })
+                .await?;
+            let r = job_result(&job)?;
+            let removed = r["removed"].as_array().cloned().unwrap_or_default();
+            for d in &removed {
+                println!(
+                    "removed {}: content does not match the digest",
+                    d.as_str().unwrap_or("")
+                );
+            }
+            println!(
+                "checked {} blobs ({}), {} corrupt and removed",
+                r["checked"],
+                bytes(&r["bytes"]),
+                removed.len()
+            );
+            if !removed.is_empty() {
+                anyhow::bail!("{} corrupt blobs found (removed)", removed.len());
+            }
+        }
+        CacheCommand::Gc { shared: true, .. } => {
+            anyhow::bail!("--shared runs on the bucket itself: use it without --server")
+        }
+        CacheCommand::Gc { size, .. } => {
+            let body = serde_json::json!({ "size": size });
+            let job = client.run_job("gc", Some(&body), |_| {}).await?;
+            let r = job_result(&job)?;
+            println!(
+                "removed {} blobs ({}), {} remain (target {})",
+                r["removed"],
+                bytes(&r["freed"]),
+                bytes(&r["remaining"]),
+                bytes(&r["target"])
+            );
+        }
+        CacheCommand::Ls { upstream, name } => ls(&client, upstream, name).await?,
+        CacheCommand::Rm {
+            target,
+            tag,
+            purge_shared,
+        } => {
+            let path = if ocicache::reference::Digest::parse(&target).is_ok() {
+                // A bare digest: a blob.
+                format!("blobs/{target}")
+            } else {
+                let kind = if tag { "tags" } else { "images" };
+                format!("{kind}/{}", image_path(&target)?)
+            };
+            let query = if purge_shared {
+                "?purge_shared=true"
+            } else {
+                ""
+            };
+            let r = client
+                .call(Method::DELETE, &format!("{path}{query}"), None)
+                .await?;
+            for t in r["tags"].as_array().into_iter().flatten() {
+                println!("forgot tag {}", t.as_str().unwrap_or(""));
+            }
+            for d in r["digests"].as_array().into_iter().flatten() {
+                println!("removed {}", d.as_str().unwrap_or(""));
+            }
+            for d in r["kept"].as_array().into_iter().flatten() {
+                println!(
+                    "kept {} (used by another image, or pinned)",
+                    d.as_str().unwrap_or("")
+                );
+            }
+            for d in r["filling"].as_array().into_iter().flatten() {
+                println!(
+                    "{} was being fetched: it lands again when done",
+                    d.as_str().unwrap_or("")
+                );
+            }
+        }
+        CacheCommand::Pin { image } => {
+            let r = client
+                .call(Method::PUT, &format!("pins/{}", image_path(&image)?), None)
+                .await?;
+            let count = |k: &str| r[k].as_array().map_or(0, Vec::len);
+            println!(
+                "pinned {image}: {} manifests, {} blobs",
+                count("manifests"),
+                count("blobs")
+            );
+        }
+        CacheCommand::Unpin { image } => {
+            client
+                .call(
+                    Method::DELETE,
+                    &format!("pins/{}", image_path(&image)?),
+                    None,
+                )
+                .await?;
+            println!("unpinned {image}");
+        }
+    }
+    Ok(())
+}
+
+/// The result of a job that ended, or its error.
+fn job_result(job: &serde_json::Value) -> anyhow::Result<&serde_json::Value> {
+    if job["state"] != "done" {
+        anyhow::bail!("the job failed: {}", job["error"].as_str().unwrap_or("?"));
+    }
+    Ok(&job["result"])
+}
+
+/// `<registry>/<name>/<tag or digest>` of an image as users write it.
+fn image_path(image: &str) -> anyhow::Result<String> {
+    let r = ocicache::prefetch::ImageRef::parse(image)?;
+    Ok(format!("{}/{}/{}", r.registry, r.name, r.reference))
+}
+
+/// `cache ls`: every page of the list, one line per image.
+async fn ls(
+    client: &ocicache::admin::client::Client,
+    upstream: Option<String>,
+    name: Option<String>,
+) -> anyhow::Result<()> {
+    use ocicache::config::ByteSize;
+    let mut last: Option<String> = None;
+    println!(
+        "{:<50} {:<20} {:>10} {:<6} {:<20} LAST PULLED",
+        "IMAGE", "DIGEST", "SIZE", "PINNED", "CONFIRMED"
+    );
+    loop {
+        let mut q = url::form_urlencoded::Serializer::new(String::new());
+        for (k, v) in [("upstream", &upstream), ("name", &name), ("last", &last)] {
+            if let Some(v) = v {
+                q.append_pair(k, v);
+            }
+        }
+        let page = client
+            .call(http::Method::GET, &format!("images?{}", q.finish()), None)
+            .await?;
+        for i in page["images"].as_array().into_iter().flatten() {
+            let text = |k: &str| i[k].as_str().unwrap_or("-").to_string();
+            let image = match i["tag"].as_str() {
+                Some(tag) => format!("{}/{}:{tag}", text("upstream"), text("name")),
+                None => "(by digest)".into(),
+            };
+            let digest = text("digest");
+            println!(
+                "{image:<50} {:<20} {:>10} {:<6} {:<20} {}",
+                &digest[..digest.len().min(19)],
+                ByteSize(i["size"].as_u64().unwrap_or(0)).to_string(),
+                if i["pinned"] == true { "yes" } else { "no" },
+                text("confirmed"),
+                text("last_pulled")
+            );
+        }
+        match page["next"].as_str() {
+            Some(next) => last = Some(next.to_string()),
+            None => return Ok(()),
+        }
+    }
 }
 
 async fn prefetch(

@@ -584,3 +584,100 @@ pub fn gc(admin: &Arc<Admin>, req: GcRequest) -> Result<Response<Body>, Error> {
     });
     Ok(accepted(&job))
 }
+
+/// The body of `POST /api/v1/prefetch`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefetchRequest {
+    /// Images as users write them: `nginx:1.27`, `ghcr.io/owner/app@sha256:...`.
+    pub images: Vec<String>,
+    /// Only these platforms of an index (`os/arch[/variant]`); none: every platform.
+    #[serde(default)]
+    pub platforms: Vec<String>,
+}
+
+/// One image of a prefetch job's result.
+#[derive(Debug, Serialize)]
+pub struct Prefetched {
+    pub image: String,
+    /// What it resolved to and fetched, once done.
+    pub warmed: Option<crate::warm::Warmed>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// A prefetch job's progress.
+#[derive(Debug, Serialize)]
+struct PrefetchProgress<'a> {
+    images_done: usize,
+    images_total: usize,
+    current: &'a str,
+    image: crate::warm::Progress,
+}
+
+/// `POST /api/v1/prefetch` `{"images": [...], "platforms": [...]}`: fetches the images
+/// into the cache inside the server (`warm`: the paths a pull takes), one after the other,
+/// as a job. Every image is validated, and its registry must be configured, before the job
+/// starts.
+pub fn prefetch(admin: &Arc<Admin>, req: PrefetchRequest) -> Result<Response<Body>, Error> {
+    if req.images.is_empty() {
+        return Err(super::bad_request("images: at least one image is needed"));
+    }
+    let mut images = Vec::new();
+    for text in &req.images {
+        let image = crate::prefetch::ImageRef::parse(text)
+            .map_err(|e| Error::client(ErrorCode::NameInvalid, e.to_string()))?;
+        route::resolve(
+            &admin.state.upstreams,
+            Some(&image.registry),
+            image.name.as_str(),
+        )?;
+        images.push((text.clone(), image));
+    }
+    for p in &req.platforms {
+        let parts: Vec<&str> = p.split('/').collect();
+        let ok = (2..=3).contains(&parts.len())
+            && parts.iter().all(|c| {
+                !c.is_empty() && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            });
+        if !ok {
+            return Err(super::bad_request(format!(
+                "platforms: {p:?} is not os/arch[/variant]"
+            )));
+        }
+    }
+    let state = admin.state.clone();
+    let platforms = req.platforms;
+    let job = admin.jobs.start("prefetch", move |reporter| async move {
+        let total = images.len();
+        let mut results = Vec::new();
+        for (done, (text, image)) in images.into_iter().enumerate() {
+            let (tx, mut rx) = tokio::sync::watch::channel(crate::warm::Progress::default());
+            let warm = crate::warm::warm(&state, &image, &platforms, Some(&tx));
+            tokio::pin!(warm);
+            let outcome = loop {
+                tokio::select! {
+                    outcome = &mut warm => break outcome,
+                    Ok(()) = rx.changed() => reporter.progress(PrefetchProgress {
+                        images_done: done,
+                        images_total: total,
+                        current: &text,
+                        image: rx.borrow_and_update().clone(),
+                    }),
+                }
+            };
+            let (warmed, error) = match outcome {
+                Ok(w) => (Some(w), None),
+                Err(e) => (None, Some(e.to_string())),
+            };
+            results.push(Prefetched {
+                image: text,
+                warmed,
+                error,
+            });
+        }
+        let failed = results.iter().filter(|r| r.error.is_some()).count();
+        Ok::<_, String>(serde_json::json!({ "images": results, "failed": failed }))
+    });
+    Ok(accepted(&job))
+}

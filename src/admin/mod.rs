@@ -15,6 +15,7 @@
 //! each operation is safe beside the server's own fills.
 
 pub mod api;
+pub mod client;
 pub mod jobs;
 pub mod page;
 
@@ -203,6 +204,7 @@ async fn route(admin: &Arc<Admin>, req: Request<Incoming>) -> Result<Response<Bo
         (&Method::DELETE, ["blobs", digest]) => api::delete_blob(admin, digest, &query).await,
         (&Method::POST, ["verify"]) => Ok(api::verify(admin)),
         (&Method::POST, ["gc"]) => api::gc(admin, read_json(req).await?),
+        (&Method::POST, ["prefetch"]) => api::prefetch(admin, read_json(req).await?),
         (&Method::GET, ["jobs"]) => Ok(json(StatusCode::OK, &admin.jobs.list())),
         (&Method::GET, ["jobs", id]) => api::job(admin, id),
         (&Method::GET, ["sync"]) => Ok(json(StatusCode::OK, &admin.state.sync.status())),

@@ -70,22 +70,34 @@ pub struct VerifyReport {
 }
 
 /// Rehashes every blob; removes those that do not match their digest.
-pub fn verify(dir: &Path, mut progress: impl FnMut(u64, u64)) -> Result<VerifyReport, Error> {
+pub fn verify(dir: &Path, progress: impl FnMut(u64, u64)) -> Result<VerifyReport, Error> {
     let store = Store::open_for_maintenance(dir, "cache verify")?;
     // A first walk for the total the progress shows: cheap beside reading every byte.
     let total = count(&store)?.entries;
+    Ok(verify_walk(&store, total, |d| store.remove(d), progress)?)
+}
+
+/// Rehashes every committed blob of `store` (about `total`), calling `remove` for each that
+/// does not match its digest; `progress` gets (checked, about how many in all). The
+/// offline `verify` and the server's (through its index) share it.
+pub(crate) fn verify_walk(
+    store: &Store,
+    total: u64,
+    mut remove: impl FnMut(&Digest),
+    mut progress: impl FnMut(u64, u64),
+) -> io::Result<VerifyReport> {
     let mut report = VerifyReport::default();
     let mut buf = vec![0u8; 1 << 20];
     store.walk(|blob| {
         let Some(digest) = blob.digest() else {
             return Ok(());
         };
-        let Some((bytes, matches)) = rehash(&store, &digest, &mut buf)? else {
+        let Some((bytes, matches)) = rehash(store, &digest, &mut buf)? else {
             return Ok(());
         };
         report.bytes += bytes;
         if !matches {
-            store.remove(&digest);
+            remove(&digest);
             report.removed.push(digest.to_string());
         }
         report.checked += 1;

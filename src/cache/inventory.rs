@@ -167,31 +167,14 @@ impl Cache {
     /// thread of its own. `progress` gets (checked, about how many in all).
     pub fn verify_blobs(
         &self,
-        mut progress: impl FnMut(u64, u64),
+        progress: impl FnMut(u64, u64),
     ) -> io::Result<super::admin::VerifyReport> {
-        let total = self.index.usage().1;
-        let mut report = super::admin::VerifyReport::default();
-        let mut buf = vec![0u8; 1 << 20];
-        self.store.walk(|blob| {
-            let Some(digest) = blob.digest() else {
-                return Ok(());
-            };
-            let Some((bytes, matches)) = super::admin::rehash(&self.store, &digest, &mut buf)?
-            else {
-                return Ok(());
-            };
-            report.bytes += bytes;
-            if !matches {
-                tracing::error!(%digest, "a cached blob does not match its digest: removed");
-                self.index.forget(&digest);
-                self.store.remove(&digest);
-                report.removed.push(digest.to_string());
-            }
-            report.checked += 1;
-            progress(report.checked, total.max(report.checked));
-            Ok(())
-        })?;
-        Ok(report)
+        let remove = |digest: &Digest| {
+            tracing::error!(%digest, "a cached blob does not match its digest: removed");
+            self.index.forget(digest);
+            self.store.remove(digest);
+        };
+        super::admin::verify_walk(&self.store, self.index.usage().1, remove, progress)
     }
 
     /// The server's `gc`, beside its own fills: evicts least recently used, unpinned blobs

@@ -7,7 +7,8 @@
 //! always first), then the S3-compatible bucket shared by replicas (`bucket`, optional).
 //! Fills (`fill`) run on the fixed disk pool of `disk`; `records` keeps manifests and small
 //! records through the tiers; `outcome` says how a request was answered; `admin` is the
-//! offline maintenance of a cache folder.
+//! offline maintenance of a cache folder; `pins` the images the bound never evicts;
+//! `inventory` what is cached and its removal, for the admin API.
 
 pub mod admin;
 pub mod bucket;

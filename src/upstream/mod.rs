@@ -12,6 +12,8 @@ pub mod auth;
 pub mod challenge;
 mod client;
 
+pub(crate) use client::error_chain;
+
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;

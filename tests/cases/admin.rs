@@ -545,7 +545,7 @@ fn verify_and_gc_jobs_run_beside_fills_and_no_fill_fails() {
             let d = fake.add_blob(&data);
             let fault = Fault::Slow {
                 chunk: 64 << 10,
-                delay: Duration::from_millis(40),
+                delay: Duration::from_millis(80),
             };
             fake.fault(&d, fault, Some(1));
             (d, data)
@@ -569,11 +569,12 @@ fn verify_and_gc_jobs_run_beside_fills_and_no_fill_fails() {
         (s, &verify["kind"], &verify["state"]),
         (202, &"verify".into(), &"running".into())
     );
-    let (s, gc) = admin(&proxy, "POST", "/api/v1/gc", r#"{"size": "0"}"#);
-    assert_eq!(s, 202, "{gc}");
     let verify = job_end(&proxy, verify["id"].as_u64().unwrap());
     assert_eq!(verify["state"], "done", "{verify}");
     assert_eq!(verify["result"]["removed"], serde_json::json!([rotten]));
+    // After the verify: a gc to 0 would otherwise remove the rotten blob first.
+    let (s, gc) = admin(&proxy, "POST", "/api/v1/gc", r#"{"size": "0"}"#);
+    assert_eq!(s, 202, "{gc}");
     let gc = job_end(&proxy, gc["id"].as_u64().unwrap());
     assert_eq!(gc["state"], "done", "{gc}");
     assert!(gc["result"]["removed"].as_u64() >= Some(2), "{gc}");
@@ -606,4 +607,229 @@ fn verify_and_gc_jobs_run_beside_fills_and_no_fill_fails() {
     assert_eq!((s, code(&body)), (400, "REQUEST_INVALID"));
     let (s, body) = admin(&proxy, "GET", "/api/v1/jobs/999", "");
     assert_eq!((s, code(&body)), (404, "NAME_UNKNOWN"));
+}
+
+#[test]
+fn a_prefetch_job_fills_the_cache_inside_the_server() {
+    let fake = Fake::start();
+    let (manifest, blobs) = image(
+        &fake,
+        "library/app",
+        "1",
+        &[random_bytes(300_000, 50), random_bytes(200_000, 51)],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy_of(dir.path(), &fake, 1 << 30);
+    let (s, job) = admin(
+        &proxy,
+        "POST",
+        "/api/v1/prefetch",
+        r#"{"images": ["app:1"]}"#,
+    );
+    assert_eq!((s, &job["kind"]), (202, &"prefetch".into()), "{job}");
+    let job = job_end(&proxy, job["id"].as_u64().unwrap());
+    assert_eq!(job["state"], "done", "{job}");
+    let warmed = &job["result"]["images"][0]["warmed"];
+    assert_eq!(warmed["digest"], manifest);
+    assert_eq!(warmed["blobs"], serde_json::json!(blobs));
+    assert!(warmed["fetched_bytes"].as_u64() > Some(500_000), "{warmed}");
+    assert_eq!(job["result"]["failed"], 0);
+    fake.reset_counts();
+    pull(&proxy, "app", "1", &blobs);
+    assert_eq!(fake.requests().len(), 0, "the pull came from the cache");
+
+    for (body, status, expected) in [
+        (r#"{"images": []}"#, 400, "REQUEST_INVALID"),
+        (r#"{"images": ["Bad/Name"]}"#, 400, "NAME_INVALID"),
+        (r#"{"images": ["quay.io/x/y:1"]}"#, 404, "NAME_UNKNOWN"),
+        (
+            r#"{"images": ["app"], "platforms": ["linux"]}"#,
+            400,
+            "REQUEST_INVALID",
+        ),
+        (r#"{"imagez": ["app"]}"#, 400, "REQUEST_INVALID"),
+        ("not json", 400, "REQUEST_INVALID"),
+    ] {
+        let (s, err) = admin(&proxy, "POST", "/api/v1/prefetch", body);
+        assert_eq!((s, code(&err)), (status, expected), "{body}: {err}");
+    }
+    assert_eq!(
+        fake.requests().len(),
+        0,
+        "nothing was fetched for bad requests"
+    );
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_ocicache");
+
+/// Runs `ocicache cache <args>`: exit code, stdout, stderr.
+fn cli(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(BIN)
+        .arg("cache")
+        .args(args)
+        .env_remove("OCICACHE_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cache_stats_beside_a_server_is_refused_without_server_and_answered_with_it() {
+    use crate::support::proxy::{toml_for, ChildProxy};
+    let fake = Fake::start();
+    let data = random_bytes(123_456, 60);
+    let d = fake.add_blob(&data);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let child = ChildProxy::start(
+        dir.path(),
+        &toml_for(&cache, &fake.url(), ""),
+        std::process::Stdio::null(),
+    );
+    let url = format!("{}/v2/x/blobs/{d}", child.base);
+    assert_eq!(http_request("GET", &url, &[], b"").0, 200);
+
+    let cfg = dir.path().join("c.toml");
+    let cfg = cfg.to_str().unwrap();
+    let (status, out, err) = cli(&["stats", "--config", cfg]);
+    assert_eq!(status, Some(3), "{err}");
+    assert!(out.is_empty());
+    assert!(
+        err.contains("a running server (pid") && err.contains("--server URL"),
+        "{err}"
+    );
+
+    let (status, out, err) = cli(&["stats", "--server", &child.admin]);
+    assert_eq!(status, Some(0), "{err}");
+    assert!(out.contains("entries:  1\n"), "{out}");
+    assert!(out.contains("(123456 bytes)"), "{out}");
+    assert!(out.contains("1 misses"), "{out}");
+    assert!(child.terminate().status.success());
+}
+
+#[test]
+fn the_cache_commands_ask_the_admin_api_with_server_and_its_token() {
+    let fake = Fake::start();
+    let shared = random_bytes(40_000, 70);
+    let (a, a_blobs) = image(
+        &fake,
+        "library/app",
+        "1",
+        &[shared.clone(), random_bytes(30_000, 71)],
+    );
+    let (_, b_blobs) = image(&fake, "library/app", "2", &[shared]);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy_of(dir.path(), &fake, 1 << 30);
+    pull(&proxy, "app", "1", &a_blobs);
+    pull(&proxy, "app", "2", &b_blobs);
+    let server = proxy.admin_url();
+    let with = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--server", &server, "--token", TOKEN]);
+        cli(&all)
+    };
+
+    let (status, _, err) = cli(&["ls", "--server", &server, "--token", "wrong"]);
+    assert_eq!(status, Some(1));
+    assert!(err.contains("401") && err.contains("UNAUTHORIZED"), "{err}");
+
+    let (status, out, err) = with(&["ls"]);
+    assert_eq!(status, Some(0), "{err}");
+    assert!(
+        out.contains("docker.io/library/app:1") && out.contains("docker.io/library/app:2"),
+        "{out}"
+    );
+
+    let (status, out, err) = with(&["pin", "app:2"]);
+    assert_eq!(status, Some(0), "{err}");
+    assert!(out.contains("pinned app:2: 1 manifests, 2 blobs"), "{out}");
+    assert_eq!(proxy.state.cache.pins().len(), 1);
+
+    let (status, out, err) = with(&["rm", "docker.io/library/app:1"]);
+    assert_eq!(status, Some(0), "{err}");
+    assert!(out.contains(&format!("removed {a}")), "{out}");
+    assert!(out.contains(&format!("kept {}", a_blobs[1])), "{out}");
+    let (status, _, err) = with(&["rm", "app:1"]);
+    assert_eq!(status, Some(1));
+    assert!(err.contains("MANIFEST_UNKNOWN"), "{err}");
+
+    let (status, out, err) = with(&["unpin", "app:2"]);
+    assert_eq!(status, Some(0), "{err}");
+    assert!(out.contains("unpinned app:2"), "{out}");
+    assert!(proxy.state.cache.pins().is_empty());
+
+    let blob = &b_blobs[1];
+    let (status, out, err) = with(&["rm", blob]);
+    assert_eq!(status, Some(0), "{err}");
+    assert!(out.contains(&format!("removed {blob}")), "{out}");
+
+    let (status, out, err) = with(&["verify"]);
+    assert_eq!(status, Some(0), "{err}");
+    assert!(out.contains("0 corrupt and removed"), "{out}");
+    let (status, out, err) = with(&["gc", "--size", "0"]);
+    assert_eq!(status, Some(0), "{err}");
+    assert!(out.contains("0B remain"), "{out}");
+}
+
+#[test]
+fn without_server_the_commands_work_on_a_folder_no_server_holds() {
+    let fake = Fake::start();
+    let (_, blobs) = image(&fake, "library/app", "1", &[random_bytes(20_000, 80)]);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy_of(dir.path(), &fake, 1 << 30);
+    pull(&proxy, "app", "1", &blobs);
+    let cache = proxy.cache_dir();
+    proxy.stop();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        crate::support::proxy::toml_for(&cache, &fake.url(), ""),
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let (status, out, err) = cli(&["ls", "--config", cfg]);
+    assert_eq!(status, Some(0), "{err}");
+    assert!(out.contains("docker.io/library/app:1"), "{out}");
+    let (status, out, err) = cli(&["rm", "app:1", "--config", cfg]);
+    assert_eq!(status, Some(0), "{err}");
+    assert!(out.contains("forgot tag docker.io/library/app:1"), "{out}");
+    let (_, out, _) = cli(&["ls", "--config", cfg]);
+    assert!(!out.contains("app:1"), "{out}");
+}
+
+#[test]
+fn pins_alone_over_the_bound_are_said_in_readyz_and_metrics() {
+    let fake = Fake::start();
+    let (_, blobs) = image(
+        &fake,
+        "library/big",
+        "1",
+        &[random_bytes(600_000, 90), random_bytes(600_000, 91)],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy_of(dir.path(), &fake, 1 << 20);
+    assert_eq!(
+        admin(&proxy, "PUT", "/api/v1/pins/docker.io/big/1", "").0,
+        200
+    );
+    pull(&proxy, "big", "1", &blobs);
+    let (s, _, body) = proxy.get("/readyz", &[]);
+    let body = String::from_utf8(body).unwrap();
+    assert_eq!(s, 200, "still serving: ready");
+    assert!(body.contains("pinned images alone"), "{body}");
+    assert_eq!(proxy.metric("ocicache_pins_over_bound"), 1.0);
+    assert!(proxy.metric("ocicache_pinned_bytes") > f64::from(1 << 20));
+    fake.reset_counts();
+    pull(&proxy, "big", "1", &blobs);
+    assert_eq!(fake.requests().len(), 0, "nothing pinned was evicted");
+    assert_eq!(
+        admin(&proxy, "DELETE", "/api/v1/pins/docker.io/big/1", "").0,
+        200
+    );
+    assert_eq!(proxy.get("/readyz", &[]).2, b"ready\n");
+    assert_eq!(proxy.metric("ocicache_pins_over_bound"), 0.0);
 }
