@@ -169,24 +169,27 @@ impl<R: Runner> Scheduler<R> {
     }
 
     /// The entry to run next and when: the earliest due, after its upstream's back-off.
+    /// The board shows every entry's time.
     fn next(&self) -> (usize, Instant) {
         (0..self.plans.len())
-            .map(|i| {
-                let until = self.backoff_of(i).and_then(|b| b.until);
-                (i, until.map_or(self.due[i], |u| u.max(self.due[i])))
-            })
+            .map(|i| (i, self.runs_at(i)))
+            .inspect(|&(i, at)| self.board.set_next(i, self.wall(at)))
             .min_by_key(|&(i, at)| (at, i))
             .expect("at least one entry")
     }
 
-    fn backoff_of(&self, i: usize) -> Option<&Backoff> {
-        self.backoff.get(&self.plans[i].upstream)
+    /// When entry `i` runs: when it is due, after its upstream's back-off.
+    fn runs_at(&self, i: usize) -> Instant {
+        let backoff = self.backoff.get(&self.plans[i].upstream);
+        match backoff.and_then(|b| b.until) {
+            Some(until) => until.max(self.due[i]),
+            None => self.due[i],
+        }
     }
 
     /// Waits for the next entry and runs it, or defers it while its upstream is limited.
     async fn step(&mut self) {
         let (i, at) = self.next();
-        self.board.set_next(i, self.wall(at));
         self.clock.sleep_until(at).await;
         let upstream = self.plans[i].upstream.clone();
         let before = self.runner.signals(&upstream);
