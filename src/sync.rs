@@ -212,7 +212,11 @@ impl<R: Runner> Scheduler<R> {
         match ran {
             Ran::Synced { images, bytes } => {
                 if !throttled && self.fresh_low_reading(&upstream, after).is_none() {
-                    self.backoff.remove(&upstream);
+                    // The limit relents; the reading acted on stays acted on (a run served
+                    // from the cache brings no newer one).
+                    if let Some(b) = self.backoff.get_mut(&upstream) {
+                        (b.until, b.delay) = (None, Duration::ZERO);
+                    }
                 }
                 self.failures[i] = 0;
                 let interval = self.plans[i].interval;
@@ -883,6 +887,27 @@ mod tests {
         assert_eq!(starts_of(&script, 1), [minute + RUN_TIME + 2 * minute]);
         assert_eq!(runs(&metrics, "e0", "rate_limited"), 1);
         assert_eq!(runs(&metrics, "e1", "rate_limited"), 1);
+    }
+
+    /// A low reading acted on once does not defer later runs while no newer one comes (runs
+    /// answered from the cache ask the upstream nothing).
+    #[tokio::test(start_paused = true)]
+    async fn a_low_reading_acted_on_does_not_defer_the_runs_after_it() {
+        let low = RateSignals {
+            remaining: Some(1),
+            readings: 1,
+            throttled: 0,
+        };
+        let (script, metrics, task) = schedule(1, HOUR, &[], low);
+        tokio::time::sleep(3 * HOUR).await;
+        task.abort();
+        let e0 = starts_of(&script, 0);
+        assert_eq!(e0[0], BACKOFF_START);
+        for pair in e0.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(gap >= HOUR && gap <= HOUR + jitter_bound(HOUR), "{gap:?}");
+        }
+        assert_eq!(runs(&metrics, "e0", "rate_limited"), 1);
     }
 
     /// Other failures are retried after a minute, then two, ..., never later than the
