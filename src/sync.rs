@@ -10,7 +10,7 @@
 //! The upstream's rate limit comes first. A run is not started while the upstream's last
 //! `ratelimit-remaining` is below [`LOW_RATELIMIT`] (the pulls left are the clients'), and a
 //! run that met a 429 stops there; both back off that upstream's entries, exponentially from
-//! [`BACKOFF_START`] to [`BACKOFF_MAX`]. A low reading is acted on once: when the back-off
+//! [`BACKOFF_START`] to [`BACKOFF_MAX`] (and at least a 429's `Retry-After`). A low reading is acted on once: when the back-off
 //! ends and no newer reading came, the next run goes ahead (it is how a fresh reading comes).
 //! Other failures are retried sooner than the interval ([`ERROR_RETRY`], doubling). The
 //! server keeps serving whatever happens here.
@@ -208,6 +208,7 @@ impl<R: Runner> Scheduler<R> {
         let throttled = after.throttled > before.throttled;
         if throttled {
             self.back_off(&upstream);
+            self.wait_at_least(&upstream, after.retry_after);
         }
         match ran {
             Ran::Synced { images, bytes } => {
@@ -258,6 +259,15 @@ impl<R: Runner> Scheduler<R> {
             (b.delay * 2).min(BACKOFF_MAX)
         };
         b.until = Some(now + b.delay);
+    }
+
+    /// Stretches the upstream's back-off to its `Retry-After` (within [`BACKOFF_MAX`]).
+    fn wait_at_least(&mut self, upstream: &str, retry_after: Option<Duration>) {
+        let (Some(retry_after), Some(b)) = (retry_after, self.backoff.get_mut(upstream)) else {
+            return;
+        };
+        let until = self.clock.instant() + retry_after.min(BACKOFF_MAX);
+        b.until = b.until.max(Some(until));
     }
 
     /// Counts a run's result and shows it on the board.
@@ -677,6 +687,8 @@ mod tests {
         Ok,
         /// Fails after a 429 from the upstream.
         Throttled,
+        /// Fails after a 429 with this `Retry-After`.
+        ThrottledFor(Duration),
         /// Fails for another reason.
         Error,
         /// Succeeds, and the upstream's answers said this `ratelimit-remaining`.
@@ -719,6 +731,11 @@ mod tests {
                 },
                 Step::Throttled => {
                     signals.throttled += 1;
+                    Ran::Failed("429".into())
+                }
+                Step::ThrottledFor(d) => {
+                    signals.throttled += 1;
+                    signals.retry_after = Some(d);
                     Ran::Failed("429".into())
                 }
                 Step::Error => Ran::Failed("broken".into()),
@@ -867,6 +884,19 @@ mod tests {
         assert_eq!(runs(&metrics, "e0", "ok"), 1);
     }
 
+    /// A 429's `Retry-After` longer than the back-off is waited out (within the cap).
+    #[tokio::test(start_paused = true)]
+    async fn a_429s_retry_after_stretches_the_back_off() {
+        let steps: &[(usize, &[Step])] = &[(0, &[Step::ThrottledFor(Duration::from_secs(600))])];
+        let (script, _, task) = schedule(1, HOUR, steps, RateSignals::default());
+        tokio::time::sleep(HOUR / 2).await;
+        task.abort();
+        assert_eq!(
+            starts_of(&script, 0),
+            [Duration::ZERO, RUN_TIME + Duration::from_secs(600)]
+        );
+    }
+
     /// A low `ratelimit-remaining` defers runs (a minute, then two), but a reading already
     /// acted on does not hold forever: with no newer one, the run goes ahead.
     #[tokio::test(start_paused = true)]
@@ -874,7 +904,7 @@ mod tests {
         let low = RateSignals {
             remaining: Some(LOW_RATELIMIT - 1),
             readings: 1,
-            throttled: 0,
+            ..RateSignals::default()
         };
         let steps: &[(usize, &[Step])] = &[(0, &[Step::OkWithRemaining(2)])];
         let (script, metrics, task) = schedule(2, HOUR, steps, low);
@@ -896,7 +926,7 @@ mod tests {
         let low = RateSignals {
             remaining: Some(1),
             readings: 1,
-            throttled: 0,
+            ..RateSignals::default()
         };
         let (script, metrics, task) = schedule(1, HOUR, &[], low);
         tokio::time::sleep(3 * HOUR).await;
