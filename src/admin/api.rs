@@ -498,3 +498,186 @@ pub async fn delete_blob(
     tracing::info!(%digest, shared, "blob deleted");
     Ok(json(StatusCode::OK, &deleted))
 }
+
+/// `GET /api/v1/jobs/<id>`.
+pub fn job(admin: &Arc<Admin>, id: &str) -> Result<Response<Body>, Error> {
+    let job = id
+        .parse()
+        .ok()
+        .and_then(|id| admin.jobs.get(id))
+        .ok_or_else(|| Error::client(ErrorCode::NameUnknown, "no such job"))?;
+    Ok(json(StatusCode::OK, &job))
+}
+
+/// A job's answer: 202 with the job, and where to follow it.
+fn accepted(job: &super::jobs::JobView) -> Response<Body> {
+    let mut resp = json(StatusCode::ACCEPTED, job);
+    if let Ok(v) = http::HeaderValue::from_str(&format!("/api/v1/jobs/{}", job.id)) {
+        resp.headers_mut().insert(http::header::LOCATION, v);
+    }
+    resp
+}
+
+/// Runs `f` on a thread of its own (a walk of the whole cache blocks for seconds to hours:
+/// no work for the runtime's blocking pool) and waits for it.
+async fn on_thread<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .map_err(|e| e.to_string())?;
+    rx.await
+        .map_err(|_| format!("the {name} thread ended abnormally"))?
+}
+
+/// `POST /api/v1/verify`: rehashes every cached blob beside the fills, as a job; corrupt
+/// ones are removed through the cache.
+pub fn verify(admin: &Arc<Admin>) -> Response<Body> {
+    let cache = admin.state.cache.clone();
+    let job = admin.jobs.start("verify", move |reporter| {
+        on_thread("admin-verify", move || {
+            cache
+                .verify_blobs(|checked, total| {
+                    if checked % 100 == 0 || checked == total {
+                        reporter
+                            .progress(serde_json::json!({ "checked": checked, "total": total }));
+                    }
+                })
+                .map_err(|e| e.to_string())
+        })
+    });
+    accepted(&job)
+}
+
+/// The body of `POST /api/v1/gc`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcRequest {
+    /// Target size, e.g. `"10GiB"`; default `cache.max_size`.
+    pub size: Option<String>,
+}
+
+/// `POST /api/v1/gc`: evicts least recently used, unpinned blobs down to the target, as a
+/// job, through the index (fills under way are untouched).
+pub fn gc(admin: &Arc<Admin>, req: GcRequest) -> Result<Response<Body>, Error> {
+    let cache = admin.state.cache.clone();
+    let target = match &req.size {
+        Some(s) => {
+            s.parse::<crate::config::ByteSize>()
+                .map_err(|e| super::bad_request(format!("size: {e}")))?
+                .0
+        }
+        None => cache.index.max_size(),
+    };
+    let job = admin.jobs.start("gc", move |_| {
+        on_thread("admin-gc", move || {
+            let (removed, freed, remaining) = cache.gc_to(target);
+            Ok(serde_json::json!({
+                "removed": removed, "freed": freed, "remaining": remaining, "target": target
+            }))
+        })
+    });
+    Ok(accepted(&job))
+}
+
+/// The body of `POST /api/v1/prefetch`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefetchRequest {
+    /// Images as users write them: `nginx:1.27`, `ghcr.io/owner/app@sha256:...`.
+    pub images: Vec<String>,
+    /// Only these platforms of an index (`os/arch[/variant]`); none: every platform.
+    #[serde(default)]
+    pub platforms: Vec<String>,
+}
+
+/// One image of a prefetch job's result.
+#[derive(Debug, Serialize)]
+pub struct Prefetched {
+    pub image: String,
+    /// What it resolved to and fetched, once done.
+    pub warmed: Option<crate::warm::Warmed>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// A prefetch job's progress.
+#[derive(Debug, Serialize)]
+struct PrefetchProgress<'a> {
+    images_done: usize,
+    images_total: usize,
+    current: &'a str,
+    image: crate::warm::Progress,
+}
+
+/// `POST /api/v1/prefetch` `{"images": [...], "platforms": [...]}`: fetches the images
+/// into the cache inside the server (`warm`: the paths a pull takes), one after the other,
+/// as a job. Every image is validated, and its registry must be configured, before the job
+/// starts.
+pub fn prefetch(admin: &Arc<Admin>, req: PrefetchRequest) -> Result<Response<Body>, Error> {
+    if req.images.is_empty() {
+        return Err(super::bad_request("images: at least one image is needed"));
+    }
+    let mut images = Vec::new();
+    for text in &req.images {
+        let image = crate::prefetch::ImageRef::parse(text)
+            .map_err(|e| Error::client(ErrorCode::NameInvalid, e.to_string()))?;
+        route::resolve(
+            &admin.state.upstreams,
+            Some(&image.registry),
+            image.name.as_str(),
+        )?;
+        images.push((text.clone(), image));
+    }
+    for p in &req.platforms {
+        let parts: Vec<&str> = p.split('/').collect();
+        let ok = (2..=3).contains(&parts.len())
+            && parts.iter().all(|c| {
+                !c.is_empty() && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            });
+        if !ok {
+            return Err(super::bad_request(format!(
+                "platforms: {p:?} is not os/arch[/variant]"
+            )));
+        }
+    }
+    let state = admin.state.clone();
+    let platforms = req.platforms;
+    let job = admin.jobs.start("prefetch", move |reporter| async move {
+        let total = images.len();
+        let mut results = Vec::new();
+        for (done, (text, image)) in images.into_iter().enumerate() {
+            let (tx, mut rx) = tokio::sync::watch::channel(crate::warm::Progress::default());
+            let warm = crate::warm::warm(&state, &image, &platforms, Some(&tx));
+            tokio::pin!(warm);
+            let outcome = loop {
+                tokio::select! {
+                    outcome = &mut warm => break outcome,
+                    Ok(()) = rx.changed() => reporter.progress(PrefetchProgress {
+                        images_done: done,
+                        images_total: total,
+                        current: &text,
+                        image: rx.borrow_and_update().clone(),
+                    }),
+                }
+            };
+            let (warmed, error) = match outcome {
+                Ok(w) => (Some(w), None),
+                Err(e) => (None, Some(e.to_string())),
+            };
+            results.push(Prefetched {
+                image: text,
+                warmed,
+                error,
+            });
+        }
+        let failed = results.iter().filter(|r| r.error.is_some()).count();
+        Ok::<_, String>(serde_json::json!({ "images": results, "failed": failed }))
+    });
+    Ok(accepted(&job))
+}

@@ -14,6 +14,7 @@
 //! each operation is safe beside the server's own fills.
 
 pub mod api;
+pub mod jobs;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -28,10 +29,15 @@ use hyper_util::server::conn::auto;
 use serde::Serialize;
 use tokio::net::TcpListener;
 
+use http_body_util::BodyExt;
+
 use crate::config::Secret;
 use crate::error::{Error, ErrorCode};
 use crate::server::body::{self, Body};
 use crate::server::{StartError, State};
+
+/// Largest request body accepted (a prefetch's list of images).
+const MAX_BODY: usize = 1 << 20;
 
 /// What the admin endpoints share.
 pub struct Admin {
@@ -39,6 +45,8 @@ pub struct Admin {
     pub state: Arc<State>,
     /// `[admin] token`, read once at start.
     token: Option<Secret>,
+    /// Background jobs (verify, gc, prefetch), by id.
+    pub jobs: jobs::Jobs,
 }
 
 impl Admin {
@@ -49,7 +57,11 @@ impl Admin {
             path: state.config.admin.token_file.clone().unwrap_or_default(),
             problem: e.to_string(),
         })?;
-        Ok(Arc::new(Admin { state, token }))
+        Ok(Arc::new(Admin {
+            state,
+            token,
+            jobs: jobs::Jobs::default(),
+        }))
     }
 
     /// Does the request carry the token (or is none needed)?
@@ -179,6 +191,11 @@ async fn route(admin: &Arc<Admin>, req: Request<Incoming>) -> Result<Response<Bo
         (&Method::DELETE, ["tags", image @ ..]) => api::delete_tag(admin, image, &query).await,
         (&Method::DELETE, ["images", image @ ..]) => api::delete_image(admin, image, &query).await,
         (&Method::DELETE, ["blobs", digest]) => api::delete_blob(admin, digest, &query).await,
+        (&Method::POST, ["verify"]) => Ok(api::verify(admin)),
+        (&Method::POST, ["gc"]) => api::gc(admin, read_json(req).await?),
+        (&Method::POST, ["prefetch"]) => api::prefetch(admin, read_json(req).await?),
+        (&Method::GET, ["jobs"]) => Ok(json(StatusCode::OK, &admin.jobs.list())),
+        (&Method::GET, ["jobs", id]) => api::job(admin, id),
         (&Method::GET, ["sync"]) => Ok(json(StatusCode::OK, &admin.state.sync.status())),
         _ => Err(not_found()),
     }
@@ -191,6 +208,21 @@ fn not_found() -> Error {
 /// A bad request that is not a name, tag or digest (those have their own codes).
 pub fn bad_request(message: impl Into<String>) -> Error {
     Error::client(ErrorCode::RequestInvalid, message)
+}
+
+/// The request's JSON body (none or empty: `T::default()`).
+async fn read_json<T: serde::de::DeserializeOwned + Default>(
+    req: Request<Incoming>,
+) -> Result<T, Error> {
+    let body = http_body_util::Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| bad_request(format!("request body: {e}")))?
+        .to_bytes();
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(&body).map_err(|e| bad_request(format!("request body: {e}")))
 }
 
 /// A JSON answer.

@@ -61,7 +61,7 @@ fn count(store: &Store) -> io::Result<Stats> {
     Ok(s)
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize)]
 pub struct VerifyReport {
     pub checked: u64,
     pub bytes: u64,
@@ -80,21 +80,11 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(u64, u64)) -> Result<VerifyRe
         let Some(digest) = blob.digest() else {
             return Ok(());
         };
-        let mut hasher = DigestHasher::new(digest.algorithm());
-        let mut file = match std::fs::File::open(store.blob_path(&digest)) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e),
+        let Some((bytes, matches)) = rehash(&store, &digest, &mut buf)? else {
+            return Ok(());
         };
-        loop {
-            let n = file.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            report.bytes += n as u64;
-        }
-        if hasher.finalize() != digest {
+        report.bytes += bytes;
+        if !matches {
             store.remove(&digest);
             report.removed.push(digest.to_string());
         }
@@ -103,6 +93,31 @@ pub fn verify(dir: &Path, mut progress: impl FnMut(u64, u64)) -> Result<VerifyRe
         Ok(())
     })?;
     Ok(report)
+}
+
+/// Hashes committed blob `digest` with `buf`: its bytes and whether they match, `None` if
+/// it is gone (evicted or removed meanwhile).
+pub(crate) fn rehash(
+    store: &Store,
+    digest: &Digest,
+    buf: &mut [u8],
+) -> io::Result<Option<(u64, bool)>> {
+    let mut hasher = DigestHasher::new(digest.algorithm());
+    let mut file = match std::fs::File::open(store.blob_path(digest)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut bytes = 0;
+    loop {
+        let n = file.read(buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        bytes += n as u64;
+    }
+    Ok(Some((bytes, hasher.finalize() == *digest)))
 }
 
 #[derive(Debug, Default)]

@@ -160,6 +160,48 @@ impl Cache {
         }
     }
 
+    /// The server's `verify`, beside its own fills: rehashes every committed blob of the
+    /// local tier (never a fill's temp file: those are under `tmp/`, and only verified
+    /// content is ever committed) and removes through the index those that do not match,
+    /// so the next request fetches them again. Blocks for as long as it reads: run it on a
+    /// thread of its own. `progress` gets (checked, about how many in all).
+    pub fn verify_blobs(
+        &self,
+        mut progress: impl FnMut(u64, u64),
+    ) -> io::Result<super::admin::VerifyReport> {
+        let total = self.index.usage().1;
+        let mut report = super::admin::VerifyReport::default();
+        let mut buf = vec![0u8; 1 << 20];
+        self.store.walk(|blob| {
+            let Some(digest) = blob.digest() else {
+                return Ok(());
+            };
+            let Some((bytes, matches)) = super::admin::rehash(&self.store, &digest, &mut buf)?
+            else {
+                return Ok(());
+            };
+            report.bytes += bytes;
+            if !matches {
+                tracing::error!(%digest, "a cached blob does not match its digest: removed");
+                self.index.forget(&digest);
+                self.store.remove(&digest);
+                report.removed.push(digest.to_string());
+            }
+            report.checked += 1;
+            progress(report.checked, total.max(report.checked));
+            Ok(())
+        })?;
+        Ok(report)
+    }
+
+    /// The server's `gc`, beside its own fills: evicts least recently used, unpinned blobs
+    /// through the index until at most `target` bytes remain (fills under way are not in
+    /// the index: untouched). Returns (blobs removed, bytes freed, bytes left).
+    pub fn gc_to(&self, target: u64) -> (u64, u64, u64) {
+        let (removed, freed) = self.index.shrink_to(target);
+        (removed, freed, self.index.usage().0)
+    }
+
     /// The bytes of the digests of `image` that are in the local tier's index.
     pub fn cached_bytes(&self, image: &ImageDigests) -> u64 {
         image.all().filter_map(|d| self.index.size_of(d)).sum()

@@ -504,3 +504,157 @@ fn deleting_a_blob_while_it_fills_corrupts_nothing() {
     assert!(got == data);
     assert_eq!(fake.count("GET", &d), 1);
 }
+
+/// Polls job `id` until it ends; returns it.
+fn job_end(proxy: &Proxy, id: u64) -> Value {
+    let mut job = Value::Null;
+    wait_until("the job's end", Duration::from_secs(30), || {
+        job = admin(proxy, "GET", &format!("/api/v1/jobs/{id}"), "").1;
+        job["state"] != "running"
+    });
+    job
+}
+
+#[test]
+fn verify_and_gc_jobs_run_beside_fills_and_no_fill_fails() {
+    let fake = Fake::start();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy_of(dir.path(), &fake, 1 << 30);
+    let cached: Vec<(String, Vec<u8>)> = (0..3)
+        .map(|i| {
+            let data = random_bytes(100_000, 30 + i);
+            let d = fake.add_blob(&data);
+            assert_eq!(proxy.get(&format!("/v2/x/blobs/{d}"), &[]).0, 200);
+            (d, data)
+        })
+        .collect();
+    // Bit rot in one committed blob: same length, other bytes.
+    let (rotten, rotten_data) = &cached[0];
+    let hex = rotten.strip_prefix("sha256:").unwrap();
+    let path = proxy
+        .cache_dir()
+        .join("blobs/sha256")
+        .join(&hex[..2])
+        .join(hex);
+    std::fs::write(&path, vec![0u8; 100_000]).unwrap();
+
+    // Four slow fills under way.
+    let slow: Vec<(String, Vec<u8>)> = (0..4)
+        .map(|i| {
+            let data = random_bytes(1 << 20, 40 + i);
+            let d = fake.add_blob(&data);
+            let fault = Fault::Slow {
+                chunk: 64 << 10,
+                delay: Duration::from_millis(40),
+            };
+            fake.fault(&d, fault, Some(1));
+            (d, data)
+        })
+        .collect();
+    let clients: Vec<_> = slow
+        .iter()
+        .map(|(d, _)| {
+            let url = format!("{}/v2/x/blobs/{d}", proxy.url());
+            std::thread::spawn(move || http_request("GET", &url, &[], b""))
+        })
+        .collect();
+    wait_until("four fills streaming", Duration::from_secs(10), || {
+        let (_, report) = admin(&proxy, "GET", "/api/v1/cache", "");
+        let fills = report["fills"].as_array().cloned().unwrap_or_default();
+        fills.len() == 4 && fills.iter().all(|f| f["received"].as_u64() > Some(0))
+    });
+
+    let (s, verify) = admin(&proxy, "POST", "/api/v1/verify", "");
+    assert_eq!(
+        (s, &verify["kind"], &verify["state"]),
+        (202, &"verify".into(), &"running".into())
+    );
+    let (s, gc) = admin(&proxy, "POST", "/api/v1/gc", r#"{"size": "0"}"#);
+    assert_eq!(s, 202, "{gc}");
+    let verify = job_end(&proxy, verify["id"].as_u64().unwrap());
+    assert_eq!(verify["state"], "done", "{verify}");
+    assert_eq!(verify["result"]["removed"], serde_json::json!([rotten]));
+    let gc = job_end(&proxy, gc["id"].as_u64().unwrap());
+    assert_eq!(gc["state"], "done", "{gc}");
+    assert!(gc["result"]["removed"].as_u64() >= Some(2), "{gc}");
+    assert!(
+        !admin(&proxy, "GET", "/api/v1/cache", "").1["fills"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "the jobs ended while fills still ran"
+    );
+
+    for (client, (_, data)) in clients.into_iter().zip(&slow) {
+        let (s, _, got) = client.join().unwrap();
+        assert!(
+            s == 200 && got == *data,
+            "a fill's client got the whole, right blob"
+        );
+    }
+    assert_eq!(proxy.metric("ocicache_fills_failed_total"), 0.0);
+    for (d, _) in &slow {
+        let (s, h, _) = proxy.get(&format!("/v2/x/blobs/{d}"), &[]);
+        assert_eq!((s, header(&h, "x-cache")), (200, Some("HIT")), "committed");
+    }
+    // The rotten blob was removed: fetched again, right.
+    let (s, _, got) = proxy.get(&format!("/v2/x/blobs/{rotten}"), &[]);
+    assert!(s == 200 && got == *rotten_data);
+    assert_eq!(fake.count("GET", rotten), 2);
+
+    let (s, body) = admin(&proxy, "POST", "/api/v1/gc", r#"{"size": "lots"}"#);
+    assert_eq!((s, code(&body)), (400, "REQUEST_INVALID"));
+    let (s, body) = admin(&proxy, "GET", "/api/v1/jobs/999", "");
+    assert_eq!((s, code(&body)), (404, "NAME_UNKNOWN"));
+}
+
+#[test]
+fn a_prefetch_job_fills_the_cache_inside_the_server() {
+    let fake = Fake::start();
+    let (manifest, blobs) = image(
+        &fake,
+        "library/app",
+        "1",
+        &[random_bytes(300_000, 50), random_bytes(200_000, 51)],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy_of(dir.path(), &fake, 1 << 30);
+    let (s, job) = admin(
+        &proxy,
+        "POST",
+        "/api/v1/prefetch",
+        r#"{"images": ["app:1"]}"#,
+    );
+    assert_eq!((s, &job["kind"]), (202, &"prefetch".into()), "{job}");
+    let job = job_end(&proxy, job["id"].as_u64().unwrap());
+    assert_eq!(job["state"], "done", "{job}");
+    let warmed = &job["result"]["images"][0]["warmed"];
+    assert_eq!(warmed["digest"], manifest);
+    assert_eq!(warmed["blobs"], serde_json::json!(blobs));
+    assert!(warmed["fetched_bytes"].as_u64() > Some(500_000), "{warmed}");
+    assert_eq!(job["result"]["failed"], 0);
+    fake.reset_counts();
+    pull(&proxy, "app", "1", &blobs);
+    assert_eq!(fake.requests().len(), 0, "the pull came from the cache");
+
+    for (body, status, expected) in [
+        (r#"{"images": []}"#, 400, "REQUEST_INVALID"),
+        (r#"{"images": ["Bad/Name"]}"#, 400, "NAME_INVALID"),
+        (r#"{"images": ["quay.io/x/y:1"]}"#, 404, "NAME_UNKNOWN"),
+        (
+            r#"{"images": ["app"], "platforms": ["linux"]}"#,
+            400,
+            "REQUEST_INVALID",
+        ),
+        (r#"{"imagez": ["app"]}"#, 400, "REQUEST_INVALID"),
+        ("not json", 400, "REQUEST_INVALID"),
+    ] {
+        let (s, err) = admin(&proxy, "POST", "/api/v1/prefetch", body);
+        assert_eq!((s, code(&err)), (status, expected), "{body}: {err}");
+    }
+    assert_eq!(
+        fake.requests().len(),
+        0,
+        "nothing was fetched for bad requests"
+    );
+}
