@@ -10,7 +10,7 @@
 //! The upstream's rate limit comes first. A run is not started while the upstream's last
 //! `ratelimit-remaining` is below [`LOW_RATELIMIT`] (the pulls left are the clients'), and a
 //! run that met a 429 stops there; both back off that upstream's entries, exponentially from
-//! [`BACKOFF_START`] to [`BACKOFF_MAX`]. A low reading is acted on once: when the back-off
+//! [`BACKOFF_START`] to [`BACKOFF_MAX`] (and at least a 429's `Retry-After`). A low reading is acted on once: when the back-off
 //! ends and no newer reading came, the next run goes ahead (it is how a fresh reading comes).
 //! Other failures are retried sooner than the interval ([`ERROR_RETRY`], doubling). The
 //! server keeps serving whatever happens here.
@@ -169,24 +169,27 @@ impl<R: Runner> Scheduler<R> {
     }
 
     /// The entry to run next and when: the earliest due, after its upstream's back-off.
+    /// The board shows every entry's time.
     fn next(&self) -> (usize, Instant) {
         (0..self.plans.len())
-            .map(|i| {
-                let until = self.backoff_of(i).and_then(|b| b.until);
-                (i, until.map_or(self.due[i], |u| u.max(self.due[i])))
-            })
+            .map(|i| (i, self.runs_at(i)))
+            .inspect(|&(i, at)| self.board.set_next(i, self.wall(at)))
             .min_by_key(|&(i, at)| (at, i))
             .expect("at least one entry")
     }
 
-    fn backoff_of(&self, i: usize) -> Option<&Backoff> {
-        self.backoff.get(&self.plans[i].upstream)
+    /// When entry `i` runs: when it is due, after its upstream's back-off.
+    fn runs_at(&self, i: usize) -> Instant {
+        let backoff = self.backoff.get(&self.plans[i].upstream);
+        match backoff.and_then(|b| b.until) {
+            Some(until) => until.max(self.due[i]),
+            None => self.due[i],
+        }
     }
 
     /// Waits for the next entry and runs it, or defers it while its upstream is limited.
     async fn step(&mut self) {
         let (i, at) = self.next();
-        self.board.set_next(i, self.wall(at));
         self.clock.sleep_until(at).await;
         let upstream = self.plans[i].upstream.clone();
         let before = self.runner.signals(&upstream);
@@ -205,11 +208,16 @@ impl<R: Runner> Scheduler<R> {
         let throttled = after.throttled > before.throttled;
         if throttled {
             self.back_off(&upstream);
+            self.wait_at_least(&upstream, after.retry_after);
         }
         match ran {
             Ran::Synced { images, bytes } => {
                 if !throttled && self.fresh_low_reading(&upstream, after).is_none() {
-                    self.backoff.remove(&upstream);
+                    // The limit relents; the reading acted on stays acted on (a run served
+                    // from the cache brings no newer one).
+                    if let Some(b) = self.backoff.get_mut(&upstream) {
+                        (b.until, b.delay) = (None, Duration::ZERO);
+                    }
                 }
                 self.failures[i] = 0;
                 let interval = self.plans[i].interval;
@@ -251,6 +259,15 @@ impl<R: Runner> Scheduler<R> {
             (b.delay * 2).min(BACKOFF_MAX)
         };
         b.until = Some(now + b.delay);
+    }
+
+    /// Stretches the upstream's back-off to its `Retry-After` (within [`BACKOFF_MAX`]).
+    fn wait_at_least(&mut self, upstream: &str, retry_after: Option<Duration>) {
+        let (Some(retry_after), Some(b)) = (retry_after, self.backoff.get_mut(upstream)) else {
+            return;
+        };
+        let until = self.clock.instant() + retry_after.min(BACKOFF_MAX);
+        b.until = b.until.max(Some(until));
     }
 
     /// Counts a run's result and shows it on the board.
@@ -670,6 +687,8 @@ mod tests {
         Ok,
         /// Fails after a 429 from the upstream.
         Throttled,
+        /// Fails after a 429 with this `Retry-After`.
+        ThrottledFor(Duration),
         /// Fails for another reason.
         Error,
         /// Succeeds, and the upstream's answers said this `ratelimit-remaining`.
@@ -712,6 +731,11 @@ mod tests {
                 },
                 Step::Throttled => {
                     signals.throttled += 1;
+                    Ran::Failed("429".into())
+                }
+                Step::ThrottledFor(d) => {
+                    signals.throttled += 1;
+                    signals.retry_after = Some(d);
                     Ran::Failed("429".into())
                 }
                 Step::Error => Ran::Failed("broken".into()),
@@ -860,6 +884,19 @@ mod tests {
         assert_eq!(runs(&metrics, "e0", "ok"), 1);
     }
 
+    /// A 429's `Retry-After` longer than the back-off is waited out (within the cap).
+    #[tokio::test(start_paused = true)]
+    async fn a_429s_retry_after_stretches_the_back_off() {
+        let steps: &[(usize, &[Step])] = &[(0, &[Step::ThrottledFor(Duration::from_secs(600))])];
+        let (script, _, task) = schedule(1, HOUR, steps, RateSignals::default());
+        tokio::time::sleep(HOUR / 2).await;
+        task.abort();
+        assert_eq!(
+            starts_of(&script, 0),
+            [Duration::ZERO, RUN_TIME + Duration::from_secs(600)]
+        );
+    }
+
     /// A low `ratelimit-remaining` defers runs (a minute, then two), but a reading already
     /// acted on does not hold forever: with no newer one, the run goes ahead.
     #[tokio::test(start_paused = true)]
@@ -867,7 +904,7 @@ mod tests {
         let low = RateSignals {
             remaining: Some(LOW_RATELIMIT - 1),
             readings: 1,
-            throttled: 0,
+            ..RateSignals::default()
         };
         let steps: &[(usize, &[Step])] = &[(0, &[Step::OkWithRemaining(2)])];
         let (script, metrics, task) = schedule(2, HOUR, steps, low);
@@ -880,6 +917,27 @@ mod tests {
         assert_eq!(starts_of(&script, 1), [minute + RUN_TIME + 2 * minute]);
         assert_eq!(runs(&metrics, "e0", "rate_limited"), 1);
         assert_eq!(runs(&metrics, "e1", "rate_limited"), 1);
+    }
+
+    /// A low reading acted on once does not defer later runs while no newer one comes (runs
+    /// answered from the cache ask the upstream nothing).
+    #[tokio::test(start_paused = true)]
+    async fn a_low_reading_acted_on_does_not_defer_the_runs_after_it() {
+        let low = RateSignals {
+            remaining: Some(1),
+            readings: 1,
+            ..RateSignals::default()
+        };
+        let (script, metrics, task) = schedule(1, HOUR, &[], low);
+        tokio::time::sleep(3 * HOUR).await;
+        task.abort();
+        let e0 = starts_of(&script, 0);
+        assert_eq!(e0[0], BACKOFF_START);
+        for pair in e0.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(gap >= HOUR && gap <= HOUR + jitter_bound(HOUR), "{gap:?}");
+        }
+        assert_eq!(runs(&metrics, "e0", "rate_limited"), 1);
     }
 
     /// Other failures are retried after a minute, then two, ..., never later than the

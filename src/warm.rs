@@ -25,7 +25,7 @@ use crate::manifests::Manifest;
 use crate::prefetch::{platform_wanted, ImageRef, ManifestDoc};
 use crate::reference::{Digest, Name, Reference};
 use crate::server::State;
-use crate::upstream::{Upstream, MANIFEST_TYPES};
+use crate::upstream::Upstream;
 
 /// Where a warm-up is, for whoever watches it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -92,9 +92,11 @@ pub async fn warm(
         }
     };
 
+    // No `Accept`: every media type, as for a client that sends none (the upstream is asked
+    // with the full list), and the same resolutions as the admin API's.
     let top = state
         .manifests
-        .get(&up, &name, &image.reference, Some(MANIFEST_TYPES))
+        .get(&up, &name, &image.reference, None)
         .await?;
     report(&|p| p.manifests += 1);
     let stale = top.outcome == Outcome::Stale;
@@ -112,7 +114,7 @@ pub async fn warm(
                 .map_err(|e| protocol(&up, format!("index {}: {e}", top.digest)))?;
             let child = state
                 .manifests
-                .get(&up, &name, &Reference::Digest(digest), Some(MANIFEST_TYPES))
+                .get(&up, &name, &Reference::Digest(digest), None)
                 .await?
                 .value;
             report(&|p| p.manifests += 1);

@@ -117,7 +117,7 @@ impl Upstream {
                 self.health.answered(resp.status());
                 self.note_rate_limit(resp.headers());
                 if resp.status() == StatusCode::TOO_MANY_REQUESTS {
-                    self.rate.throttled.fetch_add(1, Ordering::Relaxed);
+                    self.rate.throttled(resp.headers());
                 }
             }
             Err(e @ UpstreamError::Timeout) => {
@@ -175,6 +175,8 @@ pub(super) struct RateNotes {
     remaining: AtomicI64,
     readings: AtomicU64,
     throttled: AtomicU64,
+    /// The last 429's `Retry-After` in seconds; `u64::MAX` when it sent none.
+    retry_after: AtomicU64,
 }
 
 impl Default for RateNotes {
@@ -183,6 +185,7 @@ impl Default for RateNotes {
             remaining: AtomicI64::new(i64::MIN),
             readings: AtomicU64::new(0),
             throttled: AtomicU64::new(0),
+            retry_after: AtomicU64::new(u64::MAX),
         }
     }
 }
@@ -194,7 +197,23 @@ impl RateNotes {
             remaining: (remaining != i64::MIN).then_some(remaining),
             readings: self.readings.load(Ordering::Relaxed),
             throttled: self.throttled.load(Ordering::Relaxed),
+            retry_after: match self.retry_after.load(Ordering::Relaxed) {
+                u64::MAX => None,
+                s => Some(Duration::from_secs(s)),
+            },
         }
+    }
+
+    /// A 429, with its `Retry-After` when given in seconds (the HTTP-date form is rare from
+    /// registries and left out: the back-off's own doubling covers it).
+    fn throttled(&self, headers: &HeaderMap) {
+        let secs = headers
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map_or(u64::MAX, |s| s.min(u64::MAX - 1));
+        self.retry_after.store(secs, Ordering::Relaxed);
+        self.throttled.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -92,6 +92,8 @@ pub struct RateSignals {
     pub readings: u64,
     /// How many 429 answers it gave.
     pub throttled: u64,
+    /// The `Retry-After` (in seconds) of the last 429, if it sent one.
+    pub retry_after: Option<Duration>,
 }
 
 /// A blob body streaming from an upstream.
