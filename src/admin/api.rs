@@ -130,15 +130,23 @@ pub async fn pin(admin: &Arc<Admin>, segments: &[&str]) -> Result<Response<Body>
             pinned_at: crate::clock::now(),
         },
     };
-    state.cache.pin(pin.key.clone(), pin.image.clone())?;
+    let (cache, key, kept) = (state.cache.clone(), pin.key.clone(), pin.image.clone());
+    // The pins file is written and fsynced: off the runtime's workers.
+    tokio::task::spawn_blocking(move || cache.pin(key, kept))
+        .await
+        .map_err(std::io::Error::other)??;
     tracing::info!(upstream = %pin.key.upstream, name = %pin.key.name, reference = %pin.key.reference, "pinned");
     Ok(json(StatusCode::OK, &pin))
 }
 
 /// `DELETE /api/v1/pins/<upstream>/<name>/<tag or digest>`.
-pub fn unpin(admin: &Arc<Admin>, segments: &[&str]) -> Result<Response<Body>, Error> {
+pub async fn unpin(admin: &Arc<Admin>, segments: &[&str]) -> Result<Response<Body>, Error> {
     let key = ImagePath::parse(admin, segments)?.pin_key();
-    if !admin.state.cache.unpin(&key)? {
+    let (cache, k) = (admin.state.cache.clone(), key.clone());
+    let found = tokio::task::spawn_blocking(move || cache.unpin(&k))
+        .await
+        .map_err(std::io::Error::other)??;
+    if !found {
         return Err(Error::client(ErrorCode::ManifestUnknown, "not pinned"));
     }
     tracing::info!(upstream = %key.upstream, name = %key.name, reference = %key.reference, "unpinned");

@@ -163,7 +163,13 @@ async fn handle(
     } else {
         unauthorized()
     };
-    tracing::info!(%peer, %method, path, status = resp.status().as_u16(), "admin request");
+    let status = resp.status().as_u16();
+    if method == Method::GET {
+        // Reads, a job's polls among them, are many and change nothing.
+        tracing::debug!(%peer, %method, path, status, "admin request");
+    } else {
+        tracing::info!(%peer, %method, path, status, "admin request");
+    }
     resp
 }
 
@@ -197,7 +203,7 @@ async fn route(admin: &Arc<Admin>, req: Request<Incoming>) -> Result<Response<Bo
         (&Method::GET, ["cache"]) => api::cache(admin).await,
         (&Method::GET, ["pins"]) => api::pins(admin),
         (&Method::PUT, ["pins", image @ ..]) => api::pin(admin, image).await,
-        (&Method::DELETE, ["pins", image @ ..]) => api::unpin(admin, image),
+        (&Method::DELETE, ["pins", image @ ..]) => api::unpin(admin, image).await,
         (&Method::GET, ["images"]) => api::images(admin, &query).await,
         (&Method::DELETE, ["tags", image @ ..]) => api::delete_tag(admin, image, &query).await,
         (&Method::DELETE, ["images", image @ ..]) => api::delete_image(admin, image, &query).await,

@@ -313,6 +313,12 @@ mod tests {
         assert_eq!(cache.index.pinned_usage(), (3 << 20, true));
         let text = metrics.encode();
         assert!(text.contains("ocicache_pins_over_bound 1\n"), "{text}");
+        // A gc to nothing leaves the pinned blobs too.
+        let (removed, _, left) = cache.gc_to(0);
+        assert_eq!((removed, left), (0, 3 << 20));
+        for d in [&a, &b, &c] {
+            assert!(cache.store.blob_path(d).exists());
+        }
         // Unpinned: back under the bound at once.
         cache.unpin(&key("big")).unwrap();
         assert_eq!(cache.index.usage().0, 2 << 20);
