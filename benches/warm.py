@@ -26,6 +26,9 @@ prints:
             touched counts in its RSS, though that memory is the page cache's)
 Every response must be 200 with the expected length, else the step is marked `ERR`.
 
+  cpu       the server's CPU seconds (utime + stime, all its processes) per GB (10^9
+            bytes) of body sent in the step: far less sensitive than MB/s to other work
+            on the machine
   hwm       ocicache's VmHWM at the end of the step: the process's peak RSS since it
             started (so over this and every earlier step)
 With --repeat N, each step runs N times (alternating which server goes first) and the end
@@ -142,6 +145,18 @@ class Sampler(threading.Thread):
         self.stopping.set()
         self.join()
         return {f: v / 1024 for f, v in self.peak.items()}
+
+
+def cpu_seconds(pids):
+    """utime + stime of `pids`, in seconds."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def loadavg():
@@ -355,15 +370,19 @@ def run_step(a, wname, c, paths, expected, step, oci, oci_port, ngx, ngx_port):
                 "ocicache": lambda: [oci.pid]}[name]
         sampler = Sampler(pids)
         sampler.start()
+        cpu = cpu_seconds(pids())
         res[name] = asyncio.run(load(port, paths, expected, c, a.seconds))
         res[name]["rss"] = sampler.stop()
+        gb = res[name]["mbs"] * a.seconds / 1e3
+        res[name]["cpu"] = (cpu_seconds(pids()) - cpu) / gb if gb else float("nan")
     n, o = res["nginx"], res["ocicache"]
     flag = " ERR" if n["errors"] or o["errors"] else ""
     ratio = o["mbs"] / n["mbs"] if n["mbs"] else float("nan")
-    print("%-6s %7d | %10.0f %7d %8.1f %8.1f %8.1f | %13.0f %7d %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f | %5.2f%s"
-          % (wname, c, n["mbs"], n["reqs"], n["p50"], n["p99"], n["rss"]["VmRSS"],
+    print("%-6s %7d | %10.0f %7d %8.1f %8.1f %8.1f %6.2f | %13.0f %7d %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %6.2f | %5.2f%s"
+          % (wname, c, n["mbs"], n["reqs"], n["p50"], n["p99"], n["rss"]["VmRSS"], n["cpu"],
              o["mbs"], o["reqs"], o["p50"], o["p99"], o["rss"]["VmRSS"],
-             o["rss"]["RssAnon"], o["rss"]["RssFile"], o["rss"]["VmHWM"], ratio, flag),
+             o["rss"]["RssAnon"], o["rss"]["RssFile"], o["rss"]["VmHWM"], o["cpu"], ratio,
+             flag),
           flush=True)
     for name in order:
         for e in res[name[0]]["errors"][:3]:
@@ -402,10 +421,10 @@ def main():
     print("# %s, %d cores, load average %s at the start"
           % (time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), os.cpu_count(), loadavg()))
     print("# %d s per step; ocicache pid %d, nginx pid %d" % (a.seconds, oci.pid, ngx.pid))
-    print("%-6s %7s | %9s %7s %8s %8s %8s | %9s %7s %8s %8s %8s %8s %8s %8s | %5s"
-          % ("blob", "clients", "nginx MB/s", "reqs", "ttfb p50", "p99", "rss MiB",
+    print("%-6s %7s | %9s %7s %8s %8s %8s %6s | %9s %7s %8s %8s %8s %8s %8s %8s %6s | %5s"
+          % ("blob", "clients", "nginx MB/s", "reqs", "ttfb p50", "p99", "rss MiB", "cpu",
              "ocicache MB/s", "reqs", "ttfb p50", "p99", "rss MiB", "anon", "file", "hwm",
-             "ratio"))
+             "cpu", "ratio"))
     step = 0
     ratios = []
     try:

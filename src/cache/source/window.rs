@@ -130,7 +130,8 @@ impl Sendfile {
         let len = buf.len();
         loop {
             ready!(self.tcp.poll_write_ready(cx))?;
-            let sent = self.tcp.try_io(Interest::WRITABLE, || {
+            let mut sent = 0;
+            let result = self.tcp.try_io(Interest::WRITABLE, || {
                 let mut off = offset as libc::off_t;
                 // SAFETY: both descriptors are open (the socket is ours, the file is held by
                 // the window being written), and `off` is a valid out-parameter.
@@ -138,20 +139,28 @@ impl Sendfile {
                 if n < 0 {
                     return Err(io::Error::last_os_error());
                 }
-                Ok(n as usize)
-            });
-            match sent {
-                Ok(n) => {
-                    #[cfg(test)]
-                    SENT.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-                    return Poll::Ready(Ok(n));
+                sent = n as usize;
+                // A short send means the socket is full. Said as `WouldBlock`, it clears the
+                // readiness (as tokio does after a short write, and nginx after a short
+                // sendfile): the next send waits for room, rather than asking the kernel,
+                // which reads a batch of pages from the page cache before it finds no room.
+                if 0 < sent && sent < len {
+                    return Err(io::ErrorKind::WouldBlock.into());
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Ok(sent)
+            });
+            match result {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && sent == 0 => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => {
                     return Pin::new(&mut self.tcp).poll_write(cx, buf);
                 }
                 Err(e) => return Poll::Ready(Err(e)),
             }
+            #[cfg(test)]
+            SENT.fetch_add(sent as u64, std::sync::atomic::Ordering::Relaxed);
+            return Poll::Ready(Ok(sent));
         }
     }
 }
