@@ -26,7 +26,16 @@ prints:
             touched counts in its RSS, though that memory is the page cache's)
 Every response must be 200 with the expected length, else the step is marked `ERR`.
 
-Usage: warm.py BINARY DIR [--seconds D] [--clients 1,10,100,500]
+  cpu       the server's CPU seconds (utime + stime, all its processes) per GB (10^9
+            bytes) of body sent in the step: far less sensitive than MB/s to other work
+            on the machine
+  hwm       ocicache's VmHWM at the end of the step: the process's peak RSS since it
+            started (so over this and every earlier step)
+With --repeat N, each step runs N times (alternating which server goes first) and the end
+prints the spread of the ratios.
+
+Usage: warm.py BINARY DIR [--seconds D] [--clients 1,10,100,500] [--workloads 64MiB,1MiB]
+                          [--repeat N]
 """
 
 import argparse
@@ -115,7 +124,7 @@ def children(pid):
 class Sampler(threading.Thread):
     """Peaks of a few /proc/PID/status fields (KiB, summed over `pids()`) while it runs."""
 
-    FIELDS = ("VmRSS", "RssAnon", "RssFile")
+    FIELDS = ("VmRSS", "RssAnon", "RssFile", "VmHWM")
 
     def __init__(self, pids):
         super().__init__(daemon=True)
@@ -136,6 +145,18 @@ class Sampler(threading.Thread):
         self.stopping.set()
         self.join()
         return {f: v / 1024 for f, v in self.peak.items()}
+
+
+def cpu_seconds(pids):
+    """utime + stime of `pids`, in seconds."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def loadavg():
@@ -337,6 +358,38 @@ def stop(p):
         p.wait()
 
 
+def run_step(a, wname, c, paths, expected, step, oci, oci_port, ngx, ngx_port):
+    """One step: nginx and ocicache one after the other (which goes first alternates with
+    `step`); prints its line and returns ocicache's ratio."""
+    res = {}
+    order = [("nginx", ngx_port), ("ocicache", oci_port)]
+    if step % 2:
+        order.reverse()
+    for name, port in order:
+        pids = {"nginx": lambda: [ngx.pid] + children(ngx.pid),
+                "ocicache": lambda: [oci.pid]}[name]
+        sampler = Sampler(pids)
+        sampler.start()
+        cpu = cpu_seconds(pids())
+        res[name] = asyncio.run(load(port, paths, expected, c, a.seconds))
+        res[name]["rss"] = sampler.stop()
+        gb = res[name]["mbs"] * a.seconds / 1e3
+        res[name]["cpu"] = (cpu_seconds(pids()) - cpu) / gb if gb else float("nan")
+    n, o = res["nginx"], res["ocicache"]
+    flag = " ERR" if n["errors"] or o["errors"] else ""
+    ratio = o["mbs"] / n["mbs"] if n["mbs"] else float("nan")
+    print("%-6s %7d | %10.0f %7d %8.1f %8.1f %8.1f %6.2f | %13.0f %7d %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %6.2f | %5.2f%s"
+          % (wname, c, n["mbs"], n["reqs"], n["p50"], n["p99"], n["rss"]["VmRSS"], n["cpu"],
+             o["mbs"], o["reqs"], o["p50"], o["p99"], o["rss"]["VmRSS"],
+             o["rss"]["RssAnon"], o["rss"]["RssFile"], o["rss"]["VmHWM"], o["cpu"], ratio,
+             flag),
+          flush=True)
+    for name in order:
+        for e in res[name[0]]["errors"][:3]:
+            print("#   %s: %s" % (name[0], e))
+    return ratio
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("binary")
@@ -344,6 +397,8 @@ def main():
     ap.add_argument("--seconds", type=float, default=6)
     ap.add_argument("--clients", default="1,10,100,500")
     ap.add_argument("--workloads", default="64MiB,1MiB")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run each step this many times, alternating which server goes first")
     a = ap.parse_args()
     clients = [int(c) for c in a.clients.split(",")]
     work = os.path.abspath(a.dir)
@@ -366,40 +421,32 @@ def main():
     print("# %s, %d cores, load average %s at the start"
           % (time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), os.cpu_count(), loadavg()))
     print("# %d s per step; ocicache pid %d, nginx pid %d" % (a.seconds, oci.pid, ngx.pid))
-    print("%-6s %7s | %9s %7s %8s %8s %8s | %9s %7s %8s %8s %8s %8s %8s | %5s"
-          % ("blob", "clients", "nginx MB/s", "reqs", "ttfb p50", "p99", "rss MiB",
-             "ocicache MB/s", "reqs", "ttfb p50", "p99", "rss MiB", "anon", "file", "ratio"))
+    print("%-6s %7s | %9s %7s %8s %8s %8s %6s | %9s %7s %8s %8s %8s %8s %8s %8s %6s | %5s"
+          % ("blob", "clients", "nginx MB/s", "reqs", "ttfb p50", "p99", "rss MiB", "cpu",
+             "ocicache MB/s", "reqs", "ttfb p50", "p99", "rss MiB", "anon", "file", "hwm",
+             "cpu", "ratio"))
     step = 0
+    ratios = []
     try:
         for wname in a.workloads.split(","):
             paths, expected = workloads[wname]
             for c in clients:
-                res = {}
-                order = [("nginx", ngx_port), ("ocicache", oci_port)]
-                if step % 2:
-                    order.reverse()
-                step += 1
-                for name, port in order:
-                    pids = {"nginx": lambda: [ngx.pid] + children(ngx.pid),
-                            "ocicache": lambda: [oci.pid]}[name]
-                    sampler = Sampler(pids)
-                    sampler.start()
-                    res[name] = asyncio.run(load(port, paths, expected, c, a.seconds))
-                    res[name]["rss"] = sampler.stop()
-                n, o = res["nginx"], res["ocicache"]
-                flag = " ERR" if n["errors"] or o["errors"] else ""
-                print("%-6s %7d | %10.0f %7d %8.1f %8.1f %8.1f | %13.0f %7d %8.1f %8.1f %8.1f %8.1f %8.1f | %5.2f%s"
-                      % (wname, c, n["mbs"], n["reqs"], n["p50"], n["p99"], n["rss"]["VmRSS"],
-                         o["mbs"], o["reqs"], o["p50"], o["p99"], o["rss"]["VmRSS"],
-                         o["rss"]["RssAnon"], o["rss"]["RssFile"],
-                         o["mbs"] / n["mbs"] if n["mbs"] else float("nan"), flag), flush=True)
-                for name in order:
-                    for e in res[name[0]]["errors"][:3]:
-                        print("#   %s: %s" % (name[0], e))
+                for _ in range(a.repeat):
+                    ratio = run_step(a, wname, c, paths, expected, step, oci, oci_port,
+                                     ngx, ngx_port)
+                    ratios.append((wname, c, ratio))
+                    step += 1
     finally:
         stop(oci)
         stop(ngx)
     print("# load average %s at the end" % loadavg())
+    if a.repeat > 1:
+        for wname in a.workloads.split(","):
+            for c in clients:
+                rs = [r for w, k, r in ratios if (w, k) == (wname, c)]
+                if rs:
+                    print("# %s x %d clients: ratio %.2f-%.2f over %d runs"
+                          % (wname, c, min(rs), max(rs), len(rs)))
     upstream = [l for l in open(os.path.join(work, "ocicache.log")) if "127.0.0.1:9" in l]
     print("# ocicache log lines naming the upstream: %d" % len(upstream))
 

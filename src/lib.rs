@@ -21,7 +21,8 @@
 //!   `cache::local`, the disk store and its LRU index, always first; `cache::bucket`, the
 //!   S3-compatible tier shared by replicas: objects, leases, uploads, GC), the fills that
 //!   stream misses in, verified (`cache::fill`, on the disk pool of `cache::disk`), what
-//!   their readers and every hit read through (`cache::source`),
+//!   their readers and every hit read through (`cache::source`, whose windows of a file a
+//!   plain connection sends with `sendfile`, `cache::source::window`),
 //!   manifests and records through the tiers (`cache::records`), the outcome of a request
 //!   (`cache::outcome`) and the offline commands (`cache::admin`).
 //! - [`upstream`]: a registry client that speaks the domain (blob, blob size, manifest, tag

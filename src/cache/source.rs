@@ -3,7 +3,10 @@
 //! on the fill's [`Progress`] when it has caught up, and never hands out the last byte of its
 //! range before the whole blob is verified. A reader that keeps up takes the fill's last
 //! chunks from memory ([`Recent`], within one budget for all fills); one further behind, and
-//! every committed blob, is read from the file, through memory maps for long ranges.
+//! every committed blob, is read from the file in windows of a memory map, which a plain
+//! connection sends with `sendfile` ([`window`]).
+
+pub mod window;
 
 use std::fs::File;
 use std::io;
@@ -311,11 +314,17 @@ impl Reader {
         }
         let len = (limit - self.pos).min(READ_CHUNK as u64) as usize;
         debug_assert!(len > 0);
-        // Below `available`, every byte is on disk: a mapped window is safe (see map_window).
-        let read = if len >= MAP_MIN {
-            map_window(&self.file, self.pos, len)
+        // Below `available`, every byte is on disk: a mapped window is safe (see
+        // `window::map`). A committed range is mapped to its end (`into_stream` reads a short
+        // one at once); a fill's reader reads a few bytes it is behind by.
+        let mapped = if len >= MAP_MIN || self.progress.is_none() {
+            window::map(&self.file, self.pos, len).ok()
         } else {
-            read_at(self.file.clone(), self.pos, len).await
+            None
+        };
+        let read = match mapped {
+            Some(chunk) => Ok(chunk),
+            None => read_at(self.file.clone(), self.pos, len).await,
         };
         match read {
             Ok(chunk) => {
@@ -353,26 +362,16 @@ impl Reader {
         }
     }
 
-    /// The reader as a stream of chunks. A committed range is served in mapped windows
-    /// (see `map_window`), or read at once when it is short.
+    /// The reader as a stream of chunks: mapped windows (see [`window`]), or, for a short
+    /// committed range, the range read at once.
     pub fn into_stream(self) -> futures_util::stream::BoxStream<'static, io::Result<Bytes>> {
         use futures_util::StreamExt;
-        if self.progress.is_none() {
-            let Reader { file, pos, end, .. } = self;
-            if end - pos >= MAP_MIN as u64 {
-                if let Some(stream) = mapped_stream(&file, pos, end) {
-                    return stream;
-                }
-                return futures_util::stream::iter((pos..end).step_by(READ_CHUNK))
-                    .then(move |at| {
-                        read_at(file.clone(), at, (end - at).min(READ_CHUNK as u64) as usize)
-                    })
-                    .boxed();
-            }
-            if end == pos {
+        if self.progress.is_none() && self.end - self.pos < MAP_MIN as u64 {
+            if self.end <= self.pos {
                 return futures_util::stream::empty().boxed();
             }
-            return futures_util::stream::once(read_at(file, pos, (end - pos) as usize)).boxed();
+            let len = (self.end - self.pos) as usize;
+            return futures_util::stream::once(read_at(self.file, self.pos, len)).boxed();
         }
         futures_util::stream::unfold(self, |mut r| async move {
             let chunk = r.next_chunk().await?;
@@ -384,96 +383,6 @@ impl Reader {
 
 /// Reads at least this long are served from a memory map of the file.
 const MAP_MIN: usize = 64 << 10;
-/// A committed blob is sent in slices of this size from its map, each next one read ahead.
-const MAP_CHUNK: usize = 2 << 20;
-
-/// `len` bytes at `at` of `file`, as `Bytes` over a memory map of just that window: hyper
-/// writes the page cache to the socket, one copy fewer than `pread` into a buffer, and no
-/// blocking thread is needed when the pages are in memory (they are for a fill: just
-/// written). The map is dropped (unmapped) once hyper has written the chunk, so memory
-/// stays a window per response in flight.
-///
-/// Safe because the window is inside what is on disk and stays there: a fill's temp file
-/// only grows (readers map below the bytes written), and a committed blob's file is never
-/// written or truncated again (replaced by a rename, evicted by an unlink, which leaves
-/// mapped pages valid).
-fn map_window(file: &File, at: u64, len: usize) -> io::Result<Bytes> {
-    // SAFETY: see above: the mapped range is never truncated or modified.
-    let map = unsafe {
-        memmap2::MmapOptions::new()
-            .offset(at)
-            .len(len)
-            .populate()
-            .map(file)
-    }?;
-    Ok(Bytes::from_owner(map))
-}
-
-/// A slice of a memory-mapped blob, handed to hyper as `Bytes` without a copy.
-struct MapSlice {
-    map: Arc<memmap2::Mmap>,
-    at: usize,
-    len: usize,
-}
-
-impl AsRef<[u8]> for MapSlice {
-    fn as_ref(&self) -> &[u8] {
-        &self.map[self.at..self.at + self.len]
-    }
-}
-
-/// Serves `pos..end` of a committed blob from one map of the file, in `MAP_CHUNK` slices.
-/// The kernel is asked to read the next slice ahead (`WILLNEED`), and the pages of slices
-/// sent long ago are unmapped from this process (`DONTNEED`: they stay in the page cache),
-/// so the process's resident memory stays a few slices per response, not the whole blob.
-/// `None` (the caller reads with `pread`) if the file cannot be mapped.
-fn mapped_stream(
-    file: &File,
-    pos: u64,
-    end: u64,
-) -> Option<futures_util::stream::BoxStream<'static, io::Result<Bytes>>> {
-    use futures_util::StreamExt;
-    // SAFETY: a committed blob's file is never written or truncated (see `map_window`).
-    let map = unsafe { memmap2::Mmap::map(file) }.ok()?;
-    if (map.len() as u64) < end {
-        return None;
-    }
-    let _ = map.advise(memmap2::Advice::Sequential);
-    let map = Arc::new(map);
-    let (pos, end) = (pos as usize, end as usize);
-    let chunks = (pos..end)
-        .step_by(MAP_CHUNK)
-        .map(move |at| (at, (end - at).min(MAP_CHUNK)));
-    Some(
-        futures_util::stream::iter(chunks)
-            .map(move |(at, len)| {
-                let next = at + len;
-                if next < end {
-                    let ahead = (end - next).min(MAP_CHUNK);
-                    let _ = map.advise_range(memmap2::Advice::WillNeed, next, ahead);
-                }
-                let behind = 4 * MAP_CHUNK;
-                if at >= pos + behind {
-                    // SAFETY: DONTNEED on a read-only shared file map only drops this
-                    // process's page table entries; a later access reads the page cache
-                    // again, so slices hyper still holds stay valid.
-                    let _ = unsafe {
-                        map.unchecked_advise_range(
-                            memmap2::UncheckedAdvice::DontNeed,
-                            at - behind,
-                            MAP_CHUNK,
-                        )
-                    };
-                }
-                Ok(Bytes::from_owner(MapSlice {
-                    map: map.clone(),
-                    at,
-                    len,
-                }))
-            })
-            .boxed(),
-    )
-}
 
 /// Reads `len` bytes at `at` on a blocking thread.
 async fn read_at(file: Arc<File>, at: u64, len: usize) -> io::Result<Bytes> {
@@ -576,5 +485,94 @@ mod tests {
                 .unwrap();
             assert_eq!(got.concat(), &data[start..end], "{start}..{end}");
         }
+    }
+
+    /// A fill's growing file, its readers reading from the file (no recent chunks kept):
+    /// each gets what is written but the last byte of its range, which waits for the
+    /// verdict; a fill that ends short fails its readers.
+    #[tokio::test]
+    async fn a_fill_growing_under_readers_holds_each_range_s_last_byte() {
+        use futures_util::FutureExt;
+        let data: Vec<u8> = (0..700_001u32).map(|i| (i % 241) as u8).collect();
+        let n = data.len() as u64;
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&data[..100_000]).unwrap();
+        let (tx, rx) = watch::channel(Progress::Streaming {
+            size: Some(n),
+            written: 100_000,
+        });
+        let nothing_kept: &'static Budget = Box::leak(Box::new(Budget {
+            used: AtomicUsize::new(0),
+            cap: 0,
+        }));
+        let src = Source::of_fill(
+            Arc::new(f.try_clone().unwrap()),
+            rx,
+            Arc::new(Mutex::new(Recent::within(nothing_kept))),
+            Arc::new(AtomicBool::new(false)),
+        );
+        // Takes `n` bytes from `r`, then checks that it waits (for the fill, not a read).
+        async fn take(r: &mut Reader, n: usize) -> Vec<u8> {
+            let mut got = Vec::new();
+            while got.len() < n {
+                got.extend_from_slice(&r.next_chunk().await.unwrap().unwrap());
+            }
+            assert!(r.next_chunk().now_or_never().is_none(), "it waits");
+            got
+        }
+        let mut whole = src.reader(0, n);
+        let mut inside = src.reader(10, 5_000);
+        assert!(take(&mut whole, 100_000).await == data[..100_000]);
+        assert!(
+            take(&mut inside, 4_989).await == data[10..4_999],
+            "written, but its last byte"
+        );
+        f.write_all(&data[100_000..]).unwrap();
+        tx.send_replace(Progress::Streaming {
+            size: Some(n),
+            written: n,
+        });
+        let rest = take(&mut whole, data.len() - 100_001).await;
+        assert!(
+            rest == data[100_000..n as usize - 1],
+            "all but the last byte"
+        );
+        tx.send_replace(Progress::Done { size: n });
+        let last = whole.next_chunk().await.unwrap().unwrap();
+        assert_eq!(&last[..], &data[n as usize - 1..]);
+        assert!(whole.next_chunk().await.is_none(), "then the end");
+        let last = inside.next_chunk().await.unwrap().unwrap();
+        assert_eq!(&last[..], &data[4_999..5_000]);
+        assert!(inside.next_chunk().await.is_none());
+        // A verdict shorter than a reader's range: an error, never a clean end.
+        let mut beyond = src.reader(0, n + 1);
+        let err = beyond.next_chunk().await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(
+            beyond.next_chunk().await.is_none(),
+            "nothing after the error"
+        );
+    }
+
+    /// A committed blob evicted (unlinked, its name taken by other bytes) while a response
+    /// reads it: the response keeps reading the bytes it started with.
+    #[tokio::test]
+    async fn an_evicted_blob_is_read_to_its_end() {
+        use futures_util::StreamExt;
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 239) as u8).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        std::fs::write(&path, &data).unwrap();
+        let src = Source::committed(File::open(&path).unwrap(), data.len() as u64, None);
+        let mut stream = src.reader(1, data.len() as u64).into_stream();
+        let mut got = stream.next().await.unwrap().unwrap().to_vec();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, vec![0u8; data.len()]).unwrap();
+        while let Some(chunk) = stream.next().await {
+            got.extend_from_slice(&chunk.unwrap());
+        }
+        assert!(got == data[1..], "the bytes differ");
+        let empty: Vec<Bytes> = src.reader(5, 5).into_stream().try_collect().await.unwrap();
+        assert!(empty.is_empty());
     }
 }

@@ -181,7 +181,9 @@ pub async fn run(
             }
             match state.tls.clone() {
                 None => {
-                    serve_connection(&builder, TokioIo::new(stream), state, peer, watcher).await
+                    // Blobs go out with sendfile (see `cache::source::window`).
+                    let io = TokioIo::new(crate::cache::source::window::Sendfile::new(stream));
+                    serve_connection(&builder, io, state, peer, watcher).await
                 }
                 Some(acceptor) => {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
