@@ -316,7 +316,8 @@ impl Reader {
         debug_assert!(len > 0);
         // Below `available`, every byte is on disk: a mapped window is safe (see
         // `window::map`). A committed range is mapped to its end (`into_stream` reads a short
-        // one at once); a fill's reader reads a few bytes it is behind by.
+        // one at once); a fill's reader only a few bytes behind the writer reads them, as
+        // does any reader whose window could not be mapped.
         let mapped = if len >= MAP_MIN || self.progress.is_none() {
             window::map(&self.file, self.pos, len).ok()
         } else {
