@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::{Bytes, BytesMut};
@@ -139,6 +139,11 @@ impl Recent {
     }
 }
 
+/// What feeds a fill, as its readers see it.
+pub(super) const FED_BY_UPSTREAM: u8 = 0;
+pub(super) const FED_BY_TIER: u8 = 1;
+pub(super) const FED_BY_PEER: u8 = 2;
+
 /// A blob to serve: a committed file, or the growing file of a fill.
 #[derive(Clone)]
 pub struct Source {
@@ -151,8 +156,8 @@ pub struct Source {
     size: Option<u64>,
     /// The media type, when the blob is a manifest.
     pub media_type: Option<String>,
-    /// A fill's flag: fed by a tier behind the local one.
-    from_tier: Option<Arc<AtomicBool>>,
+    /// A fill's feed: `FED_BY_UPSTREAM`, `FED_BY_TIER` (the bucket) or `FED_BY_PEER`.
+    from_tier: Option<Arc<AtomicU8>>,
 }
 
 impl Source {
@@ -172,7 +177,7 @@ impl Source {
         file: Arc<File>,
         progress: watch::Receiver<Progress>,
         recent: Arc<Mutex<Recent>>,
-        from_tier: Arc<AtomicBool>,
+        from_tier: Arc<AtomicU8>,
     ) -> Source {
         Source {
             file,
@@ -194,7 +199,15 @@ impl Source {
     pub fn is_from_tier(&self) -> bool {
         self.from_tier
             .as_ref()
-            .is_some_and(|f| f.load(Ordering::Acquire))
+            .is_some_and(|f| f.load(Ordering::Acquire) != FED_BY_UPSTREAM)
+    }
+
+    /// Is this a fill fed by another replica's peer endpoint? Known once
+    /// [`Source::size`] has answered.
+    pub fn is_from_peer(&self) -> bool {
+        self.from_tier
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::Acquire) == FED_BY_PEER)
     }
 
     /// The blob's size: at once for a committed file; for a fill, once the upstream has

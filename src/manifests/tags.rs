@@ -41,6 +41,15 @@ impl Manifests {
                 if let Some(m) = self.shared_tag(&key, accept, up.tag_ttl).await {
                     return Ok(Answer::hit(m));
                 }
+                // With peers, the replica responsible for the tag revalidates it for all.
+                let reference = Reference::Tag(tag.clone());
+                if let Some(m) = self.resolved_by_peer(up, name, &reference, accept).await {
+                    let outcome = match &usable {
+                        Some((r, _)) if r.digest == m.digest => Outcome::Revalidated,
+                        _ => Outcome::Miss,
+                    };
+                    return Ok(Answer { value: m, outcome });
+                }
                 self.revalidate(up, key.clone(), usable, accept).await
             })
             .await
