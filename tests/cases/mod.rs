@@ -4,6 +4,7 @@ mod faults;
 mod logs;
 mod manifests;
 mod ops;
+mod peers;
 mod real;
 mod shared;
 mod start;

@@ -60,7 +60,17 @@ impl Key {
     /// The headers that sign `method path_and_query` now: `(TIME_HEADER, time)` and
     /// `(SIGNATURE_HEADER, hex)`.
     pub fn sign(&self, method: &str, path_and_query: &str) -> [(&'static str, String); 2] {
-        let time = clock::since_epoch().as_secs();
+        self.sign_at(method, path_and_query, clock::since_epoch().as_secs())
+    }
+
+    /// The headers that sign `method path_and_query` as made at `time` (seconds since the
+    /// epoch): for tests of the window.
+    pub fn sign_at(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        time: u64,
+    ) -> [(&'static str, String); 2] {
         let sig = self
             .mac(method, path_and_query, time)
             .finalize()

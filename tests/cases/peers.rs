@@ -1,0 +1,390 @@
+//! Replicas that stream cold blobs from each other (`[cache.s3.peers]`), on the test suite's
+//! 3-node Garage cluster, with the fake upstream throttled so that fills overlap: one
+//! upstream fetch for all, the waiting replicas' first bytes long before the whole blob, a
+//! clean failure when the responsible replica dies, and a peer endpoint that answers only
+//! signed requests.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use ocicache::cache::peers::{owner_of, sign::Key};
+use ocicache::config::{Config, PeersConfig, S3Config, Secret};
+
+use crate::support::fake::{sha256, Fake, Fault};
+use crate::support::garage::Garage;
+use crate::support::proxy::{config, toml_for, ChildProxy, Proxy};
+use crate::support::registry::{free_port, http_request, random_bytes};
+use crate::support::wait_until;
+
+const SECRET: &str = "peers-test-secret-0123456789";
+
+fn s3(g: &Garage, prefix: &str) -> S3Config {
+    serde_json::from_value(serde_json::json!({
+        "endpoint": g.endpoint(0),
+        "bucket": g.bucket(),
+        "region": g.region(),
+        "prefix": prefix,
+        "access_key_id": g.access_key_id(),
+        "secret_access_key": g.secret_access_key(),
+        "timeout": "5s",
+    }))
+    .unwrap()
+}
+
+/// A peer endpoint's port and advertised URL.
+struct Endpoint {
+    port: u16,
+    url: String,
+}
+
+fn endpoint() -> Endpoint {
+    let port = free_port();
+    Endpoint {
+        port,
+        url: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+/// A replica with peers on the shared bucket, in-process.
+fn replica(fake_url: &str, g: &Garage, prefix: &str, at: &Endpoint) -> (Proxy, tempfile::TempDir) {
+    if let Ok(filter) = std::env::var("TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(filter)
+            .try_init();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut c: Config = config(dir.path(), &[("docker.io", fake_url, true)]);
+    let mut s3 = s3(g, prefix);
+    s3.peers = Some(PeersConfig {
+        listen: format!("127.0.0.1:{}", at.port).parse().unwrap(),
+        advertise: at.url.clone(),
+        secret: Some(Secret(SECRET.into())),
+        secret_file: None,
+    });
+    c.cache.s3 = Some(s3);
+    (Proxy::start(c), dir)
+}
+
+/// Waits until each of `replicas` lists `n` live members.
+fn wait_for_members(replicas: &[&Proxy], n: usize) {
+    wait_until("the membership", Duration::from_secs(15), || {
+        replicas
+            .iter()
+            .all(|r| r.state.cache.peers().unwrap().members().len() == n)
+    });
+}
+
+/// Random data of `len` bytes whose digest `owner` is responsible for among `members`.
+fn blob_owned_by(owner: &str, members: &[String], len: usize) -> Vec<u8> {
+    (0..)
+        .map(|seed| random_bytes(len, 9000 + seed))
+        .find(|data| owner_of(members, sha256(data).as_bytes()) == Some(owner))
+        .unwrap()
+}
+
+/// A GET read as it arrives: the status, the body received, when its first byte and its
+/// end came (from `t0`), and whether it ended cleanly with every announced byte.
+struct Timed {
+    status: u16,
+    body: Vec<u8>,
+    first_byte: Option<Duration>,
+    done: Duration,
+    complete: bool,
+}
+
+fn timed_get(base: &str, path: &str, t0: Instant) -> Timed {
+    let addr = base.strip_prefix("http://").unwrap();
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let status: u16 = line.split(' ').nth(1).unwrap().parse().unwrap();
+    let mut length = None;
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        if line.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                length = v.trim().parse::<usize>().ok();
+            }
+        }
+    }
+    let mut body = Vec::new();
+    let mut first_byte = None;
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                first_byte.get_or_insert_with(|| t0.elapsed());
+                body.extend_from_slice(&buf[..n]);
+            }
+        }
+    }
+    Timed {
+        status,
+        complete: length == Some(body.len()),
+        body,
+        first_byte,
+        done: t0.elapsed(),
+    }
+}
+
+/// 4 MiB/s: 64 KiB every 15.6 ms.
+fn throttle(fake: &Fake) {
+    let slow = Fault::Slow {
+        chunk: 64 << 10,
+        delay: Duration::from_micros(15_625),
+    };
+    fake.fault("/blobs/", slow, None);
+}
+
+/// Three replicas, a cold 32 MiB blob at 4 MiB/s: a client on the responsible replica A,
+/// then 0.5 s later one on B and one on C. B and C stream A's fill as it arrives: their
+/// first byte comes long before A's last, the upstream sends the blob once, every body is
+/// right, and B and C say the bytes came from a peer.
+#[test]
+fn waiting_replicas_stream_the_fill_of_the_responsible_one() {
+    let g = Garage::start();
+    let fake = Fake::start();
+    let ends = [endpoint(), endpoint(), endpoint()];
+    let members: Vec<String> = ends.iter().map(|e| e.url.clone()).collect();
+    let data = blob_owned_by(&ends[0].url, &members, 32 << 20);
+    let digest = fake.add_blob(&data);
+    let (a, _da) = replica(&fake.url(), &g, "p1", &ends[0]);
+    let (b, _db) = replica(&fake.url(), &g, "p1", &ends[1]);
+    let (c, _dc) = replica(&fake.url(), &g, "p1", &ends[2]);
+    wait_for_members(&[&a, &b, &c], 3);
+    throttle(&fake);
+    let path = format!("/v2/library/x/blobs/{digest}");
+
+    let t0 = Instant::now();
+    let timed: Vec<Timed> = std::thread::scope(|s| {
+        let on = |r: &Proxy, after: Duration| {
+            let (url, path) = (r.url(), path.clone());
+            s.spawn(move || {
+                std::thread::sleep(after);
+                timed_get(&url, &path, t0)
+            })
+        };
+        let half = Duration::from_millis(500);
+        let clients = [on(&a, Duration::ZERO), on(&b, half), on(&c, half)];
+        clients.map(|h| h.join().unwrap()).into()
+    });
+    for (who, t) in ["A", "B", "C"].iter().zip(&timed) {
+        eprintln!(
+            "{who}: first byte {:?}, done {:?}",
+            t.first_byte.unwrap_or_default(),
+            t.done
+        );
+        assert_eq!(t.status, 200, "{who}");
+        assert!(t.complete, "{who}: {} bytes", t.body.len());
+        assert_eq!(sha256(&t.body), digest, "{who}");
+    }
+    assert_eq!(
+        fake.count("GET", "/blobs/"),
+        1,
+        "one upstream fetch for all"
+    );
+    for t in &timed[1..] {
+        // Generous: the point is that they do not wait for the whole blob.
+        assert!(
+            t.first_byte.unwrap() < timed[0].done,
+            "a first byte before A's last"
+        );
+    }
+    for r in [&b, &c] {
+        assert!(r.metric("ocicache_served_bytes_total{source=\"peer\"}") >= data.len() as f64);
+    }
+    assert_eq!(
+        a.metric("ocicache_served_bytes_total{source=\"peer\"}"),
+        0.0
+    );
+}
+
+/// 21 clients spread over three replicas on one cold blob: one upstream fetch.
+#[test]
+fn twenty_one_clients_over_three_replicas_cost_one_upstream_fetch() {
+    let g = Garage::start();
+    let fake = Fake::start();
+    let ends = [endpoint(), endpoint(), endpoint()];
+    let data = random_bytes(8 << 20, 77);
+    let digest = fake.add_blob(&data);
+    let (a, _da) = replica(&fake.url(), &g, "p2", &ends[0]);
+    let (b, _db) = replica(&fake.url(), &g, "p2", &ends[1]);
+    let (c, _dc) = replica(&fake.url(), &g, "p2", &ends[2]);
+    wait_for_members(&[&a, &b, &c], 3);
+    throttle(&fake);
+    let path = format!("/v2/library/x/blobs/{digest}");
+    let bodies: Vec<(u16, Vec<u8>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..21)
+            .map(|i| {
+                let url = [&a, &b, &c][i % 3].url();
+                let path = path.clone();
+                s.spawn(move || {
+                    let (status, _, body) = http_request("GET", &format!("{url}{path}"), &[], b"");
+                    (status, body)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (status, body) in &bodies {
+        assert_eq!(*status, 200);
+        assert_eq!(sha256(body), digest);
+    }
+    assert_eq!(fake.count("GET", "/blobs/"), 1);
+}
+
+/// The responsible replica A is killed while B and C stream its fill: their clients get an
+/// error (a cut connection or a short body), never a clean wrong body; the next pull on B
+/// gets the right bytes (from the bucket, another replica, or the upstream); the upstream
+/// was asked at most twice.
+#[test]
+fn the_responsible_replica_killed_mid_stream() {
+    let g = Garage::start();
+    let fake = Fake::start();
+    let ends = [endpoint(), endpoint(), endpoint()];
+    let members: Vec<String> = ends.iter().map(|e| e.url.clone()).collect();
+    let data = blob_owned_by(&ends[0].url, &members, 32 << 20);
+    let digest = fake.add_blob(&data);
+
+    // A is a child process, to be killed.
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "{}\n[cache.s3]\nendpoint = \"{}\"\nbucket = \"{}\"\nregion = \"{}\"\nprefix = \"p3\"\n\
+         access_key_id = \"{}\"\nsecret_access_key = \"{}\"\n\
+         [cache.s3.peers]\nlisten = \"127.0.0.1:{}\"\nadvertise = \"{}\"\nsecret = \"{SECRET}\"\n",
+        toml_for(&dir.path().join("cache"), &fake.url(), ""),
+        g.endpoint(0),
+        g.bucket(),
+        g.region(),
+        g.access_key_id(),
+        g.secret_access_key(),
+        ends[0].port,
+        ends[0].url,
+    );
+    let mut a = ChildProxy::start(dir.path(), &toml, std::process::Stdio::null());
+    let (b, _db) = replica(&fake.url(), &g, "p3", &ends[1]);
+    let (c, _dc) = replica(&fake.url(), &g, "p3", &ends[2]);
+    wait_for_members(&[&b, &c], 3);
+    throttle(&fake);
+    let path = format!("/v2/library/x/blobs/{digest}");
+
+    let t0 = Instant::now();
+    let cut: Vec<Timed> = std::thread::scope(|s| {
+        let get = |url: String| {
+            let path = path.clone();
+            s.spawn(move || timed_get(&url, &path, t0))
+        };
+        let on_a = get(a.base.clone());
+        std::thread::sleep(Duration::from_millis(300));
+        let (on_b, on_c) = (get(b.url()), get(c.url()));
+        // Kill A once B and C are streaming from it.
+        wait_until("B streaming", Duration::from_secs(20), || {
+            b.metric("ocicache_served_bytes_total{source=\"peer\"}") > (1 << 20) as f64
+                && c.metric("ocicache_served_bytes_total{source=\"peer\"}") > (1 << 20) as f64
+        });
+        a.child.kill().unwrap();
+        a.child.wait().unwrap();
+        [on_a, on_b, on_c].map(|h| h.join().unwrap()).into()
+    });
+    for (who, t) in ["A", "B", "C"].iter().zip(&cut) {
+        assert_eq!(t.status, 200, "{who}: the answer had begun");
+        assert!(!t.complete, "{who}: an error, not a clean end");
+        assert!(t.body.len() < data.len(), "{who}");
+        assert_eq!(t.body[..], data[..t.body.len()], "{who}: no wrong byte");
+    }
+    wait_until("the failed fills to end", Duration::from_secs(20), || {
+        b.state.cache.fills_in_flight() == 0 && c.state.cache.fills_in_flight() == 0
+    });
+
+    fake.clear_faults();
+    let (status, _, body) = b.get(&path, &[]);
+    assert_eq!(status, 200);
+    assert_eq!(sha256(&body), digest);
+    let fetches = fake.count("GET", "/blobs/");
+    assert!((1..=2).contains(&fetches), "{fetches} upstream fetches");
+}
+
+/// The peer endpoint answers only requests signed with the shared key within the replay
+/// window: unsigned, signed with another key, altered or too old is a 401 with no bytes;
+/// signed, a committed blob; never the public API.
+#[test]
+fn the_peer_endpoint_answers_only_signed_fresh_requests() {
+    let g = Garage::start();
+    let fake = Fake::start();
+    let at = endpoint();
+    let data = random_bytes(100_000, 5);
+    let digest = fake.add_blob(&data);
+    let (a, _da) = replica(&fake.url(), &g, "p4", &at);
+    wait_for_members(&[&a], 1);
+    let (status, _, _) = a.get(&format!("/v2/library/x/blobs/{digest}"), &[]);
+    assert_eq!(status, 200);
+
+    let path = format!("/peer/v1/blobs/{digest}");
+    let url = format!("{}{path}", at.url);
+    let key = Key::new(Secret(SECRET.into()));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let get = |headers: &[(&'static str, String)], url: &str| {
+        let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        http_request("GET", url, &h, b"")
+    };
+
+    let (status, _, body) = get(&key.sign_at("GET", &path, now), &url);
+    assert_eq!(status, 200, "signed");
+    assert_eq!(body, data);
+
+    let other = Key::new(Secret("another-key-0123456789".into()));
+    let refused = [
+        ("unsigned", vec![], url.clone()),
+        (
+            "another key",
+            other.sign_at("GET", &path, now).to_vec(),
+            url.clone(),
+        ),
+        (
+            "signed for another path",
+            key.sign_at("GET", "/peer/v1/blobs/sha256:00", now).to_vec(),
+            url.clone(),
+        ),
+        (
+            "a minute old",
+            key.sign_at("GET", &path, now - 60).to_vec(),
+            url.clone(),
+        ),
+        (
+            "a query added",
+            key.sign_at("GET", &path, now).to_vec(),
+            format!("{url}?name=library/x"),
+        ),
+    ];
+    for (why, headers, url) in refused {
+        let (status, _, body) = get(&headers, &url);
+        assert_eq!(status, 401, "{why}");
+        assert!(body.is_empty(), "{why}: no bytes");
+    }
+
+    // Signed, the public API is still not there.
+    let public = format!("/v2/library/x/blobs/{digest}");
+    let (status, _, body) = get(
+        &key.sign_at("GET", &public, now),
+        &format!("{}{public}", at.url),
+    );
+    assert_ne!(status, 200);
+    assert!(!body.windows(data.len().min(64)).any(|w| w == &data[..64]));
+}
