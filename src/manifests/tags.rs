@@ -21,8 +21,12 @@ impl Manifests {
             _ => None,
         };
         if self.offline {
-            return match usable {
-                Some((_, m)) => Ok(Answer::hit(m)),
+            if let Some((_, m)) = usable {
+                return Ok(Answer::hit(m));
+            }
+            // What another replica recorded in the shared tier, whatever its age.
+            return match self.shared_tag(&key, accept, Duration::MAX).await {
+                Some(m) => Ok(Answer::hit(m)),
                 None => Err(unknown_offline()),
             };
         }

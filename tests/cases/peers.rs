@@ -388,3 +388,107 @@ fn the_peer_endpoint_answers_only_signed_fresh_requests() {
     assert_ne!(status, 200);
     assert!(!body.windows(data.len().min(64)).any(|w| w == &data[..64]));
 }
+
+/// Manifests and tags with peers: the replica responsible for each resolves it for all,
+/// with no lease. Three replicas asking for a cold tag and a cold digest at once cost one
+/// upstream GET each; once the tag's TTL has passed everywhere, one revalidation `HEAD`.
+#[test]
+fn the_responsible_replica_resolves_manifests_and_revalidates_tags_for_all() {
+    let g = Garage::start();
+    let fake = Fake::start();
+    let oci = "application/vnd.oci.image.manifest.v1+json";
+    let by_tag = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
+    let tag_digest = fake.add_manifest("library/app", Some("v1"), oci, by_tag);
+    let by_digest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8b","size":2},"layers":[]}"#;
+    let other_digest = fake.add_manifest("library/app", None, oci, by_digest);
+    fake.fault(
+        "/manifests/",
+        Fault::Delay(Duration::from_millis(300)),
+        None,
+    );
+    let ends = [endpoint(), endpoint(), endpoint()];
+    let replicas: Vec<_> = ends
+        .iter()
+        .map(|e| replica(&fake.url(), &g, "p5", e))
+        .collect();
+    let proxies: Vec<&Proxy> = replicas.iter().map(|(p, _)| p).collect();
+    wait_for_members(&proxies, 3);
+    let all_at_once = |reference: &str, digest: &str| {
+        std::thread::scope(|s| {
+            let clients: Vec<_> = proxies
+                .iter()
+                .map(|p| {
+                    let url = format!("{}/v2/library/app/manifests/{reference}", p.url());
+                    s.spawn(move || http_request("GET", &url, &[("Accept", oci)], b""))
+                })
+                .collect();
+            for c in clients {
+                let (status, _, body) = c.join().unwrap();
+                assert_eq!(status, 200);
+                assert_eq!(sha256(&body), digest);
+            }
+        })
+    };
+    all_at_once("v1", &tag_digest);
+    all_at_once(&other_digest, &other_digest);
+    assert_eq!(fake.count("GET", "/manifests/"), 2, "one GET per manifest");
+
+    fake.reset_counts();
+    for p in &proxies {
+        p.state.clock.advance(Duration::from_secs(3600));
+    }
+    all_at_once("v1", &tag_digest);
+    assert_eq!(fake.count("HEAD", "/manifests/"), 1, "one revalidation");
+    assert_eq!(fake.count("GET", "/manifests/"), 0);
+}
+
+/// `offline = true` on a shared bucket serves what another replica put there: a blob (a
+/// fill from the bucket) and a tag (its shared record), never the upstream.
+#[test]
+fn offline_serves_what_is_in_the_bucket() {
+    let g = Garage::start();
+    let fake = Fake::start();
+    let oci = "application/vnd.oci.image.manifest.v1+json";
+    let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
+    let tag_digest = fake.add_manifest("library/app", Some("v1"), oci, manifest);
+    let data = random_bytes(3 << 20, 11);
+    let digest = fake.add_blob(&data);
+    let online = {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config(dir.path(), &[("docker.io", &fake.url(), true)]);
+        c.cache.s3 = Some(s3(&g, "p6"));
+        (Proxy::start(c), dir)
+    };
+    let blob = format!("/v2/library/app/blobs/{digest}");
+    assert_eq!(online.0.get(&blob, &[]).0, 200);
+    assert_eq!(
+        online
+            .0
+            .get("/v2/library/app/manifests/v1", &[("Accept", oci)])
+            .0,
+        200
+    );
+    // The upload and the tag record land in the background.
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path(), &[("docker.io", &fake.url(), true)]);
+    c.cache.s3 = Some(s3(&g, "p6"));
+    c.offline = true;
+    let offline = Proxy::start(c);
+    fake.reset_counts();
+    wait_until("the blob in the bucket", Duration::from_secs(20), || {
+        offline.head(&blob, &[]).0 == 200
+    });
+    let (status, headers, body) = offline.get(&blob, &[]);
+    assert_eq!(status, 200);
+    assert_eq!(sha256(&body), digest);
+    assert_eq!(
+        crate::support::registry::header(&headers, "x-cache"),
+        Some("HIT")
+    );
+    let (status, _, body) = offline.get("/v2/library/app/manifests/v1", &[("Accept", oci)]);
+    assert_eq!(status, 200);
+    assert_eq!(sha256(&body), tag_digest);
+    let unknown = format!("/v2/library/app/blobs/{}", sha256(b"nowhere"));
+    assert_eq!(offline.get(&unknown, &[]).0, 404);
+    assert!(fake.requests().is_empty(), "offline asks no upstream");
+}
