@@ -440,13 +440,17 @@ impl Cache {
             origin: Origin::Shared,
             source: format!("{} tier", tier.name()),
         };
+        if let Some(peers) = self.peers.get() {
+            // The responsible replica looks in the bucket itself: asking it first saves a
+            // call; the bucket is asked here only when it fails.
+            if let Some(fetched) = peers::fill_source(peers, &digest, ask.as_ref()).await {
+                return Ok(fetched);
+            }
+        }
         if let Some(fetched) = self.fill_from_behind(&digest).await {
             return Ok(fetched);
         }
         if let Some(peers) = self.peers.get() {
-            if let Some(fetched) = peers::fill_source(peers, &digest, ask.as_ref()).await {
-                return Ok(fetched);
-            }
             if peers.owner(&peers::digest_key(&digest)) != peers::Owner::Unknown {
                 // Ownership decided who fetches: no lease.
                 return fetch.await;

@@ -244,6 +244,7 @@ impl Source {
             recent: self.recent.clone(),
             pos: start,
             end,
+            hold_last: 1,
         }
     }
 }
@@ -255,9 +256,20 @@ pub struct Reader {
     recent: Option<Arc<Mutex<Recent>>>,
     pos: u64,
     end: u64,
+    /// 1: the last byte waits for the verdict; 0 for a reader that verifies the bytes
+    /// itself (see `for_verifier`).
+    hold_last: u64,
 }
 
 impl Reader {
+    /// For a reader that verifies every byte itself against the digest (another replica's
+    /// fill): the last byte is not held back for this fill's verdict (its fsync), only the
+    /// end of the stream is.
+    pub fn for_verifier(mut self) -> Reader {
+        self.hold_last = 0;
+        self
+    }
+
     /// The next chunk, `None` at the end, or an error if the fill failed.
     pub async fn next_chunk(&mut self) -> Option<io::Result<Bytes>> {
         if self.pos >= self.end {
@@ -271,7 +283,7 @@ impl Reader {
                     Progress::Connecting => 0,
                     // The last byte of the range waits for the verdict: a client must never
                     // hold a complete body that later proves wrong (it could not tell).
-                    Progress::Streaming { written, .. } => written.min(self.end - 1),
+                    Progress::Streaming { written, .. } => written.min(self.end - self.hold_last),
                     Progress::Done { size } if size < self.end => {
                         return self.fail(io::Error::new(
                             io::ErrorKind::UnexpectedEof,

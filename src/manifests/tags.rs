@@ -41,11 +41,8 @@ impl Manifests {
         let flight = (key.clone(), accept.unwrap_or_default().to_string());
         self.tag_flights
             .run(flight, || async {
-                // Another replica may have confirmed the tag within its TTL: answer the same.
-                if let Some(m) = self.shared_tag(&key, accept, up.tag_ttl).await {
-                    return Ok(Answer::hit(m));
-                }
-                // With peers, the replica responsible for the tag revalidates it for all.
+                // With peers, the replica responsible for the tag answers for all (it looks
+                // in the shared tier itself, and revalidates the tag once for all).
                 let reference = Reference::Tag(tag.clone());
                 if let Some(m) = self.resolved_by_peer(up, name, &reference, accept).await {
                     let outcome = match &usable {
@@ -53,6 +50,10 @@ impl Manifests {
                         _ => Outcome::Miss,
                     };
                     return Ok(Answer { value: m, outcome });
+                }
+                // Another replica may have confirmed the tag within its TTL: answer the same.
+                if let Some(m) = self.shared_tag(&key, accept, up.tag_ttl).await {
+                    return Ok(Answer::hit(m));
                 }
                 self.revalidate(up, key.clone(), usable, accept).await
             })

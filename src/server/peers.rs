@@ -167,7 +167,10 @@ async fn blob(
         return Err(Error::client(ErrorCode::BlobUnknown, "blob not here"));
     };
     let size = src.size().await?;
-    let mut resp = Response::new(body::stream(src.reader(0, size).into_stream()));
+    // The asking replica verifies the digest again: it gets the last byte without waiting
+    // for this fill's commit (its fsync), which then runs beside its own.
+    let reader = src.reader(0, size).for_verifier();
+    let mut resp = Response::new(body::stream(reader.into_stream()));
     let h = resp.headers_mut();
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
     h.insert(

@@ -78,8 +78,9 @@ fn wait_for_members(replicas: &[&Proxy], n: usize) {
 
 /// Random data of `len` bytes whose digest `owner` is responsible for among `members`.
 fn blob_owned_by(owner: &str, members: &[String], len: usize) -> Vec<u8> {
-    (0..)
-        .map(|seed| random_bytes(len, 9000 + seed))
+    static SEED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(9000);
+    std::iter::repeat_with(|| SEED.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+        .map(|seed| random_bytes(len, seed))
         .find(|data| owner_of(members, sha256(data).as_bytes()) == Some(owner))
         .unwrap()
 }
@@ -491,4 +492,172 @@ fn offline_serves_what_is_in_the_bucket() {
     let unknown = format!("/v2/library/app/blobs/{}", sha256(b"nowhere"));
     assert_eq!(offline.get(&unknown, &[]).0, 404);
     assert!(fake.requests().is_empty(), "offline asks no upstream");
+}
+
+/// A cold image of a manifest, a config and `layers` layers of `size` bytes, new each call
+/// (seeded by `run`), tagged `t<run>` in `library/bench`; returns the tag.
+fn cold_image(fake: &Fake, run: u64, layers: usize, size: usize) -> String {
+    let blob = |data: &[u8]| {
+        let d = fake.add_blob(data);
+        format!(
+            r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{d}","size":{}}}"#,
+            data.len()
+        )
+    };
+    let config = blob(format!(r#"{{"run":{run}}}"#).as_bytes()).replace(
+        "application/vnd.oci.image.layer.v1.tar",
+        "application/vnd.oci.image.config.v1+json",
+    );
+    let layers: Vec<String> = (0..layers)
+        .map(|i| blob(&random_bytes(size, run * 100 + i as u64)))
+        .collect();
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{config},"layers":[{}]}}"#,
+        layers.join(",")
+    );
+    let tag = format!("t{run}");
+    fake.add_manifest(
+        "library/bench",
+        Some(&tag),
+        "application/vnd.oci.image.manifest.v1+json",
+        manifest.as_bytes(),
+    );
+    tag
+}
+
+/// Pulls `tag` through `base` as a client would: the manifest, then its blobs three at a
+/// time (containerd's default); every body verified. The wall time.
+fn pull(base: &str, tag: &str) -> Duration {
+    let oci = "application/vnd.oci.image.manifest.v1+json";
+    let t0 = Instant::now();
+    let url = format!("{base}/v2/library/bench/manifests/{tag}");
+    let (status, _, body) = http_request("GET", &url, &[("Accept", oci)], b"");
+    assert_eq!(status, 200);
+    let m: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let mut digests = vec![m["config"]["digest"].as_str().unwrap().to_string()];
+    for l in m["layers"].as_array().unwrap() {
+        digests.push(l["digest"].as_str().unwrap().to_string());
+    }
+    for batch in digests.chunks(3) {
+        std::thread::scope(|s| {
+            for d in batch {
+                let url = format!("{base}/v2/library/bench/blobs/{d}");
+                s.spawn(move || {
+                    let (status, _, body) = http_request("GET", &url, &[], b"");
+                    assert_eq!(status, 200);
+                    assert_eq!(&sha256(&body), d);
+                });
+            }
+        });
+    }
+    t0.elapsed()
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// The issue's two timing targets, measured (`benches/peers.sh` runs it): the first byte
+/// and total time of the waiting replicas on a cold 32 MiB blob at 4 MiB/s, and a cold
+/// 5-layer pull through one replica of three against one ocicache without a shared tier.
+/// Figures, not asserts: on a shared machine they are noise. Ignored by `cargo test`.
+#[test]
+#[ignore]
+fn bench_peers() {
+    let runs: u64 = std::env::var("PEERS_BENCH_RUNS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    let g = Garage::start();
+    let fake = Fake::start();
+    let ends = [endpoint(), endpoint(), endpoint()];
+    let members: Vec<String> = ends.iter().map(|e| e.url.clone()).collect();
+    let peers: Vec<_> = ends
+        .iter()
+        .map(|e| replica(&fake.url(), &g, "bench", e))
+        .collect();
+    let (a, b, c) = (&peers[0].0, &peers[1].0, &peers[2].0);
+    wait_for_members(&[a, b, c], 3);
+
+    println!("1. cold 32 MiB blob at 4 MiB/s: client on A (responsible), 0.5 s later on B and C");
+    println!("run\tA first\tA total\tB first\tB total\tC first\tC total\tupstream GETs");
+    for run in 0..runs {
+        fake.reset_counts();
+        throttle(&fake);
+        let data = blob_owned_by(&ends[0].url, &members, 32 << 20);
+        let digest = fake.add_blob(&data);
+        let path = format!("/v2/library/x/blobs/{digest}");
+        let t0 = Instant::now();
+        let timed: Vec<Timed> = std::thread::scope(|s| {
+            let on = |r: &Proxy, after: Duration| {
+                let (url, path) = (r.url(), path.clone());
+                s.spawn(move || {
+                    std::thread::sleep(after);
+                    timed_get(&url, &path, t0)
+                })
+            };
+            let half = Duration::from_millis(500);
+            [on(a, Duration::ZERO), on(b, half), on(c, half)]
+                .map(|h| h.join().unwrap())
+                .into()
+        });
+        let mut line = format!("{run}");
+        for t in &timed {
+            assert!(t.complete && sha256(&t.body) == digest);
+            let first = t.first_byte.unwrap();
+            // B's and C's times from their own request, 0.5 s after A's.
+            let from = if std::ptr::eq(t, &timed[0]) {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(500)
+            };
+            line += &format!(
+                "\t{:.3}\t{:.3}",
+                (first - from).as_secs_f64(),
+                (t.done - from).as_secs_f64()
+            );
+        }
+        println!("{line}\t{}", fake.count("GET", "/blobs/"));
+        fake.clear_faults();
+    }
+
+    println!("2. cold pull: manifest by tag, config and 5 layers of 4 MiB (3 at a time)");
+    let dir = tempfile::tempdir().unwrap();
+    let alone = Proxy::start(config(dir.path(), &[("docker.io", &fake.url(), true)]));
+    let leases: Vec<_> = (0..3)
+        .map(|_| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut c = config(dir.path(), &[("docker.io", &fake.url(), true)]);
+            c.cache.s3 = Some(s3(&g, "bench-leases"));
+            (Proxy::start(c), dir)
+        })
+        .collect();
+    let mut times = [vec![], vec![], vec![]];
+    let mut run = 1000;
+    for _ in 0..runs.max(5) {
+        for (i, base) in [alone.url(), a.url(), leases[0].0.url()].iter().enumerate() {
+            run += 1;
+            let tag = cold_image(&fake, run, 5, 4 << 20);
+            times[i].push(pull(base, &tag));
+        }
+    }
+    for (what, t) in [
+        "no shared tier",
+        "1 of 3 replicas, peers",
+        "1 of 3 replicas, leases (before)",
+    ]
+    .iter()
+    .zip(times)
+    {
+        let all: Vec<String> = t
+            .iter()
+            .map(|d| format!("{:.3}", d.as_secs_f64()))
+            .collect();
+        println!(
+            "{what}: median {:.3} s ({})",
+            median(t).as_secs_f64(),
+            all.join(" ")
+        );
+    }
 }
