@@ -661,3 +661,37 @@ fn bench_peers() {
         );
     }
 }
+
+/// A corrupt upstream body streamed through the responsible replica: the replica that
+/// streams it (which gets every byte without waiting for the owner's verdict) finds the
+/// digest wrong itself. Its client gets an error, never a clean end; neither replica keeps
+/// anything; once the upstream is right again, the blob comes through.
+#[test]
+fn a_corrupt_body_through_a_peer_is_never_a_clean_answer() {
+    let g = Garage::start();
+    let fake = Fake::start();
+    let ends = [endpoint(), endpoint()];
+    let members: Vec<String> = ends.iter().map(|e| e.url.clone()).collect();
+    let data = blob_owned_by(&ends[0].url, &members, 2 << 20);
+    let digest = fake.add_blob(&data);
+    let (a, _da) = replica(&fake.url(), &g, "p7", &ends[0]);
+    let (b, _db) = replica(&fake.url(), &g, "p7", &ends[1]);
+    wait_for_members(&[&a, &b], 2);
+    fake.fault("/blobs/", Fault::CorruptBody, Some(1));
+    let path = format!("/v2/library/x/blobs/{digest}");
+
+    let t = timed_get(&b.url(), &path, Instant::now());
+    assert!(!t.complete, "an error, not a clean end of a wrong body");
+    assert!(b.metric("ocicache_served_bytes_total{source=\"peer\"}") > 0.0);
+    wait_until("the failed fills to end", Duration::from_secs(10), || {
+        a.state.cache.fills_in_flight() == 0 && b.state.cache.fills_in_flight() == 0
+    });
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    for r in [&a, &b] {
+        let kept = r.cache_dir().join("blobs/sha256").join(&hex[..2]).join(hex);
+        assert!(!kept.exists(), "nothing wrong is kept");
+    }
+    let (status, _, body) = b.get(&path, &[]);
+    assert_eq!(status, 200);
+    assert_eq!(sha256(&body), digest);
+}

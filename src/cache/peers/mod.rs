@@ -343,6 +343,69 @@ impl Drop for Watched {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::bucket::testing::{tier, TestStore};
+    use crate::cache::bucket::LEASE_TTL;
+    use crate::config::Secret;
+
+    fn peers_on(store: &Arc<TestStore>, url: &str) -> Arc<Peers> {
+        let cfg = PeersConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            advertise: format!("{url}/"),
+            secret: Some(Secret("0123456789abcdef".into())),
+            secret_file: None,
+        };
+        Peers::new(
+            &cfg,
+            tier(store, LEASE_TTL, 1 << 30),
+            Duration::from_secs(5),
+        )
+        .unwrap()
+    }
+
+    /// Ownership follows the membership in the bucket: unknown before the first listing, a
+    /// replica that stops beating leaves after `GONE_AFTER`, a suspect is skipped for
+    /// `SUSPECT_FOR` only; every replica computes the same owner.
+    #[tokio::test(start_paused = true)]
+    async fn ownership_follows_heartbeats_and_suspicions() {
+        let store = TestStore::new();
+        let (a, b) = (
+            peers_on(&store, "http://a:1"),
+            peers_on(&store, "http://b:1"),
+        );
+        let key = (0u32..)
+            .map(|i| i.to_be_bytes().to_vec())
+            .find(|k| {
+                owner_of(&["http://a:1".into(), "http://b:1".into()], k) == Some("http://b:1")
+            })
+            .unwrap();
+        assert_eq!(a.owner(&key), Owner::Unknown, "before any listing");
+        a.beat().await;
+        assert_eq!(a.owner(&key), Owner::Me, "alone");
+        b.beat().await;
+        a.beat().await;
+        assert_eq!(a.members(), ["http://a:1", "http://b:1"]);
+        assert_eq!(a.owner(&key), Owner::Peer("http://b:1".into()));
+        assert_eq!(b.owner(&key), Owner::Me, "the same owner, seen from b");
+
+        a.suspect("http://b:1");
+        assert_eq!(a.owner(&key), Owner::Me, "a suspect is skipped");
+        tokio::time::advance(SUSPECT_FOR).await;
+        assert_eq!(
+            a.owner(&key),
+            Owner::Peer("http://b:1".into()),
+            "then asked again"
+        );
+
+        // b beats once more, then stops: gone once its heartbeat is older than GONE_AFTER.
+        b.beat().await;
+        tokio::time::advance(GONE_AFTER - HEARTBEAT).await;
+        a.beat().await;
+        assert_eq!(a.owner(&key), Owner::Peer("http://b:1".into()));
+        tokio::time::advance(HEARTBEAT * 2).await;
+        a.beat().await;
+        assert_eq!(a.members(), ["http://a:1"]);
+        assert_eq!(a.owner(&key), Owner::Me);
+    }
 
     #[test]
     fn rendezvous_spreads_keys_and_moves_only_those_of_a_member_gone() {
