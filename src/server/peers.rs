@@ -35,7 +35,13 @@ pub async fn start(state: &Arc<State>) -> std::io::Result<Option<tokio::task::Jo
         return Ok(None);
     };
     let listener = TcpListener::bind(peers.listen).await?;
-    tracing::info!(addr = %listener.local_addr()?, advertise = peers.me(), "serving peers");
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        advertise = peers.me(),
+        "serving peers: the replica responsible for a blob, manifest or tag (by hashing over \
+         the live replicas) fetches it and the others stream it from there; leases only until \
+         the membership is first listed"
+    );
     // Known to the others only once it answers.
     let heartbeat = peers.clone().start();
     let state = state.clone();
