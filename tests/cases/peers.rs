@@ -695,3 +695,56 @@ fn a_corrupt_body_through_a_peer_is_never_a_clean_answer() {
     assert_eq!(status, 200);
     assert_eq!(sha256(&body), digest);
 }
+
+/// A member whose heartbeat is fresh but whose endpoint never answers (its port accepts
+/// connections and says nothing): the fill of a blob it is responsible for waits for its
+/// answer no longer than the stall timeout, then fetches upstream, and the member is
+/// skipped for the next blobs at no cost. One that refuses connections costs nothing.
+#[test]
+fn a_responsible_replica_that_does_not_answer_costs_one_timeout() {
+    let g = Garage::start();
+    let fake = Fake::start();
+    let at = endpoint();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let ghost = format!("http://{}", silent.local_addr().unwrap());
+    let refused = format!("http://127.0.0.1:{}", free_port());
+    let (a, _da) = replica(&fake.url(), &g, "p8", &at);
+    let beat = |url: &str| {
+        let store = g.client(0);
+        let key = object_store::path::Path::from(format!("p8/peers/{}", hex::encode(url)));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            use object_store::ObjectStore;
+            store
+                .put(&key, object_store::PutPayload::new())
+                .await
+                .unwrap();
+        });
+    };
+    beat(&ghost);
+    beat(&refused);
+    wait_for_members(&[&a], 3);
+    let members = a.state.cache.peers().unwrap().members();
+
+    let get = |owner: &str| {
+        let data = blob_owned_by(owner, &members, 1 << 20);
+        let digest = fake.add_blob(&data);
+        let started = Instant::now();
+        let (status, _, body) = a.get(&format!("/v2/library/x/blobs/{digest}"), &[]);
+        assert_eq!(status, 200);
+        assert_eq!(sha256(&body), digest);
+        started.elapsed()
+    };
+    let stall = a.state.config.cache.stall_timeout.0;
+    let first = get(&ghost);
+    assert!(first >= stall && first < stall * 3, "{first:?}");
+    let next = get(&ghost);
+    assert!(next < stall, "suspected: {next:?}");
+    let refused_first = get(&refused);
+    assert!(refused_first < stall, "{refused_first:?}");
+    assert_eq!(fake.count("GET", "/blobs/"), 3);
+    drop(silent);
+}
