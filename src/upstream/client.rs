@@ -166,7 +166,9 @@ pub(crate) async fn send_with_timeout(
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error with its causes (hyper's top-level text alone says little); the peers' client
+/// uses it too.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(inner) = src {

@@ -11,6 +11,7 @@
 pub mod auth;
 pub mod challenge;
 mod client;
+pub(crate) use client::error_chain;
 
 use std::io;
 use std::sync::Arc;

@@ -142,6 +142,26 @@ fn timed_get(base: &str, path: &str, t0: Instant) -> Timed {
     }
 }
 
+/// GETs `path` from the first replica, then 0.5 s later from the other two at once; the
+/// times are from the first request.
+fn staggered(replicas: [&Proxy; 3], path: &str) -> Vec<Timed> {
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        let on = |r: &Proxy, after: Duration| {
+            let url = r.url();
+            s.spawn(move || {
+                std::thread::sleep(after);
+                timed_get(&url, path, t0)
+            })
+        };
+        let half = Duration::from_millis(500);
+        let [a, b, c] = replicas;
+        [on(a, Duration::ZERO), on(b, half), on(c, half)]
+            .map(|h| h.join().unwrap())
+            .into()
+    })
+}
+
 /// 4 MiB/s: 64 KiB every 15.6 ms.
 fn throttle(fake: &Fake) {
     let slow = Fault::Slow {
@@ -170,19 +190,7 @@ fn waiting_replicas_stream_the_fill_of_the_responsible_one() {
     throttle(&fake);
     let path = format!("/v2/library/x/blobs/{digest}");
 
-    let t0 = Instant::now();
-    let timed: Vec<Timed> = std::thread::scope(|s| {
-        let on = |r: &Proxy, after: Duration| {
-            let (url, path) = (r.url(), path.clone());
-            s.spawn(move || {
-                std::thread::sleep(after);
-                timed_get(&url, &path, t0)
-            })
-        };
-        let half = Duration::from_millis(500);
-        let clients = [on(&a, Duration::ZERO), on(&b, half), on(&c, half)];
-        clients.map(|h| h.join().unwrap()).into()
-    });
+    let timed = staggered([&a, &b, &c], &path);
     for (who, t) in ["A", "B", "C"].iter().zip(&timed) {
         eprintln!(
             "{who}: first byte {:?}, done {:?}",
@@ -588,20 +596,7 @@ fn bench_peers() {
         let data = blob_owned_by(&ends[0].url, &members, 32 << 20);
         let digest = fake.add_blob(&data);
         let path = format!("/v2/library/x/blobs/{digest}");
-        let t0 = Instant::now();
-        let timed: Vec<Timed> = std::thread::scope(|s| {
-            let on = |r: &Proxy, after: Duration| {
-                let (url, path) = (r.url(), path.clone());
-                s.spawn(move || {
-                    std::thread::sleep(after);
-                    timed_get(&url, &path, t0)
-                })
-            };
-            let half = Duration::from_millis(500);
-            [on(a, Duration::ZERO), on(b, half), on(c, half)]
-                .map(|h| h.join().unwrap())
-                .into()
-        });
+        let timed = staggered([a, b, c], &path);
         let mut line = format!("{run}");
         for t in &timed {
             assert!(t.complete && sha256(&t.body) == digest);

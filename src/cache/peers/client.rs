@@ -16,6 +16,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use super::sign::Key;
+use crate::upstream::error_chain;
 
 /// How long a connection to a peer may take: a replica that is gone (its pod IP answers
 /// nothing) costs this once, then it is suspected and skipped.
@@ -149,16 +150,4 @@ impl PeerClient {
             Err(_) => Err(PeerError::Timeout(base.to_string(), self.answer_timeout)),
         }
     }
-}
-
-/// An error with its causes (hyper's top-level text alone says little).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

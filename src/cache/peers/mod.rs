@@ -231,10 +231,7 @@ impl Peers {
         upstream: &str,
         name: &Name,
     ) -> Result<(Option<u64>, BoxStream<'static, io::Result<Bytes>>), PeerError> {
-        let query: String = url::form_urlencoded::Serializer::new(String::new())
-            .append_pair("upstream", upstream)
-            .append_pair("name", name.as_str())
-            .finish();
+        let query = fetch_query(upstream, name);
         let path = format!("/peer/v1/blobs/{digest}?{query}");
         let Answer { size, body, .. } = self.client.get(peer, &path, None).await?;
         let watched = Watched {
@@ -258,10 +255,7 @@ impl Peers {
         accept: Option<&str>,
         max: u64,
     ) -> Result<(Bytes, Option<String>, Option<String>), PeerError> {
-        let query: String = url::form_urlencoded::Serializer::new(String::new())
-            .append_pair("upstream", upstream)
-            .append_pair("name", name.as_str())
-            .finish();
+        let query = fetch_query(upstream, name);
         let path = format!("/peer/v1/manifests/{reference}?{query}");
         let (headers, bytes) = match self.client.get_small(peer, &path, accept, max).await {
             Ok(got) => got,
@@ -280,6 +274,14 @@ impl Peers {
         };
         Ok((bytes, text("content-type"), text("docker-content-digest")))
     }
+}
+
+/// The query that tells a peer what to fetch, should it have nothing yet.
+fn fetch_query(upstream: &str, name: &Name) -> String {
+    url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("upstream", upstream)
+        .append_pair("name", name.as_str())
+        .finish()
 }
 
 /// A fill's body from the replica responsible for `digest`, when that is another replica
