@@ -85,6 +85,25 @@ fn blob_owned_by(owner: &str, members: &[String], len: usize) -> Vec<u8> {
         .unwrap()
 }
 
+/// Three peer endpoints, and a cold 32 MiB blob (added to `fake`) that the first one is
+/// responsible for: its data and digest.
+fn three_and_a_blob_of_the_first(fake: &Fake) -> ([Endpoint; 3], Vec<u8>, String) {
+    let ends = [endpoint(), endpoint(), endpoint()];
+    let members: Vec<String> = ends.iter().map(|e| e.url.clone()).collect();
+    let data = blob_owned_by(&ends[0].url, &members, 32 << 20);
+    let digest = fake.add_blob(&data);
+    (ends, data, digest)
+}
+
+/// A small image manifest, different for each `n`.
+fn tiny_manifest(n: u8) -> Vec<u8> {
+    let config = format!("sha256:{}", hex::encode([n; 32]));
+    format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":2}},"layers":[]}}"#
+    )
+    .into_bytes()
+}
+
 /// A GET read as it arrives: the status, the body received, when its first byte and its
 /// end came (from `t0`), and whether it ended cleanly with every announced byte.
 struct Timed {
@@ -179,10 +198,7 @@ fn throttle(fake: &Fake) {
 fn waiting_replicas_stream_the_fill_of_the_responsible_one() {
     let g = Garage::start();
     let fake = Fake::start();
-    let ends = [endpoint(), endpoint(), endpoint()];
-    let members: Vec<String> = ends.iter().map(|e| e.url.clone()).collect();
-    let data = blob_owned_by(&ends[0].url, &members, 32 << 20);
-    let digest = fake.add_blob(&data);
+    let (ends, data, digest) = three_and_a_blob_of_the_first(&fake);
     let (a, _da) = replica(&fake.url(), &g, "p1", &ends[0]);
     let (b, _db) = replica(&fake.url(), &g, "p1", &ends[1]);
     let (c, _dc) = replica(&fake.url(), &g, "p1", &ends[2]);
@@ -264,10 +280,7 @@ fn twenty_one_clients_over_three_replicas_cost_one_upstream_fetch() {
 fn the_responsible_replica_killed_mid_stream() {
     let g = Garage::start();
     let fake = Fake::start();
-    let ends = [endpoint(), endpoint(), endpoint()];
-    let members: Vec<String> = ends.iter().map(|e| e.url.clone()).collect();
-    let data = blob_owned_by(&ends[0].url, &members, 32 << 20);
-    let digest = fake.add_blob(&data);
+    let (ends, data, digest) = three_and_a_blob_of_the_first(&fake);
 
     // A is a child process, to be killed.
     let dir = tempfile::tempdir().unwrap();
@@ -406,10 +419,8 @@ fn the_responsible_replica_resolves_manifests_and_revalidates_tags_for_all() {
     let g = Garage::start();
     let fake = Fake::start();
     let oci = "application/vnd.oci.image.manifest.v1+json";
-    let by_tag = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
-    let tag_digest = fake.add_manifest("library/app", Some("v1"), oci, by_tag);
-    let by_digest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8b","size":2},"layers":[]}"#;
-    let other_digest = fake.add_manifest("library/app", None, oci, by_digest);
+    let tag_digest = fake.add_manifest("library/app", Some("v1"), oci, &tiny_manifest(1));
+    let other_digest = fake.add_manifest("library/app", None, oci, &tiny_manifest(2));
     fake.fault(
         "/manifests/",
         Fault::Delay(Duration::from_millis(300)),
@@ -458,8 +469,7 @@ fn offline_serves_what_is_in_the_bucket() {
     let g = Garage::start();
     let fake = Fake::start();
     let oci = "application/vnd.oci.image.manifest.v1+json";
-    let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
-    let tag_digest = fake.add_manifest("library/app", Some("v1"), oci, manifest);
+    let tag_digest = fake.add_manifest("library/app", Some("v1"), oci, &tiny_manifest(3));
     let data = random_bytes(3 << 20, 11);
     let digest = fake.add_blob(&data);
     let online = {
