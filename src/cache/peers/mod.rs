@@ -364,6 +364,71 @@ mod tests {
         .unwrap()
     }
 
+    /// What the peer endpoint reads a fill with: every byte as soon as it is written (the
+    /// asking replica verifies them itself), yet the stream still ends with the fill's
+    /// verdict. A client's reader of the same fill waits for the verdict for its last byte.
+    #[tokio::test]
+    async fn a_verifying_reader_gets_every_byte_and_still_the_verdict() {
+        use futures_util::StreamExt;
+        // Chunks of 64 KiB: each one's write tells the readers (see `fill::NOTIFY_BYTES`).
+        const LEN: usize = 4 << 16;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = crate::cache::Cache::for_test(dir.path(), None);
+        let data = vec![7u8; LEN];
+        // A body whose end waits for `end`: every byte is written, no verdict yet.
+        let (end, ended) = tokio::sync::oneshot::channel::<()>();
+        let chunks: Vec<io::Result<Bytes>> = data
+            .chunks(64 << 10)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        let tail = futures_util::stream::once(async move {
+            let _ = ended.await;
+        })
+        .filter_map(|_| async { None });
+        let body = futures_util::stream::iter(chunks).chain(tail).boxed();
+        let fetched = Fetched {
+            size: Some(LEN as u64),
+            body,
+            origin: Origin::Upstream { lease: None },
+            source: "test".into(),
+        };
+        let wrong = Digest::sha256_of(b"another blob");
+        let fill = cache.start_fill(wrong, async move { Ok(fetched) }).unwrap();
+        let all_written = async {
+            while !matches!(fill.progress(), crate::cache::Progress::Streaming { written, .. } if written == LEN as u64)
+            {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), all_written)
+            .await
+            .expect("every byte written");
+        let reader = |verifier: bool| {
+            let r = crate::cache::Source::filling(&fill).reader(0, LEN as u64);
+            let r = if verifier { r.for_verifier() } else { r };
+            r.into_stream()
+        };
+        let (mut verifying, mut client) = (reader(true), reader(false));
+        let mut got = (0, 0);
+        while got.0 < LEN {
+            got.0 += verifying.next().await.unwrap().unwrap().len();
+        }
+        while got.1 < LEN - 1 {
+            got.1 += client.next().await.unwrap().unwrap().len();
+        }
+        assert_eq!(
+            got,
+            (LEN, LEN - 1),
+            "all bytes before the verdict, or all but one"
+        );
+        end.send(()).unwrap();
+        assert!(
+            verifying.next().await.unwrap().is_err(),
+            "the verdict still ends it"
+        );
+        assert!(client.next().await.unwrap().is_err());
+    }
+
     /// Ownership follows the membership in the bucket: unknown before the first listing, a
     /// replica that stops beating leaves after `GONE_AFTER`, a suspect is skipped for
     /// `SUSPECT_FOR` only; every replica computes the same owner.
