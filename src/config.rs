@@ -150,6 +150,42 @@ pub struct S3Config {
     /// Answer blob GETs the bucket holds with a `307` to a presigned URL of it.
     #[serde(default)]
     pub redirect: bool,
+    /// `[cache.s3.peers]`: replicas stream cold blobs from each other instead of waiting for
+    /// them to land in the bucket. Without it, one replica fetches under a lease and the
+    /// others wait.
+    #[serde(default)]
+    pub peers: Option<PeersConfig>,
+}
+
+/// `[cache.s3.peers]`: the internal endpoint replicas stream fills from, and how they find
+/// and trust each other (membership through the bucket, requests signed with `secret`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeersConfig {
+    /// The internal listener of the peer endpoint, e.g. `0.0.0.0:5001`.
+    pub listen: SocketAddr,
+    /// The URL the other replicas reach this one's peer endpoint at, e.g.
+    /// `http://10.1.2.3:5001` (the pod IP).
+    pub advertise: String,
+    /// The key shared by the replicas (at least 16 bytes); or `secret_file`.
+    pub secret: Option<Secret>,
+    pub secret_file: Option<PathBuf>,
+}
+
+impl PeersConfig {
+    /// The shared key, from `secret` or `secret_file` (a trailing newline is dropped).
+    pub fn secret(&self) -> std::io::Result<Secret> {
+        match (&self.secret, &self.secret_file) {
+            (Some(s), _) => Ok(s.clone()),
+            (None, Some(f)) => {
+                let s = std::fs::read_to_string(f)?;
+                Ok(Secret(s.trim_end_matches(['\r', '\n']).to_string()))
+            }
+            (None, None) => Err(std::io::Error::other(
+                "cache.s3.peers: secret or secret_file is needed",
+            )),
+        }
+    }
 }
 
 /// Default of `cache.max_fills`: enough to keep a link busy with many slow upstream streams,
@@ -590,6 +626,9 @@ impl Config {
                     "timeout and gc_interval must be above zero",
                 ));
             }
+            if let Some(peers) = &s3.peers {
+                self.validate_peers(peers)?;
+            }
         }
         if let Some(auth) = &self.auth {
             files_exist([("auth.htpasswd".into(), Some(auth.htpasswd.as_path()))])?;
@@ -627,6 +666,57 @@ impl Config {
             return Err(invalid("admin.token", "", "must not be empty"));
         }
         files_exist([("admin.token_file".into(), admin.token_file.as_deref())])
+    }
+}
+
+impl Config {
+    /// `[cache.s3.peers]`: a reachable http(s) URL, a listener of its own, a long enough
+    /// secret from one place.
+    fn validate_peers(&self, peers: &PeersConfig) -> Result<(), ConfigError> {
+        match url::Url::parse(&peers.advertise) {
+            Ok(u)
+                if matches!(u.scheme(), "http" | "https")
+                    && u.host().is_some()
+                    && (u.path() == "/" || u.path().is_empty())
+                    && u.query().is_none()
+                    && u.username().is_empty() => {}
+            _ => {
+                return Err(invalid(
+                    "cache.s3.peers.advertise",
+                    &peers.advertise,
+                    "must be an http:// or https:// URL with a host and no path",
+                ))
+            }
+        }
+        if peers.listen == self.listen {
+            return Err(invalid(
+                "cache.s3.peers.listen",
+                peers.listen,
+                "must differ from listen (the peer endpoint has a listener of its own)",
+            ));
+        }
+        if peers.secret.is_some() && peers.secret_file.is_some() {
+            return Err(invalid(
+                "cache.s3.peers.secret_file",
+                "",
+                "secret and secret_file are exclusive",
+            ));
+        }
+        files_exist([(
+            "cache.s3.peers.secret_file".into(),
+            peers.secret_file.as_deref(),
+        )])?;
+        let key = if peers.secret_file.is_some() {
+            "cache.s3.peers.secret_file"
+        } else {
+            "cache.s3.peers.secret"
+        };
+        match peers.secret() {
+            Ok(s) if s.0.len() >= 16 => Ok(()),
+            // The value is never echoed: it is a credential.
+            Ok(_) => Err(invalid(key, "REDACTED", "must be at least 16 bytes")),
+            Err(e) => Err(invalid(key, "", &e.to_string())),
+        }
     }
 }
 
@@ -898,6 +988,58 @@ mod tests {
                     .unwrap_err()
                     .to_string();
                 assert!(e.contains(key), "{body}: {e}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn peers_from_a_file_and_the_environment_validated() {
+        Jail::expect_with(|jail| {
+            jail.create_file("secret", "0123456789abcdef-from-a-file\n")?;
+            jail.create_file(
+                "p.toml",
+                "[cache.s3]\nbucket = \"b\"\n[cache.s3.peers]\nlisten = \"0.0.0.0:5001\"\n",
+            )?;
+            jail.set_env(
+                "OCICACHE_CACHE__S3__PEERS__ADVERTISE",
+                "http://10.1.2.3:5001",
+            );
+            jail.set_env("OCICACHE_CACHE__S3__PEERS__SECRET_FILE", "secret");
+            let c = Config::load(Some(Path::new("p.toml"))).unwrap();
+            let peers = c.cache.s3.as_ref().unwrap().peers.as_ref().unwrap();
+            assert_eq!(peers.listen.port(), 5001);
+            assert_eq!(peers.advertise, "http://10.1.2.3:5001");
+            assert_eq!(peers.secret().unwrap().0, "0123456789abcdef-from-a-file");
+            jail.clear_env();
+
+            let base = "[cache.s3]\nbucket = \"b\"\n[cache.s3.peers]\n";
+            let good = "listen = \"0.0.0.0:5001\"\nadvertise = \"http://10.0.0.1:5001\"\n";
+            for (body, key, why) in [
+                (
+                    "listen = \"0.0.0.0:5001\"\nadvertise = \"10.0.0.1:5001\"\nsecret = \"0123456789abcdef\"",
+                    "cache.s3.peers.advertise",
+                    "http",
+                ),
+                (
+                    "listen = \"127.0.0.1:5000\"\nadvertise = \"http://10.0.0.1:5001\"\nsecret = \"0123456789abcdef\"",
+                    "cache.s3.peers.listen",
+                    "differ",
+                ),
+                (&format!("{good}secret = \"short-secret\""), "cache.s3.peers.secret", "16 bytes"),
+                (good, "cache.s3.peers.secret", "needed"),
+                (
+                    &format!("{good}secret = \"0123456789abcdef\"\nsecret_file = \"secret\""),
+                    "cache.s3.peers.secret_file",
+                    "exclusive",
+                ),
+            ] {
+                jail.create_file("bad.toml", &format!("{base}{body}\n"))?;
+                let e = Config::load(Some(Path::new("bad.toml")))
+                    .unwrap_err()
+                    .to_string();
+                assert!(e.contains(key) && e.contains(why), "{body}: {e}");
+                assert!(!e.contains("short-secret"), "the secret is never shown: {e}");
             }
             Ok(())
         });

@@ -24,7 +24,9 @@
 //!   their readers and every hit read through (`cache::source`, whose windows of a file a
 //!   plain connection sends with `sendfile`, `cache::source::window`),
 //!   manifests and records through the tiers (`cache::records`), the outcome of a request
-//!   (`cache::outcome`) and the offline commands (`cache::admin`).
+//!   (`cache::outcome`) and the offline commands (`cache::admin`); replicas on one bucket
+//!   stream fills from the one responsible for a blob (`cache::peers`: membership,
+//!   ownership, signed requests; its endpoint is `server::peers`).
 //! - [`upstream`]: a registry client that speaks the domain (blob, blob size, manifest, tag
 //!   digest, tags, referrers) and turns an upstream's answer into our error in one place;
 //!   HTTP, tokens and redirects in `upstream::client`, `upstream::auth` and

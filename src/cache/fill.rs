@@ -31,7 +31,7 @@ use std::future::Future;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,7 +39,7 @@ use bytes::Bytes;
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::disk::Lane;
-use super::source::{lock, Progress, Recent, Source};
+use super::source::{lock, Progress, Recent, Source, FED_BY_PEER, FED_BY_TIER, FED_BY_UPSTREAM};
 use super::Cache;
 use crate::clock::Instant;
 use crate::error::{Error, UpstreamError};
@@ -57,9 +57,10 @@ pub struct Fill {
     progress: watch::Receiver<Progress>,
     /// The last chunks written, for readers that keep up with the writer.
     recent: Arc<Mutex<Recent>>,
-    /// Set before the first byte when a tier behind the local one (the bucket) feeds the
-    /// fill rather than the upstream: the answer is then labelled `bucket`, not `fill`.
-    from_tier: Arc<AtomicBool>,
+    /// Set before the first byte when a tier behind the local one (the bucket) or a peer
+    /// feeds the fill rather than the upstream: the answer is then labelled `bucket` or
+    /// `peer`, not `fill` (`source::FED_BY_*`).
+    from_tier: Arc<AtomicU8>,
     /// When it started, for the admin API's list of fills (display only).
     pub(super) started: std::time::SystemTime,
     /// `upstream/name` of the request that started it, once known (the admin API).
@@ -108,6 +109,9 @@ pub enum Origin {
     Upstream { lease: Option<super::tier::Lease> },
     /// The shared tier (verified again here, like any source).
     Shared,
+    /// Another replica's peer endpoint, streaming its fill (verified again here; that
+    /// replica keeps it in the shared tier).
+    Peer,
 }
 
 /// A response body to fill from: its announced size, its chunks, and where it comes from.
@@ -145,7 +149,7 @@ impl Cache {
             file: Arc::new(file),
             progress: rx,
             recent: Arc::new(Mutex::new(Recent::default())),
-            from_tier: Arc::new(AtomicBool::new(false)),
+            from_tier: Arc::new(AtomicU8::new(FED_BY_UPSTREAM)),
             started: crate::clock::now(),
             repository: std::sync::OnceLock::new(),
             joined: std::sync::atomic::AtomicU32::new(0),
@@ -246,8 +250,13 @@ impl Guard {
         let mut fetched = fetch.await?;
         let origin = std::mem::replace(&mut fetched.origin, Origin::Shared);
         let from_shared = matches!(origin, Origin::Shared);
+        let fed_by = match origin {
+            Origin::Upstream { .. } => FED_BY_UPSTREAM,
+            Origin::Shared => FED_BY_TIER,
+            Origin::Peer => FED_BY_PEER,
+        };
         // Before any progress is published: a reader that knows the size knows this too.
-        self.fill.from_tier.store(from_shared, Ordering::Release);
+        self.fill.from_tier.store(fed_by, Ordering::Release);
         if let Origin::Upstream { lease } = origin {
             // Kept by the tiers behind as it arrives; completed only once verified.
             cache.keep_behind(digest, &Source::filling(&self.fill), lease);

@@ -17,6 +17,7 @@ pub mod fill;
 pub mod inventory;
 pub mod local;
 pub mod outcome;
+pub mod peers;
 pub mod pins;
 pub mod records;
 pub mod source;
@@ -81,6 +82,9 @@ pub struct Cache {
     turns: tokio::sync::Semaphore,
     /// Images whose blobs the index never evicts, kept in `pins.json` (see `pins`).
     pins: pins::Pins,
+    /// The other replicas on the bucket, when they stream fills from each other
+    /// (`[cache.s3.peers]`); set once at open.
+    peers: std::sync::OnceLock<Arc<peers::Peers>>,
 }
 
 /// The bounds of fills, from `[cache]`.
@@ -109,7 +113,28 @@ impl Cache {
             fill_deadline: cfg.fill_deadline.0,
             max_fills: cfg.max_fills,
         };
-        Self::open_with(&cfg.dir, cfg.max_size.0, limits, metrics, shared)
+        let peers = match (&cfg.s3, &shared) {
+            (Some(s3), Some(bucket)) => match &s3.peers {
+                Some(p) => Some(peers::Peers::new(p, bucket.clone(), cfg.stall_timeout.0)?),
+                None => None,
+            },
+            _ => None,
+        };
+        let cache = Self::open_with(&cfg.dir, cfg.max_size.0, limits, metrics, shared)?;
+        if let Some(p) = peers {
+            cache.set_peers(p);
+        }
+        Ok(cache)
+    }
+
+    /// Streams fills from the other replicas of `peers` (once, at open).
+    pub fn set_peers(&self, peers: Arc<peers::Peers>) {
+        let _ = self.peers.set(peers);
+    }
+
+    /// The other replicas, when fills stream between them.
+    pub fn peers(&self) -> Option<&Arc<peers::Peers>> {
+        self.peers.get()
     }
 
     /// `open` from parts, with the default `max_fills`; the scan starts on its thread.
@@ -188,6 +213,7 @@ impl Cache {
             fill_deadline,
             turns: tokio::sync::Semaphore::new(max_fills),
             pins,
+            peers: std::sync::OnceLock::new(),
         });
         Ok((cache, scan))
     }
@@ -240,15 +266,75 @@ impl Cache {
             return Ok(Found::Source(src));
         }
         let Some((up, name)) = upstream else {
-            return Err(Error::client(
-                crate::error::ErrorCode::BlobUnknown,
-                "blob not cached (offline)",
-            ));
+            return self.offline_fill(digest).await.map(Found::Source);
         };
         if let Some(url) = self.redirect(digest, false).await {
             return Ok(Found::Redirect(url));
         }
         self.open_or_fill(digest, up, name).await.map(Found::Source)
+    }
+
+    /// Offline, a blob not on local disk: a fill fed by a tier behind (the bucket) if it
+    /// has it, else `BLOB_UNKNOWN`. Never the upstream.
+    async fn offline_fill(self: &Arc<Self>, digest: &Digest) -> Result<Source, Error> {
+        let unknown = || {
+            Error::client(
+                crate::error::ErrorCode::BlobUnknown,
+                "blob not cached (offline)",
+            )
+        };
+        if self.behind().is_empty() {
+            return Err(unknown());
+        }
+        let source = || {
+            let (this, d) = (self.clone(), digest.clone());
+            async move { this.fill_from_behind(&d).await.ok_or_else(unknown) }
+        };
+        self.open_or_start(digest, source).await
+    }
+
+    /// A fill's body from the first tier behind that has `digest`.
+    async fn fill_from_behind(&self, digest: &Digest) -> Option<Fetched> {
+        for tier in self.behind() {
+            if let Some((size, body)) = tier.get_blob(digest).await {
+                return Some(Fetched {
+                    size: Some(size),
+                    body,
+                    origin: Origin::Shared,
+                    source: format!("{} tier", tier.name()),
+                });
+            }
+        }
+        None
+    }
+
+    /// For a peer's request: `digest` committed here, or the fill under way, or (given the
+    /// upstream and name to fetch it from) a new fill fed by the bucket or the upstream,
+    /// never by another peer (two replicas that disagree on the owner cannot loop).
+    /// `None`: not here, and nothing to fetch it from.
+    pub async fn for_peer(
+        self: &Arc<Self>,
+        digest: &Digest,
+        upstream: Option<(&Arc<Upstream>, &Name)>,
+    ) -> Result<Option<Source>, Error> {
+        if let Some(src) = self.open_cached(digest).await? {
+            return Ok(Some(src));
+        }
+        if let Some(fill) = self.fills.get(digest) {
+            return Ok(Some(Source::filling(&fill)));
+        }
+        let Some((up, name)) = upstream else {
+            return Ok(None);
+        };
+        let source = || {
+            let (up, name, d) = (up.clone(), name.clone(), digest.clone());
+            let fetch = async move {
+                let body = up.blob(&name, &d, None).await?;
+                Ok(Fetched::from_upstream(&up.name, body))
+            };
+            self.clone().source(digest.clone(), fetch, None)
+        };
+        self.open_or_start(digest, source).await.map(Some)
     }
 
     /// The tiers behind the local one.
@@ -291,7 +377,8 @@ impl Cache {
     }
 
     /// Serves `digest` of `name` from the cache or from a fill: the one under way, or a new
-    /// one fed by the bucket when it has the blob, else by the upstream `up`.
+    /// one fed by the bucket when it has the blob, else by the replica responsible for it,
+    /// else by the upstream `up`.
     pub async fn open_or_fill(
         self: &Arc<Self>,
         digest: &Digest,
@@ -300,11 +387,12 @@ impl Cache {
     ) -> Result<Source, Error> {
         let source = || {
             let (up, name, d) = (up.clone(), name.clone(), digest.clone());
+            let ask = Some((up.name.clone(), name.clone()));
             let fetch = async move {
                 let body = up.blob(&name, &d, None).await?;
                 Ok(Fetched::from_upstream(&up.name, body))
             };
-            self.clone().source(digest.clone(), fetch)
+            self.clone().source(digest.clone(), fetch, ask)
         };
         let found = self.open_or_start(digest, source).await;
         if let Some(fill) = self.fills.get(digest) {
@@ -348,9 +436,17 @@ impl Cache {
     }
 
     /// Where a new fill of `digest` reads from: a tier behind the local one if it has the
-    /// blob; else the upstream, by this replica if it wins the blob's lease (or nobody
-    /// arbitrates), or the tier again once the replica that won it has landed it there.
-    async fn source<F>(self: Arc<Self>, digest: Digest, fetch: F) -> Result<Fetched, Error>
+    /// blob; else, with peers, the replica responsible for it (`ask`: the upstream's and
+    /// the repository's names it fetches it as; `None` for a fill a peer asked for, which
+    /// never asks a peer), falling back to the upstream; else the upstream, by this replica
+    /// if it wins the blob's lease (or nobody arbitrates), or the tier again once the
+    /// replica that won it has landed it there.
+    async fn source<F>(
+        self: Arc<Self>,
+        digest: Digest,
+        fetch: F,
+        ask: Option<(String, Name)>,
+    ) -> Result<Fetched, Error>
     where
         F: Future<Output = Result<Fetched, Error>> + Send + 'static,
     {
@@ -360,9 +456,20 @@ impl Cache {
             origin: Origin::Shared,
             source: format!("{} tier", tier.name()),
         };
-        for tier in self.behind() {
-            if let Some(found) = tier.get_blob(&digest).await {
-                return Ok(from_tier(tier, found));
+        if let Some(peers) = self.peers.get() {
+            // The responsible replica looks in the bucket itself: asking it first saves a
+            // call; the bucket is asked here only when it fails.
+            if let Some(fetched) = peers::fill_source(peers, &digest, ask.as_ref()).await {
+                return Ok(fetched);
+            }
+        }
+        if let Some(fetched) = self.fill_from_behind(&digest).await {
+            return Ok(fetched);
+        }
+        if let Some(peers) = self.peers.get() {
+            if peers.owner(&peers::digest_key(&digest)) != peers::Owner::Unknown {
+                // Ownership decided who fetches: no lease.
+                return fetch.await;
             }
         }
         let mut lease = None;

@@ -22,6 +22,8 @@ pub enum Outcome {
     /// Answered by asking the upstream, with nothing cached (a blob `HEAD`, which must not
     /// cost a download).
     Upstream,
+    /// A blob whose fill another replica fed, streaming its own fill (`[cache.s3.peers]`).
+    Peer,
 }
 
 impl Outcome {
@@ -36,11 +38,12 @@ impl Outcome {
             Outcome::Redirect => "redirect",
             Outcome::Bucket => "bucket",
             Outcome::Upstream => "upstream",
+            Outcome::Peer => "peer",
         }
     }
 
     /// The `X-Cache` header: `MISS` when the answer's bytes came from the upstream for this
-    /// request, `HIT` when a cache tier (local or shared) had them.
+    /// request, `HIT` when a cache tier (local or shared) or another replica had them.
     pub fn x_cache(self) -> &'static str {
         match self {
             Outcome::Fill | Outcome::Miss | Outcome::Upstream => "MISS",
@@ -48,7 +51,8 @@ impl Outcome {
             | Outcome::Revalidated
             | Outcome::Stale
             | Outcome::Redirect
-            | Outcome::Bucket => "HIT",
+            | Outcome::Bucket
+            | Outcome::Peer => "HIT",
         }
     }
 
@@ -79,6 +83,7 @@ mod tests {
             Outcome::Redirect,
             Outcome::Bucket,
             Outcome::Upstream,
+            Outcome::Peer,
         ];
         let misses: Vec<&str> = all
             .iter()

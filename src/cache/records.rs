@@ -5,13 +5,14 @@
 //! manifest is a few KiB: hashing it is cheap next to serving a wrong one); one that does not
 //! match is removed from the tier that held it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 
 pub use super::tier::Record;
 use super::tier::{Claim, Lease};
-use super::Cache;
+use super::{peers, Cache};
 use crate::clock;
 use crate::error::Error;
 use crate::reference::Digest;
@@ -127,6 +128,13 @@ impl Cache {
         if !self.is_shared() {
             return fetch().await;
         }
+        if let Some(peers) = self.peers() {
+            // Ownership decides who fetches, with no lease and no wait: the callers ask the
+            // responsible replica first (`responsible_peer`); what reaches here is fetched.
+            if peers.owner(&peers::digest_key(key)) != peers::Owner::Unknown {
+                return fetch().await;
+            }
+        }
         match self.claim(key).await {
             Claim::Mine(lease) => {
                 let fetched = fetch().await;
@@ -151,6 +159,20 @@ impl Cache {
                 fetch().await
             }
             Claim::None => fetch().await,
+        }
+    }
+
+    /// With peers: the replica responsible for the object named by `key`, when it is
+    /// another one and this request was not itself asked by a peer (so that two replicas
+    /// that disagree on the owner ask each other at most once).
+    pub fn responsible_peer(&self, key: &Digest) -> Option<(Arc<peers::Peers>, String)> {
+        let peers = self.peers()?;
+        if peers::asked_by_peer() {
+            return None;
+        }
+        match peers.owner(&peers::digest_key(key)) {
+            peers::Owner::Peer(p) => Some((peers.clone(), p)),
+            peers::Owner::Me | peers::Owner::Unknown => None,
         }
     }
 

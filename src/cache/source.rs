@@ -11,7 +11,7 @@ pub mod window;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::{Bytes, BytesMut};
@@ -142,6 +142,11 @@ impl Recent {
     }
 }
 
+/// What feeds a fill, as its readers see it.
+pub(super) const FED_BY_UPSTREAM: u8 = 0;
+pub(super) const FED_BY_TIER: u8 = 1;
+pub(super) const FED_BY_PEER: u8 = 2;
+
 /// A blob to serve: a committed file, or the growing file of a fill.
 #[derive(Clone)]
 pub struct Source {
@@ -154,8 +159,8 @@ pub struct Source {
     size: Option<u64>,
     /// The media type, when the blob is a manifest.
     pub media_type: Option<String>,
-    /// A fill's flag: fed by a tier behind the local one.
-    from_tier: Option<Arc<AtomicBool>>,
+    /// A fill's feed: `FED_BY_UPSTREAM`, `FED_BY_TIER` (the bucket) or `FED_BY_PEER`.
+    from_tier: Option<Arc<AtomicU8>>,
 }
 
 impl Source {
@@ -175,7 +180,7 @@ impl Source {
         file: Arc<File>,
         progress: watch::Receiver<Progress>,
         recent: Arc<Mutex<Recent>>,
-        from_tier: Arc<AtomicBool>,
+        from_tier: Arc<AtomicU8>,
     ) -> Source {
         Source {
             file,
@@ -197,7 +202,15 @@ impl Source {
     pub fn is_from_tier(&self) -> bool {
         self.from_tier
             .as_ref()
-            .is_some_and(|f| f.load(Ordering::Acquire))
+            .is_some_and(|f| f.load(Ordering::Acquire) != FED_BY_UPSTREAM)
+    }
+
+    /// Is this a fill fed by another replica's peer endpoint? Known once
+    /// [`Source::size`] has answered.
+    pub fn is_from_peer(&self) -> bool {
+        self.from_tier
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::Acquire) == FED_BY_PEER)
     }
 
     /// The blob's size: at once for a committed file; for a fill, once the upstream has
@@ -234,6 +247,7 @@ impl Source {
             recent: self.recent.clone(),
             pos: start,
             end,
+            hold_last: 1,
         }
     }
 
@@ -270,9 +284,20 @@ pub struct Reader {
     recent: Option<Arc<Mutex<Recent>>>,
     pos: u64,
     end: u64,
+    /// 1: the last byte waits for the verdict; 0 for a reader that verifies the bytes
+    /// itself (see `for_verifier`).
+    hold_last: u64,
 }
 
 impl Reader {
+    /// For a reader that verifies every byte itself against the digest (another replica's
+    /// fill): the last byte is not held back for this fill's verdict (its fsync), only the
+    /// end of the stream is.
+    pub fn for_verifier(mut self) -> Reader {
+        self.hold_last = 0;
+        self
+    }
+
     /// The next chunk, `None` at the end, or an error if the fill failed.
     pub async fn next_chunk(&mut self) -> Option<io::Result<Bytes>> {
         if self.pos >= self.end {
@@ -286,7 +311,7 @@ impl Reader {
                     Progress::Connecting => 0,
                     // The last byte of the range waits for the verdict: a client must never
                     // hold a complete body that later proves wrong (it could not tell).
-                    Progress::Streaming { written, .. } => written.min(self.end - 1),
+                    Progress::Streaming { written, .. } => written.min(self.end - self.hold_last),
                     Progress::Done { size } if size < self.end => {
                         return self.fail(io::Error::new(
                             io::ErrorKind::UnexpectedEof,
@@ -510,7 +535,7 @@ mod tests {
             Arc::new(f.try_clone().unwrap()),
             rx,
             Arc::new(Mutex::new(Recent::within(nothing_kept))),
-            Arc::new(AtomicBool::new(false)),
+            Arc::new(std::sync::atomic::AtomicU8::new(FED_BY_UPSTREAM)),
         );
         // Takes `n` bytes from `r`, then checks that it waits (for the fill, not a read).
         async fn take(r: &mut Reader, n: usize) -> Vec<u8> {

@@ -64,8 +64,10 @@ impl Manifests {
         reference: &Reference,
         accept: Option<&str>,
     ) -> Result<Arc<Manifest>, Error> {
-        let key =
-            Digest::sha256_of(format!("manifest\0{}\0{name}\0{reference}", up.name).as_bytes());
+        if let Some(m) = self.resolved_by_peer(up, name, reference, accept).await {
+            return Ok(m);
+        }
+        let key = fetch_key(up, name, reference);
         // What another replica's fetch leaves in the shared tier: the manifest by digest, or
         // the tag's record (adopted with that replica's confirmation time).
         let landed = || async {
@@ -102,6 +104,44 @@ impl Manifests {
         Ok(m)
     }
 
+    /// With peers: `reference` as the replica responsible for it resolved it (so that one
+    /// replica asks the upstream for all), verified and kept here, a tag recorded; `None`
+    /// when this replica is responsible, or that replica failed (this one fetches then).
+    pub(super) async fn resolved_by_peer(
+        &self,
+        up: &Arc<Upstream>,
+        name: &Name,
+        reference: &Reference,
+        accept: Option<&str>,
+    ) -> Option<Arc<Manifest>> {
+        let (peers, peer) = self
+            .cache
+            .responsible_peer(&fetch_key(up, name, reference))?;
+        let text = reference.to_string();
+        let asked = peers.manifest(&peer, &up.name, name, &text, accept, self.max_size);
+        let (bytes, media_type, claimed) = match asked.await {
+            Ok(got) => got,
+            Err(e) => {
+                tracing::warn!(%name, %reference, error = %e, "the replica responsible for a manifest failed: fetching it here");
+                return None;
+            }
+        };
+        let got = UpstreamManifest {
+            bytes,
+            media_type,
+            digest: claimed.and_then(|d| Digest::parse(&d).ok()),
+        };
+        let m = self.keep_verified(up, name, reference, got).await.ok()?;
+        if !accepts(accept, &m.media_type) {
+            return None;
+        }
+        if let Reference::Tag(tag) = reference {
+            let key = (up.name.clone(), name.clone(), tag.clone());
+            self.record_tag(&key, &m).await;
+        }
+        Some(m)
+    }
+
     /// GETs a manifest from the upstream, verifies it, stores it by digest.
     pub(super) async fn fetch_upstream(
         &self,
@@ -110,11 +150,24 @@ impl Manifests {
         reference: &Reference,
         accept: Option<&str>,
     ) -> Result<Arc<Manifest>, Error> {
+        let got = up.manifest(name, reference, accept, self.max_size).await?;
+        self.keep_verified(up, name, reference, got).await
+    }
+
+    /// Verifies a manifest fetched for `reference` (from the upstream or a peer) against
+    /// the digest asked for or claimed, and stores it by digest.
+    async fn keep_verified(
+        &self,
+        up: &Arc<Upstream>,
+        name: &Name,
+        reference: &Reference,
+        got: UpstreamManifest,
+    ) -> Result<Arc<Manifest>, Error> {
         let UpstreamManifest {
             bytes,
             media_type,
             digest: claimed,
-        } = up.manifest(name, reference, accept, self.max_size).await?;
+        } = got;
         let digest = match (reference, &claimed) {
             (Reference::Digest(d), _) => d.clone(),
             (Reference::Tag(_), Some(c)) => c.clone(),
@@ -140,4 +193,9 @@ impl Manifests {
             .await?;
         Ok(self.remember(&digest, media_type, bytes))
     }
+}
+
+/// The key of a manifest's fetch across replicas: whose lease, or which replica's.
+fn fetch_key(up: &Upstream, name: &Name, reference: &Reference) -> Digest {
+    Digest::sha256_of(format!("manifest\0{}\0{name}\0{reference}", up.name).as_bytes())
 }

@@ -21,8 +21,12 @@ impl Manifests {
             _ => None,
         };
         if self.offline {
-            return match usable {
-                Some((_, m)) => Ok(Answer::hit(m)),
+            if let Some((_, m)) = usable {
+                return Ok(Answer::hit(m));
+            }
+            // What another replica recorded in the shared tier, whatever its age.
+            return match self.shared_tag(&key, accept, Duration::MAX).await {
+                Some(m) => Ok(Answer::hit(m)),
                 None => Err(unknown_offline()),
             };
         }
@@ -37,6 +41,16 @@ impl Manifests {
         let flight = (key.clone(), accept.unwrap_or_default().to_string());
         self.tag_flights
             .run(flight, || async {
+                // With peers, the replica responsible for the tag answers for all (it looks
+                // in the shared tier itself, and revalidates the tag once for all).
+                let reference = Reference::Tag(tag.clone());
+                if let Some(m) = self.resolved_by_peer(up, name, &reference, accept).await {
+                    let outcome = match &usable {
+                        Some((r, _)) if r.digest == m.digest => Outcome::Revalidated,
+                        _ => Outcome::Miss,
+                    };
+                    return Ok(Answer { value: m, outcome });
+                }
                 // Another replica may have confirmed the tag within its TTL: answer the same.
                 if let Some(m) = self.shared_tag(&key, accept, up.tag_ttl).await {
                     return Ok(Answer::hit(m));

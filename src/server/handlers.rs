@@ -446,6 +446,7 @@ async fn blob_get(
     let size = src.size().await?;
     // After `size`: a fill knows by then whether the bucket or the upstream feeds it.
     let (outcome, source_label) = match (src.is_fill(), src.is_from_tier()) {
+        (true, true) if src.is_from_peer() => (Outcome::Peer, "peer"),
         (true, true) => (Outcome::Bucket, "bucket"),
         (true, false) => (Outcome::Fill, "upstream"),
         (false, _) => (Outcome::Hit, "cache"),

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod body;
 mod envelope;
 pub mod handlers;
+pub mod peers;
 pub mod tls;
 
 use std::future::Future;
@@ -144,6 +145,8 @@ pub async fn run(
     state.cache.start();
     let syncs = crate::sync::start(&state);
     state.status.start();
+    // The peer endpoint, with `[cache.s3.peers]`: its own listener, until we stop.
+    let peer_endpoint = peers::start(&state).await?;
     tokio::pin!(shutdown);
     tracing::info!(addr = %listener.local_addr()?, "serving");
     loop {
@@ -211,6 +214,12 @@ pub async fn run(
         }
     }
     state.cache.drain_fills(limits.shutdown_timeout.0).await;
+    if let Some(endpoint) = peer_endpoint {
+        endpoint.abort();
+        if let Some(p) = state.cache.peers() {
+            p.leave().await;
+        }
+    }
     Ok(())
 }
 

@@ -230,6 +230,8 @@ pub(crate) async fn send_with_timeout(
     }
 }
 
+/// An error with its causes (hyper's top-level text alone says little); the peers' client
+/// uses it too.
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();

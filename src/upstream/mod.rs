@@ -11,7 +11,6 @@
 pub mod auth;
 pub mod challenge;
 mod client;
-
 pub(crate) use client::error_chain;
 
 use std::io;

@@ -6,6 +6,7 @@ mod logs;
 mod manifests;
 mod observability;
 mod ops;
+mod peers;
 mod real;
 mod shared;
 mod start;

@@ -13,6 +13,8 @@
 //! <prefix>/leases/<algorithm>/<hex>/<owner> the same on a store without conditional writes:
 //!                                           one entry per contender, the oldest live wins
 //! <prefix>/recent/<algorithm>/<hex>         empty; its Last-Modified is the blob's last use
+//! <prefix>/peers/<hex of a URL>              empty; a replica's heartbeat (`[cache.s3.peers]`):
+//!                                           the URL of its peer endpoint, alive while fresh
 //! ```
 //!
 //! The store is behind object_store's `ObjectStore` trait: S3 (AWS, MinIO, Garage, Ceph) in
@@ -60,6 +62,7 @@ use crate::reference::Digest;
 
 mod gc;
 mod leases;
+mod members;
 mod objects;
 #[cfg(test)]
 pub(crate) mod testing;
