@@ -643,11 +643,7 @@ impl Config {
     fn validate_admin(&self) -> Result<(), ConfigError> {
         let admin = &self.admin;
         if let Some(listen) = admin.listen {
-            let overlaps = listen.port() == self.listen.port()
-                && (listen.ip() == self.listen.ip()
-                    || listen.ip().is_unspecified()
-                    || self.listen.ip().is_unspecified());
-            if overlaps && listen.port() != 0 {
+            if same_port(listen, self.listen) {
                 return Err(invalid(
                     "admin.listen",
                     listen,
@@ -669,6 +665,14 @@ impl Config {
     }
 }
 
+/// Would two listeners take the same port: the same address, or one of them on every
+/// address? (Port 0, "any free port", never clashes.)
+fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 impl Config {
     /// `[cache.s3.peers]`: a reachable http(s) URL, a listener of its own, a long enough
     /// secret from one place.
@@ -688,11 +692,22 @@ impl Config {
                 ))
             }
         }
-        if peers.listen == self.listen {
+        if same_port(peers.listen, self.listen) {
             return Err(invalid(
                 "cache.s3.peers.listen",
                 peers.listen,
                 "must differ from listen (the peer endpoint has a listener of its own)",
+            ));
+        }
+        if self
+            .admin
+            .listen
+            .is_some_and(|a| same_port(peers.listen, a))
+        {
+            return Err(invalid(
+                "cache.s3.peers.listen",
+                peers.listen,
+                "must differ from admin.listen (the peer endpoint has a listener of its own)",
             ));
         }
         if peers.secret.is_some() && peers.secret_file.is_some() {
@@ -1025,6 +1040,11 @@ mod tests {
                     "listen = \"127.0.0.1:5000\"\nadvertise = \"http://10.0.0.1:5001\"\nsecret = \"0123456789abcdef\"",
                     "cache.s3.peers.listen",
                     "differ",
+                ),
+                (
+                    "listen = \"0.0.0.0:5080\"\nadvertise = \"http://10.0.0.1:5080\"\nsecret = \"0123456789abcdef\"",
+                    "cache.s3.peers.listen",
+                    "admin.listen",
                 ),
                 (&format!("{good}secret = \"short-secret\""), "cache.s3.peers.secret", "16 bytes"),
                 (good, "cache.s3.peers.secret", "needed"),

@@ -512,10 +512,11 @@ async fn remote_async(
             );
             let served = &r["served_bytes"];
             println!(
-                "served:   {} from the cache, {} from upstreams, {} from the bucket",
-                bytes(&served["cache"]),
-                bytes(&served["upstream"]),
-                bytes(&served["bucket"])
+                "served:   {} from this cache, {} from other replicas, {} from the bucket, {} from upstreams",
+                bytes(&served["local"]),
+                bytes(&served["peer"]),
+                bytes(&served["bucket"]),
+                bytes(&served["upstream"])
             );
         }
         CacheCommand::Verify => {
@@ -705,6 +706,11 @@ async fn prefetch(
             config.offline = false;
             // This server only answers our pulls: no scheduled syncs beside them.
             config.sync.clear();
+            // Nor a peer endpoint: the server on this folder's configuration holds its port,
+            // and this one is no replica the others should ask.
+            if let Some(s3) = config.cache.s3.as_mut() {
+                s3.peers = None;
+            }
             config.tls = None;
             config.auth = None;
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

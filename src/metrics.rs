@@ -361,7 +361,7 @@ impl Metrics {
         (sum(&self.hits), sum(&self.misses))
     }
 
-    /// Body bytes sent to clients since start, by source (`cache`, `upstream`, `bucket`).
+    /// Body bytes sent to clients since start, by source (`local`, `peer`, `bucket`, `upstream`).
     pub fn served_bytes_by_source(&self) -> Vec<(&'static str, u64)> {
         SERVED_SOURCES
             .iter()
@@ -379,4 +379,4 @@ impl Metrics {
 /// The `kind` labels of hits and misses.
 const HIT_KINDS: [&str; 3] = ["blob", "manifest", "tag"];
 /// The `source` labels of served bytes.
-const SERVED_SOURCES: [&str; 3] = ["cache", "upstream", "bucket"];
+const SERVED_SOURCES: [&str; 4] = ["local", "peer", "bucket", "upstream"];

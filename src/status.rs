@@ -425,13 +425,13 @@ mod tests {
             for _ in 0..3 {
                 metrics.hit("blob");
             }
-            served(&metrics, "cache", 100);
+            served(&metrics, "local", 100);
             status.sample();
         }
         let r = status.recent();
         assert_eq!(r.span, WINDOW);
         assert_eq!((r.delta.hits, r.delta.misses), (90, 0), "the miss is older");
-        assert_eq!(r.delta.bytes.get("cache"), Some(&3000));
+        assert_eq!(r.delta.bytes.get("local"), Some(&3000));
         assert_eq!(r.delta.bytes.get("upstream"), Some(&0));
         assert_eq!((r.now.hits, r.now.misses), (181, 1), "since the start");
         assert_eq!(r.now.bytes_total(), 7000);
@@ -445,7 +445,7 @@ mod tests {
         let status = Arc::new(Status::new(metrics.clone()));
         status.start();
         for i in 1..=3u64 {
-            served(&metrics, "cache", i);
+            served(&metrics, "local", i);
             tokio::time::sleep(BUCKET).await;
             // Let the sampler run after the tick.
             tokio::task::yield_now().await;
@@ -461,7 +461,7 @@ mod tests {
         m.hit("blob");
         m.hit("tag");
         m.miss("manifest");
-        served(&m, "cache", 7);
+        served(&m, "local", 7);
         served(&m, "bucket", 5);
         let t = Totals::read(&m);
         assert_eq!((t.hits, t.misses, t.bytes_total()), (2, 1, 12));

@@ -449,7 +449,7 @@ async fn blob_get(
         (true, true) if src.is_from_peer() => (Outcome::Peer, "peer"),
         (true, true) => (Outcome::Bucket, "bucket"),
         (true, false) => (Outcome::Fill, "upstream"),
-        (false, _) => (Outcome::Hit, "cache"),
+        (false, _) => (Outcome::Hit, "local"),
     };
     let media_type = src.media_type.clone();
     let served = state

@@ -30,20 +30,18 @@ use crate::upstream::Upstream;
 
 /// Binds the peer endpoint of `state`, if it has one, and serves it (with the heartbeat
 /// that makes it known) until the returned task is aborted. A listener that cannot be bound
-/// (its port taken, e.g. by the server of the same configuration while `ocicache prefetch`
-/// runs one of its own) is logged: this replica then never beats, so nobody asks it, and it
-/// decides as without peers (leases), which is right, only slower.
+/// stops the start, as the public and admin listeners do: a replica that silently did
+/// without its peers would fetch every blob the others are responsible for on its own.
 pub async fn start(state: &Arc<State>) -> std::io::Result<Option<tokio::task::JoinHandle<()>>> {
     let Some(peers) = state.cache.peers() else {
         return Ok(None);
     };
-    let listener = match TcpListener::bind(peers.listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(listen = %peers.listen, error = %e, "cache.s3.peers.listen: cannot listen: not streaming from or to other replicas");
-            return Ok(None);
-        }
-    };
+    let listener = TcpListener::bind(peers.listen).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cache.s3.peers.listen {}: {e}", peers.listen),
+        )
+    })?;
     tracing::info!(
         addr = %listener.local_addr()?,
         advertise = peers.me(),

@@ -75,7 +75,7 @@ fn the_cache_report_has_the_figures_and_every_request_needs_the_token() {
     );
     assert_eq!(report["hit_ratio"], 0.5);
     assert_eq!(report["served_bytes"]["upstream"], 200_000);
-    assert_eq!(report["served_bytes"]["cache"], 200_000);
+    assert_eq!(report["served_bytes"]["local"], 200_000);
     assert_eq!(report["fills"], Value::Array(vec![]));
 
     // A fill under way, slow: listed with its progress.

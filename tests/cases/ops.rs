@@ -37,7 +37,7 @@ fn health_and_metrics_change_as_requests_are_served() {
         proxy.metric("ocicache_cache_hits_total{kind=\"blob\"}") - before_hits,
         1.0
     );
-    assert!(proxy.metric("ocicache_served_bytes_total{source=\"cache\"}") >= 5000.0);
+    assert!(proxy.metric("ocicache_served_bytes_total{source=\"local\"}") >= 5000.0);
     assert!(proxy.metric("ocicache_cache_size_bytes") >= 5000.0);
     assert!(
         proxy.metric("ocicache_upstream_requests_total{upstream=\"docker.io\",status=\"200\"}")
