@@ -83,14 +83,11 @@ async fn serve(listener: TcpListener) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let port = match args.iter().position(|a| a == "--serve") {
-        Some(i) => Some(
-            args.get(i + 1)
-                .and_then(|p| p.parse::<u16>().ok())
-                .expect("--serve PORT"),
-        ),
-        None => None,
-    };
+    let port = args.iter().position(|a| a == "--serve").map(|i| {
+        args.get(i + 1)
+            .and_then(|p| p.parse::<u16>().ok())
+            .expect("--serve PORT")
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
