@@ -30,7 +30,7 @@ pub enum Record {
     /// A tag's record: the digest it points to and when the upstream confirmed it. Kept
     /// locally and in the bucket.
     Tag(String),
-    /// The last good tag list of a repository. Kept locally.
+    /// The last good tag list of a repository. Kept locally and in the bucket.
     TagList(String),
 }
 

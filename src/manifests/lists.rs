@@ -1,5 +1,6 @@
 //! Tag lists: fetched whole (every page), sorted, kept as the last good list for stale and
-//! offline answers.
+//! offline answers, locally and in the bucket shared with other replicas (so a replica whose
+//! upstream fails, or that runs `offline`, answers the list another one fetched).
 
 use super::*;
 
@@ -15,7 +16,11 @@ impl Manifests {
             if let Some(l) = self.tag_lists.get(&key) {
                 return Some(l);
             }
-            let bytes = self.cache.record(&Record::tag_list(&up.name, name)).await?;
+            let record = Record::tag_list(&up.name, name);
+            let bytes = match self.cache.record(&record).await {
+                Some(b) => b,
+                None => self.cache.shared_record(&record).await?,
+            };
             let list: Vec<String> = serde_json::from_slice(&bytes).ok()?;
             Some(Arc::new(list))
         };
@@ -35,7 +40,7 @@ impl Manifests {
                         let list = Arc::new(list);
                         self.tag_lists.insert(key.clone(), list.clone());
                         let bytes = serde_json::to_vec(&*list).expect("a list serializes");
-                        self.cache.put_record(&Record::tag_list(&up.name, name), bytes, false).await;
+                        self.cache.put_record(&Record::tag_list(&up.name, name), bytes, true).await;
                         Ok(Answer::miss(list))
                     }
                     Err(Error::Upstream { upstream, error }) if error.is_unavailable() => match last_good().await {

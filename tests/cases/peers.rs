@@ -463,7 +463,8 @@ fn the_responsible_replica_resolves_manifests_and_revalidates_tags_for_all() {
 }
 
 /// `offline = true` on a shared bucket serves what another replica put there: a blob (a
-/// fill from the bucket) and a tag (its shared record), never the upstream.
+/// fill from the bucket), a tag (its shared record) and a tag list (the last good one),
+/// never the upstream.
 #[test]
 fn offline_serves_what_is_in_the_bucket() {
     let g = Garage::start();
@@ -487,7 +488,9 @@ fn offline_serves_what_is_in_the_bucket() {
             .0,
         200
     );
-    // The upload and the tag record land in the background.
+    let (status, _, online_list) = online.0.get("/v2/library/app/tags/list", &[]);
+    assert_eq!(status, 200);
+    // The upload and the records land in the background.
     let dir = tempfile::tempdir().unwrap();
     let mut c = config(dir.path(), &[("docker.io", &fake.url(), true)]);
     c.cache.s3 = Some(s3(&g, "p6"));
@@ -507,8 +510,18 @@ fn offline_serves_what_is_in_the_bucket() {
     let (status, _, body) = offline.get("/v2/library/app/manifests/v1", &[("Accept", oci)]);
     assert_eq!(status, 200);
     assert_eq!(sha256(&body), tag_digest);
+    wait_until(
+        "the tag list in the bucket",
+        Duration::from_secs(20),
+        || offline.head("/v2/library/app/tags/list", &[]).0 == 200,
+    );
+    let (status, _, list) = offline.get("/v2/library/app/tags/list", &[]);
+    assert_eq!(status, 200, "the tag list another replica fetched");
+    assert_eq!(list, online_list);
+    assert!(String::from_utf8_lossy(&list).contains("\"v1\""));
     let unknown = format!("/v2/library/app/blobs/{}", sha256(b"nowhere"));
     assert_eq!(offline.get(&unknown, &[]).0, 404);
+    assert_eq!(offline.get("/v2/library/other/tags/list", &[]).0, 404);
     assert!(fake.requests().is_empty(), "offline asks no upstream");
 }
 

@@ -245,6 +245,11 @@ impl Bucket {
         Path::from(format!("{}tags/{hex}.json", self.prefix))
     }
 
+    /// A repository's last good tag list, beside the tag records.
+    fn tag_list_path(&self, hex: &str) -> Path {
+        Path::from(format!("{}tags/{hex}.list.json", self.prefix))
+    }
+
     fn count(&self, op: &'static str, result: &'static str) {
         self.metrics.shared(op, result);
     }
@@ -332,7 +337,7 @@ impl Tier for Bucket {
         async move {
             match record {
                 Record::Tag(hex) => self.get_tag(hex).await,
-                Record::TagList(_) => None,
+                Record::TagList(hex) => self.get_tag_list(hex).await,
             }
         }
         .boxed()
@@ -344,8 +349,9 @@ impl Tier for Bucket {
         bytes: Vec<u8>,
     ) -> BoxFuture<'a, io::Result<()>> {
         async move {
-            if let Record::Tag(hex) = record {
-                self.put_tag(hex, bytes).await;
+            match record {
+                Record::Tag(hex) => self.put_tag(hex, bytes).await,
+                Record::TagList(hex) => self.put_tag_list(hex, bytes).await,
             }
             Ok(())
         }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
+use object_store::path::Path;
 use object_store::{Attribute, Attributes, PutOptions, PutPayload};
 
 use super::{Bucket, Fault};
@@ -14,6 +15,8 @@ use crate::reference::Digest;
 
 /// A replica marks a blob as used in the bucket at most this often.
 const TOUCH_EVERY: Duration = Duration::from_secs(600);
+/// The largest tag list read back from the bucket (a hundred thousand tags fit).
+const MAX_TAG_LIST: u64 = 16 << 20;
 /// Lifetime of a presigned URL.
 const PRESIGN_FOR: Duration = Duration::from_secs(900);
 impl Bucket {
@@ -119,12 +122,30 @@ impl Bucket {
     }
 
     pub async fn get_tag(&self, hex: &str) -> Option<Bytes> {
-        let path = self.tag_path(hex);
-        let got = self.call("get_tag", self.store.get(&path)).await.ok()?;
-        if got.meta.size > 64 << 10 {
+        self.get_small("get_tag", &self.tag_path(hex), 64 << 10)
+            .await
+    }
+
+    /// A repository's last good tag list, shared so that a replica whose upstream fails (or
+    /// that runs `offline`) answers the list another replica fetched.
+    pub async fn put_tag_list(&self, hex: &str, bytes: Vec<u8>) {
+        let path = self.tag_list_path(hex);
+        let put = self.store.put(&path, PutPayload::from(bytes));
+        let _ = self.call("put_tag_list", put).await;
+    }
+
+    pub async fn get_tag_list(&self, hex: &str) -> Option<Bytes> {
+        self.get_small("get_tag_list", &self.tag_list_path(hex), MAX_TAG_LIST)
+            .await
+    }
+
+    /// A small object whole, or `None` when it is missing, unreadable or over `max` bytes.
+    async fn get_small(&self, op: &'static str, path: &Path, max: u64) -> Option<Bytes> {
+        let got = self.call(op, self.store.get(path)).await.ok()?;
+        if got.meta.size > max {
             return None;
         }
-        self.call("get_tag", got.bytes()).await.ok()
+        self.call(op, got.bytes()).await.ok()
     }
 
     /// Marks `d` as used, for the GC's order (at most every `TOUCH_EVERY` per replica).
