@@ -71,10 +71,11 @@ impl Cache {
         blocking(move || {
             let mut out = Vec::new();
             for_files(&root, |path, size| {
-                let tag_record = path
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.ends_with(".json") && !n.ends_with(".list.json"));
+                let tag_record = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                    n.ends_with(".json")
+                        && !n.ends_with(".list.json")
+                        && !n.ends_with(".referrers.json")
+                });
                 if tag_record && size <= MAX_RECORD {
                     if let Ok(bytes) = std::fs::read(path) {
                         out.push(Bytes::from(bytes));

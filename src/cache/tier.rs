@@ -32,6 +32,9 @@ pub enum Record {
     Tag(String),
     /// The last good tag list of a repository. Kept locally and in the bucket.
     TagList(String),
+    /// The last good referrers answer for a digest (and an artifact type filter): its
+    /// content type and body. Kept locally and in the bucket.
+    Referrers(String),
 }
 
 impl Record {
@@ -43,12 +46,25 @@ impl Record {
         Record::TagList(key_hex(&format!("list\0{upstream}\0{name}")))
     }
 
-    /// Under the local tier's root: `tags/<2 hex>/<hex>.json` or `<hex>.list.json`.
-    pub(crate) fn local_path(&self) -> std::path::PathBuf {
-        let (hex, suffix) = match self {
+    pub fn referrers(upstream: &str, name: &Name, digest: &Digest, artifact_type: &str) -> Record {
+        Record::Referrers(key_hex(&format!(
+            "referrers\0{upstream}\0{name}\0{digest}\0{artifact_type}"
+        )))
+    }
+
+    /// Its hash and the end of its file's (or object's) name: `json` (a tag record),
+    /// `list.json`, `referrers.json`.
+    pub(crate) fn hex_and_suffix(&self) -> (&str, &'static str) {
+        match self {
             Record::Tag(hex) => (hex, "json"),
             Record::TagList(hex) => (hex, "list.json"),
-        };
+            Record::Referrers(hex) => (hex, "referrers.json"),
+        }
+    }
+
+    /// Under the local tier's root: `tags/<2 hex>/<hex>.<suffix>`.
+    pub(crate) fn local_path(&self) -> std::path::PathBuf {
+        let (hex, suffix) = self.hex_and_suffix();
         std::path::Path::new("tags")
             .join(&hex[..2])
             .join(format!("{hex}.{suffix}"))

@@ -463,8 +463,8 @@ fn the_responsible_replica_resolves_manifests_and_revalidates_tags_for_all() {
 }
 
 /// `offline = true` on a shared bucket serves what another replica put there: a blob (a
-/// fill from the bucket), a tag (its shared record) and a tag list (the last good one),
-/// never the upstream.
+/// fill from the bucket), a tag (its shared record), a tag list and a referrers answer
+/// (the last good ones), never the upstream.
 #[test]
 fn offline_serves_what_is_in_the_bucket() {
     let g = Garage::start();
@@ -489,6 +489,11 @@ fn offline_serves_what_is_in_the_bucket() {
         200
     );
     let (status, _, online_list) = online.0.get("/v2/library/app/tags/list", &[]);
+    assert_eq!(status, 200);
+    let index = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
+    fake.set_referrers("library/app", &tag_digest, index.as_bytes());
+    let referrers = format!("/v2/library/app/referrers/{tag_digest}");
+    let (status, _, online_referrers) = online.0.get(&referrers, &[]);
     assert_eq!(status, 200);
     // The upload and the records land in the background.
     let dir = tempfile::tempdir().unwrap();
@@ -519,6 +524,17 @@ fn offline_serves_what_is_in_the_bucket() {
     assert_eq!(status, 200, "the tag list another replica fetched");
     assert_eq!(list, online_list);
     assert!(String::from_utf8_lossy(&list).contains("\"v1\""));
+    wait_until(
+        "the referrers in the bucket",
+        Duration::from_secs(20),
+        || offline.get(&referrers, &[]).0 == 200,
+    );
+    let (_, headers, body) = offline.get(&referrers, &[]);
+    assert_eq!(body, online_referrers);
+    assert_eq!(
+        crate::support::registry::header(&headers, "content-type"),
+        Some("application/vnd.oci.image.index.v1+json")
+    );
     let unknown = format!("/v2/library/app/blobs/{}", sha256(b"nowhere"));
     assert_eq!(offline.get(&unknown, &[]).0, 404);
     assert_eq!(offline.get("/v2/library/other/tags/list", &[]).0, 404);

@@ -241,13 +241,10 @@ impl Bucket {
     }
 
     /// `tags/<hex>.json`; `hex` is a hash the caller made, never request text.
-    fn tag_path(&self, hex: &str) -> Path {
-        Path::from(format!("{}tags/{hex}.json", self.prefix))
-    }
-
-    /// A repository's last good tag list, beside the tag records.
-    fn tag_list_path(&self, hex: &str) -> Path {
-        Path::from(format!("{}tags/{hex}.list.json", self.prefix))
+    /// A record's object: under `tags/`, named as the local tier names its file.
+    fn record_path(&self, record: &Record) -> Path {
+        let (hex, suffix) = record.hex_and_suffix();
+        Path::from(format!("{}tags/{hex}.{suffix}", self.prefix))
     }
 
     fn count(&self, op: &'static str, result: &'static str) {
@@ -334,13 +331,7 @@ impl Tier for Bucket {
     }
 
     fn get_record<'a>(&'a self, record: &'a Record) -> BoxFuture<'a, Option<Bytes>> {
-        async move {
-            match record {
-                Record::Tag(hex) => self.get_tag(hex).await,
-                Record::TagList(hex) => self.get_tag_list(hex).await,
-            }
-        }
-        .boxed()
+        async move { self.get_record_object(record).await }.boxed()
     }
 
     fn put_record<'a>(
@@ -349,10 +340,7 @@ impl Tier for Bucket {
         bytes: Vec<u8>,
     ) -> BoxFuture<'a, io::Result<()>> {
         async move {
-            match record {
-                Record::Tag(hex) => self.put_tag(hex, bytes).await,
-                Record::TagList(hex) => self.put_tag_list(hex, bytes).await,
-            }
+            self.put_record_object(record, bytes).await;
             Ok(())
         }
         .boxed()
@@ -363,12 +351,7 @@ impl Tier for Bucket {
     }
 
     fn remove_record<'a>(&'a self, record: &'a Record) -> BoxFuture<'a, ()> {
-        async move {
-            if let Record::Tag(hex) = record {
-                self.delete_tag(hex).await;
-            }
-        }
-        .boxed()
+        self.delete_record(record).boxed()
     }
 
     fn touch(&self, digest: &Digest) {

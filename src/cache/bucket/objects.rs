@@ -6,17 +6,18 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
-use object_store::path::Path;
 use object_store::{Attribute, Attributes, PutOptions, PutPayload};
 
 use super::{Bucket, Fault};
+use crate::cache::tier::Record;
 use crate::clock::Instant;
 use crate::reference::Digest;
 
 /// A replica marks a blob as used in the bucket at most this often.
 const TOUCH_EVERY: Duration = Duration::from_secs(600);
-/// The largest tag list read back from the bucket (a hundred thousand tags fit).
-const MAX_TAG_LIST: u64 = 16 << 20;
+/// The largest tag list or referrers answer read back from the bucket (a hundred thousand
+/// tags fit).
+const MAX_LIST: u64 = 16 << 20;
 /// Lifetime of a presigned URL.
 const PRESIGN_FOR: Duration = Duration::from_secs(900);
 impl Bucket {
@@ -75,9 +76,9 @@ impl Bucket {
         let _ = self.call("purge", self.store.delete(&path)).await;
     }
 
-    /// Deletes a tag record an operator purged (`purge_shared`).
-    pub async fn delete_tag(&self, hex: &str) {
-        let path = self.tag_path(hex);
+    /// Deletes a record an operator purged (`purge_shared`).
+    pub async fn delete_record(&self, record: &Record) {
+        let path = self.record_path(record);
         let _ = self.call("delete_tag", self.store.delete(&path)).await;
     }
 
@@ -115,37 +116,27 @@ impl Bucket {
         Some((bytes, media_type))
     }
 
-    pub async fn put_tag(&self, hex: &str, bytes: Vec<u8>) {
-        let path = self.tag_path(hex);
+    /// Keeps a record (a tag's, a repository's last good tag list, a digest's last good
+    /// referrers) for the other replicas: one PUT. (`op` is `put_tag` for all of them.)
+    pub async fn put_record_object(&self, record: &Record, bytes: Vec<u8>) {
+        let path = self.record_path(record);
         let put = self.store.put(&path, PutPayload::from(bytes));
         let _ = self.call("put_tag", put).await;
     }
 
-    pub async fn get_tag(&self, hex: &str) -> Option<Bytes> {
-        self.get_small("get_tag", &self.tag_path(hex), 64 << 10)
-            .await
-    }
-
-    /// A repository's last good tag list, shared so that a replica whose upstream fails (or
-    /// that runs `offline`) answers the list another replica fetched.
-    pub async fn put_tag_list(&self, hex: &str, bytes: Vec<u8>) {
-        let path = self.tag_list_path(hex);
-        let put = self.store.put(&path, PutPayload::from(bytes));
-        let _ = self.call("put_tag_list", put).await;
-    }
-
-    pub async fn get_tag_list(&self, hex: &str) -> Option<Bytes> {
-        self.get_small("get_tag_list", &self.tag_list_path(hex), MAX_TAG_LIST)
-            .await
-    }
-
-    /// A small object whole, or `None` when it is missing, unreadable or over `max` bytes.
-    async fn get_small(&self, op: &'static str, path: &Path, max: u64) -> Option<Bytes> {
-        let got = self.call(op, self.store.get(path)).await.ok()?;
+    /// A record whole, or `None` when it is missing, unreadable or larger than a record of
+    /// its kind can be (a tag record is tiny; a list or a referrers index can be long).
+    pub async fn get_record_object(&self, record: &Record) -> Option<Bytes> {
+        let max = match record {
+            Record::Tag(_) => 64 << 10,
+            Record::TagList(_) | Record::Referrers(_) => MAX_LIST,
+        };
+        let path = self.record_path(record);
+        let got = self.call("get_tag", self.store.get(&path)).await.ok()?;
         if got.meta.size > max {
             return None;
         }
-        self.call(op, got.bytes()).await.ok()
+        self.call("get_tag", got.bytes()).await.ok()
     }
 
     /// Marks `d` as used, for the GC's order (at most every `TOUCH_EVERY` per replica).
