@@ -97,11 +97,22 @@ impl Manifests {
         accept: Option<&str>,
     ) -> Result<Arc<Manifest>, Error> {
         let m = self.fetch_upstream(up, name, reference, accept).await?;
+        self.record_if_tag(up, name, reference, &m).await;
+        Ok(m)
+    }
+
+    /// When `reference` is a tag: records that it points to `m` (on disk and in the bucket).
+    async fn record_if_tag(
+        &self,
+        up: &Arc<Upstream>,
+        name: &Name,
+        reference: &Reference,
+        m: &Arc<Manifest>,
+    ) {
         if let Reference::Tag(tag) = reference {
             let key = (up.name.clone(), name.clone(), tag.clone());
-            self.record_tag(&key, &m).await;
+            self.record_tag(&key, m).await;
         }
-        Ok(m)
     }
 
     /// With peers: `reference` as the replica responsible for it resolved it (so that one
@@ -135,10 +146,7 @@ impl Manifests {
         if !accepts(accept, &m.media_type) {
             return None;
         }
-        if let Reference::Tag(tag) = reference {
-            let key = (up.name.clone(), name.clone(), tag.clone());
-            self.record_tag(&key, &m).await;
-        }
+        self.record_if_tag(up, name, reference, &m).await;
         Some(m)
     }
 
