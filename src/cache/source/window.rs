@@ -45,6 +45,9 @@ struct Entry {
 
 /// The windows alive, by the address of their first byte.
 static WINDOWS: Mutex<BTreeMap<usize, Entry>> = Mutex::new(BTreeMap::new());
+/// How many windows are alive: a write while none is (every write of a server that only
+/// answers manifests and hits in memory) looks no further, without taking the table's lock.
+static LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 #[cfg(test)]
 thread_local! {
@@ -69,6 +72,7 @@ impl Drop for Window {
     fn drop(&mut self) {
         // Out of the table before the map goes (`map` drops after this body).
         lock(&WINDOWS).remove(&(self.map.as_ptr() as usize));
+        LIVE.fetch_sub(1, std::sync::atomic::Ordering::Release);
     }
 }
 
@@ -89,6 +93,8 @@ pub(super) fn map(file: &Arc<File>, at: u64, len: usize) -> io::Result<Bytes> {
         offset: at,
     };
     lock(&WINDOWS).insert(map.as_ptr() as usize, entry);
+    // Before the window is handed to anyone: a writer that holds its bytes sees it counted.
+    LIVE.fetch_add(1, std::sync::atomic::Ordering::Release);
     Ok(Bytes::from_owner(Window {
         map,
         _file: file.clone(),
@@ -98,6 +104,9 @@ pub(super) fn map(file: &Arc<File>, at: u64, len: usize) -> io::Result<Bytes> {
 /// The first of `bufs` that lies in a window: its index, and where its bytes are in which
 /// file.
 fn first_window(bufs: &[IoSlice<'_>]) -> Option<(usize, RawFd, u64)> {
+    if LIVE.load(std::sync::atomic::Ordering::Acquire) == 0 {
+        return None;
+    }
     let windows = lock(&WINDOWS);
     if windows.is_empty() {
         return None;
