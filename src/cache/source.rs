@@ -19,8 +19,14 @@ use tokio::sync::watch;
 
 use crate::error::Error;
 
-/// Largest chunk a reader takes from the file at once.
+/// Largest chunk a reader reads from the file into memory at once.
 const READ_CHUNK: usize = 256 << 10;
+/// Largest window of the file a reader maps at once. A plain connection sends it with
+/// `sendfile` without touching its pages, so its size costs no memory there, and each
+/// window costs an `mmap`, a `munmap` and a turn through hyper: 2 MiB windows took a fifth
+/// less CPU per GB than 256 KiB ones serving a 64 MiB blob to 100 and 500 clients. A reader
+/// that reads the map (TLS, a peer's stream) has at most this much of it mapped.
+const MAP_WINDOW: usize = 2 << 20;
 /// Where a fill is, as every reader sees it.
 #[derive(Debug, Clone)]
 pub enum Progress {
@@ -337,24 +343,28 @@ impl Reader {
                 return Some(Ok(chunk));
             }
         }
-        let len = (limit - self.pos).min(READ_CHUNK as u64) as usize;
-        debug_assert!(len > 0);
+        let left = limit - self.pos;
+        debug_assert!(left > 0);
         // Below `available`, every byte is on disk: a mapped window is safe (see
         // `window::map`). A committed range is mapped to its end (`into_stream` reads a short
         // one at once); a fill's reader only a few bytes behind the writer reads them, as
         // does any reader whose window could not be mapped.
-        let mapped = if len >= MAP_MIN || self.progress.is_none() {
+        let mapped = if left >= MAP_MIN as u64 || self.progress.is_none() {
+            let len = left.min(MAP_WINDOW as u64) as usize;
             window::map(&self.file, self.pos, len).ok()
         } else {
             None
         };
         let read = match mapped {
             Some(chunk) => Ok(chunk),
-            None => read_at(self.file.clone(), self.pos, len).await,
+            None => {
+                let len = left.min(READ_CHUNK as u64) as usize;
+                read_at(self.file.clone(), self.pos, len).await
+            }
         };
         match read {
             Ok(chunk) => {
-                self.pos += len as u64;
+                self.pos += chunk.len() as u64;
                 Some(Ok(chunk))
             }
             Err(e) => self.fail(e),
