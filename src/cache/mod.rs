@@ -501,8 +501,20 @@ impl Cache {
     }
 
     /// A fill from the upstream is under way: the tiers behind keep it once verified (the
-    /// first one under `lease`, which it granted).
-    fn keep_behind(&self, digest: &Digest, source: &Source, mut lease: Option<Lease>) {
+    /// first one under `lease`, which it granted). With peers and no lease, the other
+    /// replicas stream it from here, not from the bucket: it is kept once this replica is
+    /// idle, so that the upload stays off the way of the pull under way.
+    fn keep_behind(self: &Arc<Self>, digest: &Digest, source: &Source, mut lease: Option<Lease>) {
+        if lease.is_none() && self.peers().is_some() {
+            let cache = Arc::downgrade(self);
+            let idle: tier::Idle =
+                Arc::new(move || cache.upgrade().map_or(true, |c| c.fills_in_flight() == 0));
+            for tier in self.behind() {
+                tier.clone()
+                    .keep_when_idle(digest.clone(), source.clone(), idle.clone());
+            }
+            return;
+        }
         for tier in self.behind() {
             tier.clone()
                 .keep(digest.clone(), source.clone(), lease.take());
