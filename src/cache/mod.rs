@@ -115,7 +115,12 @@ impl Cache {
         };
         let peers = match (&cfg.s3, &shared) {
             (Some(s3), Some(bucket)) => match &s3.peers {
-                Some(p) => Some(peers::Peers::new(p, bucket.clone(), cfg.stall_timeout.0)?),
+                Some(p) => Some(peers::Peers::new(
+                    p,
+                    bucket.clone(),
+                    cfg.stall_timeout.0,
+                    &metrics,
+                )?),
                 None => None,
             },
             _ => None,

@@ -250,6 +250,9 @@ fn twenty_one_clients_over_three_replicas_cost_one_upstream_fetch() {
     let (b, _db) = replica(&fake.url(), &g, "p2", &ends[1]);
     let (c, _dc) = replica(&fake.url(), &g, "p2", &ends[2]);
     wait_for_members(&[&a, &b, &c], 3);
+    for r in [&a, &b, &c] {
+        assert_eq!(r.metric("ocicache_peers_members"), 3.0);
+    }
     throttle(&fake);
     let path = format!("/v2/library/x/blobs/{digest}");
     let bodies: Vec<(u16, Vec<u8>)> = std::thread::scope(|s| {
