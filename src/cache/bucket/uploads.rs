@@ -48,8 +48,8 @@ impl Bucket {
         tokio::spawn(async move { shared.uploading(d, src, lease).await });
     }
 
-    /// `upload`, once the replica is `idle` (at most `IDLE_WAIT` later) and a turn of the
-    /// deferred uploads is free: with peers, the other replicas stream the blob from this
+    /// `upload`, once the replica is `idle` and a turn of the deferred uploads is free (at
+    /// most `IDLE_WAIT` later for both): with peers, the other replicas stream the blob from this
     /// one meanwhile, and the store's work (a copy per node) no longer competes with the
     /// fills of a pull under way. The fill's file stays readable through its descriptor.
     pub fn upload_when_idle(self: &Arc<Self>, d: Digest, src: Source, idle: Idle) {
@@ -58,9 +58,10 @@ impl Bucket {
             let since = Instant::now();
             loop {
                 when_idle(&idle, since).await;
-                let Ok(_turn) = shared.deferred.acquire().await else {
-                    return;
-                };
+                // A turn, or none once `IDLE_WAIT` has passed: two long uploads (blobs of
+                // GiBs, streamed as their fills go) do not hold back the others for hours.
+                let _turn =
+                    tokio::time::timeout_at(since + IDLE_WAIT, shared.deferred.acquire()).await;
                 // The turn may come after a new pull began: then wait for the next lull.
                 if idle() || since.elapsed() >= IDLE_WAIT {
                     shared.uploading(d, src, None).await;
@@ -340,5 +341,30 @@ mod tests {
         );
         wait_until(|| landed(&never.0)).await;
         assert!(start.elapsed() >= IDLE_WAIT);
+    }
+
+    /// Deferred uploads take turns (`DEFERRED_AT_ONCE`), but one that gets no turn within
+    /// `IDLE_WAIT` (long uploads hold them all) goes without.
+    #[tokio::test]
+    async fn a_deferred_upload_without_a_turn_goes_at_the_bound() {
+        let store = TestStore::new();
+        let shared = tier(&store, Duration::from_secs(60), 1 << 30);
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::for_test(dir.path(), None);
+        let (d, src) = filled(&cache, 3).await;
+        tokio::time::pause();
+        let start = Instant::now();
+        let held = shared
+            .deferred
+            .acquire_many(DEFERRED_AT_ONCE as u32)
+            .await
+            .unwrap();
+        shared.upload_when_idle(d.clone(), src, Arc::new(|| true));
+        let landed = || store.writes_under(&format!("mirror/blobs/sha256/{}", d.hex())) > 0;
+        tokio::time::sleep(IDLE_WAIT - Duration::from_secs(1)).await;
+        assert!(!landed(), "idle, but every turn taken");
+        wait_until(landed).await;
+        assert!(start.elapsed() >= IDLE_WAIT);
+        drop(held);
     }
 }
