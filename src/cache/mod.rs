@@ -610,7 +610,8 @@ impl Cache {
     }
 
     /// At shutdown: waits up to `deadline` for the fills under way (so the cache keeps what
-    /// was being pulled), then deletes the temp files of those still running.
+    /// was being pulled) and for the uploads deferred until the replica is idle, then
+    /// deletes the temp files of the fills still running.
     pub async fn drain_fills(&self, deadline: Duration) {
         let start = tokio::time::Instant::now();
         while self.fills_in_flight() > 0 && start.elapsed() < deadline {
@@ -619,6 +620,18 @@ impl Cache {
         let left = self.fills_in_flight();
         if left > 0 {
             tracing::warn!(fills = left, "abandoning unfinished fills at shutdown");
+        }
+        // What the tiers behind keep once the replica is idle (with peers, the uploads): it
+        // is, so they run now; the bucket should not miss what only this replica's disk has.
+        let pending = || self.behind().iter().map(|t| t.pending()).sum::<usize>();
+        while pending() > 0 && start.elapsed() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if pending() > 0 {
+            tracing::warn!(
+                uploads = pending(),
+                "abandoning deferred uploads at shutdown"
+            );
         }
         if let Err(e) = self.store.clear_tmp() {
             tracing::warn!(error = %e, "could not clear the temp folder");

@@ -195,6 +195,12 @@ pub trait Tier: Send + Sync + 'static {
     /// clients of a pull under way. A tier that keeps nothing ignores it.
     fn keep_when_idle(self: Arc<Self>, _digest: Digest, _source: Source, _idle: Idle) {}
 
+    /// What `keep_when_idle` was given and has not kept (or given up on) yet: at shutdown,
+    /// the cache waits for it like for its fills.
+    fn pending(&self) -> usize {
+        0
+    }
+
     /// A URL a client can fetch the blob from directly, if this tier redirects and has it.
     /// `known_only`: answer only from what the tier knows without asking its store (a local
     /// hit must not cost a call).

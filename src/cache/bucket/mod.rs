@@ -120,6 +120,8 @@ pub struct Bucket {
     metrics: Arc<Metrics>,
     /// Turns of the uploads deferred until the replica is idle (`uploads`).
     deferred: tokio::sync::Semaphore,
+    /// Deferred uploads not ended yet.
+    deferred_pending: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// How long a blob seen in the bucket is taken to be there still.
@@ -226,6 +228,7 @@ impl Bucket {
             gc_interval: None,
             metrics,
             deferred: tokio::sync::Semaphore::new(uploads::DEFERRED_AT_ONCE),
+            deferred_pending: Arc::default(),
         }
     }
 
@@ -394,6 +397,10 @@ impl Tier for Bucket {
 
     fn keep_when_idle(self: Arc<Self>, digest: Digest, source: Source, idle: tier::Idle) {
         self.upload_when_idle(digest, source, idle);
+    }
+
+    fn pending(&self) -> usize {
+        self.deferred_pending.load(Ordering::Relaxed)
     }
 
     fn redirect<'a>(

@@ -5,6 +5,7 @@
 //! store's work.
 
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -54,7 +55,9 @@ impl Bucket {
     /// fills of a pull under way. The fill's file stays readable through its descriptor.
     pub fn upload_when_idle(self: &Arc<Self>, d: Digest, src: Source, idle: Idle) {
         let shared = self.clone();
+        let pending = Pending::new(&self.deferred_pending);
         tokio::spawn(async move {
+            let _pending = pending;
             let since = Instant::now();
             loop {
                 when_idle(&idle, since).await;
@@ -165,6 +168,23 @@ impl Bucket {
                 Err(e)
             }
         }
+    }
+}
+
+/// One deferred upload counted in `Bucket::deferred_pending` for as long as its task lives
+/// (however it ends).
+struct Pending(Arc<AtomicUsize>);
+
+impl Pending {
+    fn new(count: &Arc<AtomicUsize>) -> Pending {
+        count.fetch_add(1, Ordering::Relaxed);
+        Pending(count.clone())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -366,5 +386,32 @@ mod tests {
         wait_until(landed).await;
         assert!(start.elapsed() >= IDLE_WAIT);
         drop(held);
+    }
+
+    /// At shutdown the cache waits for the uploads deferred until idle (here a replica
+    /// never idle: the upload goes at `IDLE_WAIT`), within its deadline.
+    #[tokio::test]
+    async fn shutdown_waits_for_the_deferred_uploads_within_its_deadline() {
+        use crate::cache::tier::Tier;
+        let store = TestStore::new();
+        let shared = tier(&store, Duration::from_secs(60), 1 << 30);
+        let (dir, filler_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let cache = Cache::for_test(dir.path(), Some(shared.clone()));
+        let filler = Cache::for_test(filler_dir.path(), None);
+        let (d, src) = filled(&filler, 4).await;
+        tokio::time::pause();
+        let start = Instant::now();
+        shared.upload_when_idle(d.clone(), src, Arc::new(|| false));
+        let landed = || store.writes_under(&format!("mirror/blobs/sha256/{}", d.hex())) > 0;
+        assert_eq!(shared.pending(), 1);
+        cache.drain_fills(Duration::from_secs(1)).await;
+        assert!(
+            !landed() && shared.pending() == 1,
+            "given up at the deadline"
+        );
+        cache.drain_fills(IDLE_WAIT * 2).await;
+        assert!(landed(), "waited for");
+        assert_eq!(shared.pending(), 0);
+        assert!(start.elapsed() >= IDLE_WAIT && start.elapsed() < IDLE_WAIT * 2);
     }
 }
