@@ -10,7 +10,8 @@
 #   2. a cold pull (manifest by tag, config and 5 layers of 4 MiB, 3 blobs at a time) through
 #      one ocicache without a shared tier, one replica of three with peers, and one of three
 #      with the shared tier and leases only (before peers): median of the runs (target: peers
-#      within 1.5x of no shared tier, plus 100 ms).
+#      within 1.5x of no shared tier, plus 100 ms); each pull starts once the uploads to the
+#      bucket of the one before have landed (with peers they run once the replica is idle).
 #
 #   bash benches/peers.sh [--release] [RUNS]
 #

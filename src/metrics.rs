@@ -115,6 +115,8 @@ pub struct Metrics {
     pub cache_max_size: Gauge,
     /// When this process started (seconds since the epoch): a change is a restart.
     pub process_start_time: Gauge,
+    /// Live replicas this one counts on the bucket, itself included (`[cache.s3.peers]`).
+    pub peers_members: Gauge,
 }
 
 impl Default for Metrics {
@@ -155,6 +157,7 @@ impl Metrics {
             request_duration: Family::new_with_constructor(latency_histogram),
             cache_max_size: Gauge::default(),
             process_start_time: Gauge::default(),
+            peers_members: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -298,6 +301,12 @@ impl Metrics {
             "process_start_time_seconds",
             "When the process started, in seconds since the Unix epoch",
             m.process_start_time.clone(),
+        );
+        registry.register(
+            "peers_members",
+            "Live replicas on the shared bucket as this one last listed them, itself included \
+             ([cache.s3.peers]; 0 without peers or before the first listing)",
+            m.peers_members.clone(),
         );
         m.process_start_time
             .set(crate::clock::since_epoch().as_secs() as i64);

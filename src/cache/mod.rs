@@ -115,7 +115,12 @@ impl Cache {
         };
         let peers = match (&cfg.s3, &shared) {
             (Some(s3), Some(bucket)) => match &s3.peers {
-                Some(p) => Some(peers::Peers::new(p, bucket.clone(), cfg.stall_timeout.0)?),
+                Some(p) => Some(peers::Peers::new(
+                    p,
+                    bucket.clone(),
+                    cfg.stall_timeout.0,
+                    &metrics,
+                )?),
                 None => None,
             },
             _ => None,
@@ -496,8 +501,20 @@ impl Cache {
     }
 
     /// A fill from the upstream is under way: the tiers behind keep it once verified (the
-    /// first one under `lease`, which it granted).
-    fn keep_behind(&self, digest: &Digest, source: &Source, mut lease: Option<Lease>) {
+    /// first one under `lease`, which it granted). With peers and no lease, the other
+    /// replicas stream it from here, not from the bucket: it is kept once this replica is
+    /// idle, so that the upload stays off the way of the pull under way.
+    fn keep_behind(self: &Arc<Self>, digest: &Digest, source: &Source, mut lease: Option<Lease>) {
+        if lease.is_none() && self.peers().is_some() {
+            let cache = Arc::downgrade(self);
+            let idle: tier::Idle =
+                Arc::new(move || cache.upgrade().map_or(true, |c| c.fills_in_flight() == 0));
+            for tier in self.behind() {
+                tier.clone()
+                    .keep_when_idle(digest.clone(), source.clone(), idle.clone());
+            }
+            return;
+        }
         for tier in self.behind() {
             tier.clone()
                 .keep(digest.clone(), source.clone(), lease.take());
@@ -588,7 +605,8 @@ impl Cache {
     }
 
     /// At shutdown: waits up to `deadline` for the fills under way (so the cache keeps what
-    /// was being pulled), then deletes the temp files of those still running.
+    /// was being pulled) and for the uploads deferred until the replica is idle, then
+    /// deletes the temp files of the fills still running.
     pub async fn drain_fills(&self, deadline: Duration) {
         let start = tokio::time::Instant::now();
         while self.fills_in_flight() > 0 && start.elapsed() < deadline {
@@ -597,6 +615,18 @@ impl Cache {
         let left = self.fills_in_flight();
         if left > 0 {
             tracing::warn!(fills = left, "abandoning unfinished fills at shutdown");
+        }
+        // What the tiers behind keep once the replica is idle (with peers, the uploads): it
+        // is, so they run now; the bucket should not miss what only this replica's disk has.
+        let pending = || self.behind().iter().map(|t| t.pending()).sum::<usize>();
+        while pending() > 0 && start.elapsed() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if pending() > 0 {
+            tracing::warn!(
+                uploads = pending(),
+                "abandoning deferred uploads at shutdown"
+            );
         }
         if let Err(e) = self.store.clear_tmp() {
             tracing::warn!(error = %e, "could not clear the temp folder");

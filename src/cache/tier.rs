@@ -15,12 +15,14 @@
 use std::any::Any;
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::{self, BoxFuture, FutureExt};
 use futures_util::stream::BoxStream;
 
 use super::source::Source;
+use crate::clock::Instant;
 use crate::reference::{Digest, Name, Tag};
 
 /// A record kept beside the blobs, named by a hash of its key, so that no request text is
@@ -86,6 +88,33 @@ pub enum Claim {
     Theirs,
     /// Nobody arbitrates (no shared tier, or it is down): fetch.
     None,
+}
+
+/// Is the replica idle (no fill under way)? What a tier's deferred work waits for.
+pub type Idle = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// How long deferred work waits for its replica to be idle before it runs anyway: a replica
+/// that is never idle still keeps what it fetched, this much later.
+pub const IDLE_WAIT: Duration = Duration::from_secs(30);
+/// Idle is idle for this long: the gap between two blobs of one pull (a client asks for
+/// the next ones when the last ones end), or a replica that streamed a blob to another one
+/// which is still pulling the rest of the image, is not.
+pub const IDLE_QUIET: Duration = Duration::from_secs(1);
+/// How often it looks meanwhile.
+const IDLE_POLL: Duration = Duration::from_millis(50);
+
+/// Returns once `idle` has said so for `IDLE_QUIET`, or `IDLE_WAIT` after `since`.
+pub async fn when_idle(idle: &Idle, since: Instant) {
+    let mut quiet_since = None;
+    while since.elapsed() < IDLE_WAIT {
+        match (idle(), quiet_since) {
+            (false, _) => quiet_since = None,
+            (true, None) => quiet_since = Some(Instant::now()),
+            (true, Some(t)) if t.elapsed() >= IDLE_QUIET => return,
+            (true, Some(_)) => {}
+        }
+        tokio::time::sleep(IDLE_POLL).await;
+    }
 }
 
 /// A held lease, as the tier that granted it made it. A guard: dropped without
@@ -159,6 +188,18 @@ pub trait Tier: Send + Sync + 'static {
     /// `source` like a client: its last byte waits for the verdict); a failed fill keeps
     /// nothing. Releases `lease` at the end.
     fn keep(self: Arc<Self>, _digest: Digest, _source: Source, _lease: Option<Lease>) {}
+
+    /// Keeps a fill like [`Tier::keep`] (no lease), but once the replica is `idle` (see
+    /// [`when_idle`]): for a fill no other replica waits for in this tier (with peers, they
+    /// stream it from this replica), so that keeping it stays off the way of the fills and
+    /// clients of a pull under way. A tier that keeps nothing ignores it.
+    fn keep_when_idle(self: Arc<Self>, _digest: Digest, _source: Source, _idle: Idle) {}
+
+    /// What `keep_when_idle` was given and has not kept (or given up on) yet: at shutdown,
+    /// the cache waits for it like for its fills.
+    fn pending(&self) -> usize {
+        0
+    }
 
     /// A URL a client can fetch the blob from directly, if this tier redirects and has it.
     /// `known_only`: answer only from what the tier knows without asking its store (a local

@@ -118,6 +118,10 @@ pub struct Bucket {
     /// Every how long this replica runs the bucket's GC (`gc_interval`); none: never.
     gc_interval: Option<Duration>,
     metrics: Arc<Metrics>,
+    /// Turns of the uploads deferred until the replica is idle (`uploads`).
+    deferred: tokio::sync::Semaphore,
+    /// Deferred uploads not ended yet.
+    deferred_pending: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// How long a blob seen in the bucket is taken to be there still.
@@ -223,6 +227,8 @@ impl Bucket {
                 .build(),
             gc_interval: None,
             metrics,
+            deferred: tokio::sync::Semaphore::new(uploads::DEFERRED_AT_ONCE),
+            deferred_pending: Arc::default(),
         }
     }
 
@@ -387,6 +393,14 @@ impl Tier for Bucket {
     fn keep(self: Arc<Self>, digest: Digest, source: Source, lease: Option<tier::Lease>) {
         let lease = lease.and_then(|l| l.0.downcast::<Lease>().ok().map(|l| *l));
         self.upload(digest, source, lease);
+    }
+
+    fn keep_when_idle(self: Arc<Self>, digest: Digest, source: Source, idle: tier::Idle) {
+        self.upload_when_idle(digest, source, idle);
+    }
+
+    fn pending(&self) -> usize {
+        self.deferred_pending.load(Ordering::Relaxed)
     }
 
     fn redirect<'a>(

@@ -37,6 +37,7 @@ use super::bucket::Bucket;
 use super::fill::{Fetched, Origin};
 use crate::clock::Instant;
 use crate::config::PeersConfig;
+use crate::metrics::Metrics;
 use crate::reference::{Digest, Name};
 pub use client::PeerError;
 use client::{Answer, PeerClient};
@@ -112,6 +113,8 @@ pub struct Peers {
     suspects: Mutex<HashMap<String, Instant>>,
     client: PeerClient,
     pub key: sign::Key,
+    /// `ocicache_peers_members`: the live members as last listed.
+    members_gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl std::fmt::Debug for Peers {
@@ -127,6 +130,7 @@ impl Peers {
         cfg: &PeersConfig,
         bucket: Arc<Bucket>,
         answer_timeout: Duration,
+        metrics: &Metrics,
     ) -> io::Result<Arc<Peers>> {
         let key = sign::Key::new(cfg.secret()?);
         Ok(Arc::new(Peers {
@@ -137,6 +141,7 @@ impl Peers {
             suspects: Mutex::new(HashMap::new()),
             client: PeerClient::new(key.clone(), answer_timeout)?,
             key,
+            members_gauge: metrics.peers_members.clone(),
         }))
     }
 
@@ -164,6 +169,7 @@ impl Peers {
             if changed {
                 tracing::info!(members = ?listed, "peer membership");
             }
+            self.members_gauge.set(listed.len() as i64);
             *self.members.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(listed));
         }
     }
@@ -360,6 +366,7 @@ mod tests {
             &cfg,
             tier(store, LEASE_TTL, 1 << 30),
             Duration::from_secs(5),
+            &Metrics::new(),
         )
         .unwrap()
     }
@@ -431,7 +438,8 @@ mod tests {
 
     /// Ownership follows the membership in the bucket: unknown before the first listing, a
     /// replica that stops beating leaves after `GONE_AFTER`, a suspect is skipped for
-    /// `SUSPECT_FOR` only; every replica computes the same owner.
+    /// `SUSPECT_FOR` only; every replica computes the same owner. `ocicache_peers_members`
+    /// counts the members listed (a suspect still is one).
     #[tokio::test(start_paused = true)]
     async fn ownership_follows_heartbeats_and_suspicions() {
         let store = TestStore::new();
@@ -446,14 +454,17 @@ mod tests {
             })
             .unwrap();
         assert_eq!(a.owner(&key), Owner::Unknown, "before any listing");
+        assert_eq!(a.members_gauge.get(), 0);
         a.beat().await;
         assert_eq!(a.owner(&key), Owner::Me, "alone");
+        assert_eq!(a.members_gauge.get(), 1);
         b.beat().await;
         a.beat().await;
         assert_eq!(a.members(), ["http://a:1", "http://b:1"]);
         assert_eq!(a.owner(&key), Owner::Peer("http://b:1".into()));
         assert_eq!(b.owner(&key), Owner::Me, "the same owner, seen from b");
 
+        assert_eq!(a.members_gauge.get(), 2);
         a.suspect("http://b:1");
         assert_eq!(a.owner(&key), Owner::Me, "a suspect is skipped");
         tokio::time::advance(SUSPECT_FOR).await;
@@ -472,6 +483,7 @@ mod tests {
         a.beat().await;
         assert_eq!(a.members(), ["http://a:1"]);
         assert_eq!(a.owner(&key), Owner::Me);
+        assert_eq!(a.members_gauge.get(), 1, "b gone");
     }
 
     #[test]
