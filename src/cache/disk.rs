@@ -141,6 +141,24 @@ mod tests {
         assert_eq!(got, (0..=100).collect::<Vec<_>>());
     }
 
+    /// A fill's hash lane is on another thread than its write lane, whatever the load of
+    /// the threads (here: every fill so far on one thread), and its jobs run in order too.
+    #[test]
+    fn a_lane_beside_another_is_on_another_thread() {
+        let crowded: Vec<Lane> = (0..10).map(|_| Lane::new()).collect();
+        for lane in &crowded {
+            let other = Lane::beside(lane);
+            assert_ne!(other.thread, lane.thread);
+            let (tx, rx) = mpsc::channel();
+            for i in 0..10 {
+                let tx = tx.clone();
+                other.run(move || tx.send(i).unwrap());
+            }
+            drop(tx);
+            assert_eq!(rx.iter().collect::<Vec<_>>(), (0..10).collect::<Vec<_>>());
+        }
+    }
+
     #[test]
     fn the_pool_is_bounded() {
         let lanes: Vec<Lane> = (0..100).map(|_| Lane::new()).collect();
