@@ -6,7 +6,7 @@
 #   bash benches/compare.sh --quick    # 128 MiB blob, shorter wrk runs
 #
 # Options: --quick, --no-build (use the binary as it is), --keep (keep the data files, not
-# only the logs), --big-mib N (blob size). Environment: OCICACHE_BIN (binary to test,
+# only the logs), --big-mib N (blob size), --cold-only (row 1 alone, then the table). Environment: OCICACHE_BIN (binary to test,
 # default $CARGO_TARGET_DIR or target/, release), BENCH_DIR (parent of the temp dir).
 set -euo pipefail
 
@@ -14,12 +14,14 @@ QUICK=0
 BUILD=1
 KEEP=0
 BIG_MIB=""
+COLD_ONLY=0
 while (($#)); do
   case "$1" in
     --quick) QUICK=1 ;;
     --no-build) BUILD=0 ;;
     --keep) KEEP=1 ;;
     --big-mib) BIG_MIB="$2"; shift ;;
+    --cold-only) COLD_ONLY=1 ;;
     -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
@@ -393,6 +395,16 @@ for t in upstream ocicache regproxy nginx-cache; do
   wait_upstream_quiet # the registry in proxy mode stores its copy in the background
 done
 
+report() {
+  echo "load_end $(cut -d' ' -f1-3 /proc/loadavg)" >>"$WORK/meta.txt"
+  echo
+  python3 "$BENCH/report.py" "$WORK" | tee "$WORK/report.txt"
+}
+if ((COLD_ONLY)); then
+  report
+  exit 0
+fi
+
 # ---------------------------------------------------------------- 2. warm, one client
 echo "2. warm blob, one client, $WARM_RUNS runs"
 for t in "${TARGETS[@]}"; do
@@ -556,6 +568,4 @@ EOF
 done
 
 # ---------------------------------------------------------------- the table
-echo "load_end $(cut -d' ' -f1-3 /proc/loadavg)" >>"$WORK/meta.txt"
-echo
-python3 "$BENCH/report.py" "$WORK" | tee "$WORK/report.txt"
+report

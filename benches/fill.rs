@@ -15,8 +15,9 @@
 //!   another thread, publishing progress on a `watch` channel after each chunk;
 //! - `two_threads/<dir>`: the hash on one thread, the writes on another, fed the same
 //!   `Bytes` (std channels);
-//! - `sink/<dir>`: the fill's own disk half, `ocicache::cache::fill::Sink` (write then hash
-//!   each chunk on one thread of the fills' disk pool), fed from an async task.
+//! - `sink/<dir>`: the fill's own disk half, `ocicache::cache::fill::Sink` (each chunk
+//!   written on one thread of the fills' disk pool and hashed on another), fed from an
+//!   async task.
 //!
 //! `<dir>` is `tmpfs` (/dev/shm) and `disk` (the temp dir, or `FILL_BENCH_DIR`).
 //! After criterion, a summary measures the ratios again with alternated runs and prints

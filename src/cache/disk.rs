@@ -37,6 +37,7 @@ fn size() -> usize {
 fn pool() -> &'static Pool {
     static POOL: OnceLock<Pool> = OnceLock::new();
     POOL.get_or_init(|| {
+        keep_freed_buffers();
         let threads = (0..size())
             .map(|i| {
                 let (tx, rx) = mpsc::channel::<Job>();
@@ -57,6 +58,26 @@ fn pool() -> &'static Pool {
     })
 }
 
+/// Tells glibc's allocator to keep the memory of freed network buffers for the next ones.
+///
+/// A fill frees every chunk (a buffer of up to 400 KiB that the upstream's connection read
+/// into) on a disk thread once written, hashed and read, and the connection allocates the
+/// next. With glibc's defaults, those buffers are mapped and unmapped one by one, or the
+/// freed top of the heap is given back to the kernel as soon as it passes twice the largest
+/// buffer seen: either way the next read faults its pages in again, zeroed. That was about
+/// 100,000 page faults per cold GiB, 0.15-0.2 CPU-s (of 1.7). Buffers up to 4 MiB now come
+/// from the heap, and up to 32 MiB of freed heap is kept: the peak memory is unchanged (the
+/// memory is reused, not added), only given back later.
+fn keep_freed_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `mallopt` only sets the allocator's parameters; it is safe at any time, from
+    // any thread.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
+    }
+}
+
 /// One thread of the pool, given to one fill for its life: jobs sent on a lane run one after
 /// the other, in the order sent.
 pub struct Lane {
@@ -70,6 +91,18 @@ impl Lane {
         let thread = (0..pool.threads.len())
             .min_by_key(|&i| pool.threads[i].1.load(Ordering::Relaxed))
             .unwrap_or(0);
+        pool.threads[thread].1.fetch_add(1, Ordering::Relaxed);
+        Lane { thread }
+    }
+
+    /// A second lane for the same fill, on another thread than `lane` (the one of the others
+    /// that serves the fewest fills): the fill's work on the two overlaps.
+    pub fn beside(lane: &Lane) -> Lane {
+        let pool = pool();
+        let thread = (0..pool.threads.len())
+            .filter(|&i| i != lane.thread)
+            .min_by_key(|&i| pool.threads[i].1.load(Ordering::Relaxed))
+            .unwrap_or(lane.thread);
         pool.threads[thread].1.fetch_add(1, Ordering::Relaxed);
         Lane { thread }
     }
@@ -106,6 +139,24 @@ mod tests {
         lane.run(move || tx.send(100).unwrap());
         let got: Vec<i32> = rx.iter().take(101).collect();
         assert_eq!(got, (0..=100).collect::<Vec<_>>());
+    }
+
+    /// A fill's hash lane is on another thread than its write lane, whatever the load of
+    /// the threads (here: every fill so far on one thread), and its jobs run in order too.
+    #[test]
+    fn a_lane_beside_another_is_on_another_thread() {
+        let crowded: Vec<Lane> = (0..10).map(|_| Lane::new()).collect();
+        for lane in &crowded {
+            let other = Lane::beside(lane);
+            assert_ne!(other.thread, lane.thread);
+            let (tx, rx) = mpsc::channel();
+            for i in 0..10 {
+                let tx = tx.clone();
+                other.run(move || tx.send(i).unwrap());
+            }
+            drop(tx);
+            assert_eq!(rx.iter().collect::<Vec<_>>(), (0..10).collect::<Vec<_>>());
+        }
     }
 
     #[test]
