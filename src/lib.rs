@@ -63,6 +63,7 @@ pub mod clock;
 pub mod coalesce;
 pub mod config;
 pub mod error;
+pub mod logbuf;
 pub mod manifests;
 pub mod metrics;
 pub mod prefetch;

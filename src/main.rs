@@ -130,17 +130,11 @@ enum ConfigCommand {
 
 /// Logs go to stderr through a background writer: a request's log line costs the worker a
 /// formatted line in memory, not a write system call. The guard flushes at exit.
-fn init_logging(config: &Config) -> tracing_appender::non_blocking::WorkerGuard {
+fn init_logging(config: &Config) -> ocicache::logbuf::Guard {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        // Buffered: the writer thread flushes once it has drained the lines queued, so a
-        // busy proxy writes its log in batches, not a system call per line.
-        .finish(std::io::BufWriter::with_capacity(
-            64 << 10,
-            std::io::stderr(),
-        ));
+    // Lines gathered in memory and written in batches by one thread (see `logbuf`).
+    let (writer, guard) = ocicache::logbuf::spawn(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
