@@ -134,6 +134,13 @@ impl Shared {
     }
 }
 
+impl Lines {
+    /// Appends `line` (whole lines, each ending with a newline) as one write.
+    pub fn write_line(&self, line: &[u8]) {
+        self.0.append(line);
+    }
+}
+
 /// One write is kept whole: the fmt layer formats an event, then writes it with one
 /// `write_all`, which this accepts at once.
 impl Write for &Lines {

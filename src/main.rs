@@ -135,19 +135,25 @@ fn init_logging(config: &Config) -> ocicache::logbuf::Guard {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
     // Lines gathered in memory and written in batches by one thread (see `logbuf`).
     let (writer, guard) = ocicache::logbuf::spawn(std::io::stderr());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        .with_writer(writer.clone())
+        .with_ansi(ansi);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         // The request line, one per request, is written by its own cheaper path; the same
-        // bytes as the default format.
-        LogFormat::Human => builder
-            .event_format(ocicache::server::body::LineFormat::new(
-                tracing_subscriber::fmt::format(),
-            ))
-            .init(),
+        // bytes as the default format. Without colours, most go around `tracing` altogether.
+        LogFormat::Human => {
+            builder
+                .event_format(ocicache::server::body::LineFormat::new(
+                    tracing_subscriber::fmt::format(),
+                ))
+                .init();
+            if !ansi {
+                ocicache::server::body::write_lines_to(writer);
+            }
+        }
     }
     guard
 }
