@@ -260,8 +260,9 @@ pub struct Status {
     errors: Mutex<VecDeque<ErrorEntry>>,
     /// Pulls by a hash of `(upstream, name, tag)`: counting a known image hashes and
     /// allocates nothing.
-    images: Mutex<HashMap<u64, Pulls>>,
-    hasher: std::collections::hash_map::RandomState,
+    images: Mutex<HashMap<u64, Pulls, foldhash::fast::RandomState>>,
+    /// Seeded per process; a fraction of SipHash's cost on the request's path.
+    hasher: foldhash::fast::RandomState,
 }
 
 impl Status {
@@ -272,7 +273,7 @@ impl Status {
             metrics,
             samples: Mutex::new(VecDeque::from([first])),
             errors: Mutex::new(VecDeque::new()),
-            images: Mutex::new(HashMap::new()),
+            images: Mutex::new(HashMap::default()),
             hasher: Default::default(),
         }
     }
