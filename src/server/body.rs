@@ -142,12 +142,7 @@ impl RequestLine {
         {
             return false;
         }
-        // Not a decision: the log's wall time, read as `LineFormat` reads it.
-        let Some(time) = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .ok()
-            .and_then(|d| timestamp(d.as_secs(), d.subsec_micros()))
-        else {
+        let Some(time) = timestamp_now() else {
             return false;
         };
         out.push_str(std::str::from_utf8(&time).expect("ascii"));
@@ -382,12 +377,7 @@ where
         }
         #[cfg(test)]
         tests::FAST_LINES.with(|n| n.set(n.get() + 1));
-        // Not a decision: the log's wall time, read as the default format's timer reads it.
-        let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-        match since_epoch
-            .ok()
-            .and_then(|d| timestamp(d.as_secs(), d.subsec_micros()))
-        {
+        match timestamp_now() {
             Some(t) => writer.write_str(std::str::from_utf8(&t).expect("ascii"))?,
             None => {
                 if tracing_subscriber::fmt::time::SystemTime
@@ -413,6 +403,15 @@ where
         writer.write_str(&fields.out)?;
         writer.write_char('\n')
     }
+}
+
+/// The log's wall time now (not a decision: read as the default format's timer reads it),
+/// as [`timestamp`] writes it.
+fn timestamp_now() -> Option<[u8; 27]> {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
+    timestamp(d.as_secs(), d.subsec_micros())
 }
 
 /// `secs` and `micros` since the epoch as the default format writes them (RFC 3339, UTC,
