@@ -15,6 +15,11 @@
 //! Other failures are retried sooner than the interval ([`ERROR_RETRY`], doubling). The
 //! server keeps serving whatever happens here.
 //!
+//! Sync owns the pins it sets ([`PinOwner::Sync`]): at start-up, and at each run once the
+//! entry's tags are known, the pins a sync set for a tag that no entry with `pin = true`
+//! keeps any more (its tag, entry or pattern gone from the configuration, or a pattern's tag
+//! gone from the repository) are released ([`PinScope`]). Pins an operator set stay.
+//!
 //! The schedule ([`Scheduler`]) is separate from what a run does ([`Runner`]: the server's is
 //! [`ServerRunner`]), and all its time is read on the server's [`Clock`], so tests drive it
 //! under a paused runtime or skip the server's clock ahead. Results go to the metrics
@@ -27,12 +32,12 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cache::pins::{PinKey, PinnedImage};
+use crate::cache::pins::{PinKey, PinOwner, PinnedImage};
 use crate::clock::{self, Clock, Instant};
 use crate::config::{Config, SyncConfig};
 use crate::metrics::{Metrics, SyncEntryLabels, SyncRunLabels};
 use crate::prefetch::ImageRef;
-use crate::reference::{Reference, Tag};
+use crate::reference::{Name, Reference, Tag};
 use crate::server::State;
 use crate::upstream::{RateSignals, Upstream};
 use crate::warm::{warm, Warmed};
@@ -449,6 +454,65 @@ impl Board {
     }
 }
 
+/// The tags whose pins one entry with `pin = true` keeps, in one repository of one
+/// upstream: a pin a sync set that no entry's scope holds is released.
+#[derive(Debug, Clone)]
+pub struct PinScope {
+    /// The upstream's name and the repository there, as a pin's key has them.
+    pub upstream: String,
+    pub name: Name,
+    pub tags: ScopeTags,
+}
+
+/// The tags of a [`PinScope`].
+#[derive(Debug, Clone)]
+pub enum ScopeTags {
+    /// The entry's `tags`, or the tags its run resolved.
+    Listed(Vec<Tag>),
+    /// Before its run has read the repository's tag list: what its `tag_pattern` matches.
+    Matching(regex::Regex),
+}
+
+impl PinScope {
+    /// The scope of an entry routed to `upstream` and `name`, as configured: none without
+    /// `pin = true`.
+    pub fn of(config: &SyncConfig, upstream: String, name: Name) -> Option<PinScope> {
+        if !config.pin {
+            return None;
+        }
+        let tags = match (&config.tags, config.pattern()) {
+            (Some(tags), _) => {
+                ScopeTags::Listed(tags.iter().filter_map(|t| Tag::parse(t).ok()).collect())
+            }
+            (None, Some(Ok(pattern))) => ScopeTags::Matching(pattern),
+            _ => return None,
+        };
+        Some(PinScope {
+            upstream,
+            name,
+            tags,
+        })
+    }
+
+    /// Whether the pin of `key` is this scope's (a pin by digest never is).
+    pub fn holds(&self, key: &PinKey) -> bool {
+        let Reference::Tag(tag) = &key.reference else {
+            return false;
+        };
+        key.upstream == self.upstream
+            && key.name == self.name
+            && match &self.tags {
+                ScopeTags::Listed(tags) => tags.contains(tag),
+                ScopeTags::Matching(pattern) => pattern.is_match(tag.as_str()),
+            }
+    }
+}
+
+/// Whether a scope of `scopes` holds the pin of `key`.
+pub fn scheduled(scopes: &[PinScope], key: &PinKey) -> bool {
+    scopes.iter().any(|s| s.holds(key))
+}
+
 /// One entry as the server runs it.
 struct Entry {
     config: SyncConfig,
@@ -509,6 +573,41 @@ impl ServerRunner {
             .collect()
     }
 
+    /// Entry `i`'s pin scope as configured: none for an image that does not route.
+    fn scope(&self, i: usize) -> Option<PinScope> {
+        let entry = &self.entries[i];
+        let (up, name) = self.upstream(entry.image.as_ref().ok()?).ok()?;
+        PinScope::of(&entry.config, up.name.clone(), name)
+    }
+
+    /// Releases the pins syncs set that no entry's scope holds any more; with `run`, the
+    /// entry running is narrowed to the tags it resolved.
+    fn release(&self, run: Option<(usize, &[Tag])>) {
+        let scopes: Vec<PinScope> = (0..self.entries.len())
+            .filter_map(|i| {
+                let mut scope = self.scope(i)?;
+                if let Some((_, tags)) = run.filter(|&(r, _)| r == i) {
+                    scope.tags = ScopeTags::Listed(tags.to_vec());
+                }
+                Some(scope)
+            })
+            .collect();
+        match self
+            .state
+            .cache
+            .release_sync_pins(|key| scheduled(&scopes, key))
+        {
+            Ok(released) => {
+                for key in released {
+                    tracing::info!(upstream = %key.upstream, name = %key.name, reference = %key.reference, "sync: unpinned, no longer synced");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "sync: the pins of tags no longer synced were kept")
+            }
+        }
+    }
+
     /// The tags of an entry: its list, or those of the repository that match its pattern.
     async fn tags(&self, entry: &Entry, image: &ImageRef) -> Result<Vec<Tag>, String> {
         if let Some(tags) = &entry.config.tags {
@@ -555,6 +654,7 @@ impl ServerRunner {
             Ok(t) => t,
             Err(e) => return Ran::Failed(e),
         };
+        self.release(Some((i, &tags)));
         let throttled = |image: &ImageRef| {
             self.upstream(image)
                 .map(|(up, _)| up.rate_signals().throttled)
@@ -623,6 +723,7 @@ impl ServerRunner {
             manifests: warmed.manifests,
             blobs: warmed.blobs,
             pinned_at: self.state.clock.now(),
+            set_by: PinOwner::Sync,
         };
         cache.pin(key, image)?;
         tracing::info!(image = %entry.config.image, %tag, %digest, unpinned = ?moved, "sync: pinned");
@@ -647,8 +748,11 @@ impl Runner for ServerRunner {
 }
 
 /// Starts the scheduler of `state`'s `[[sync]]` entries on a task of its own; none when
-/// there are no entries, or offline (which the log says).
+/// there are no entries, or offline (which the log says). First, in every case, the pins
+/// syncs set for tags the configuration no longer syncs are released.
 pub fn start(state: &Arc<State>) -> Option<tokio::task::JoinHandle<()>> {
+    let runner = ServerRunner::new(state.clone());
+    runner.release(None);
     let n = state.config.sync.len();
     if n == 0 {
         return None;
@@ -657,7 +761,6 @@ pub fn start(state: &Arc<State>) -> Option<tokio::task::JoinHandle<()>> {
         tracing::info!(entries = n, "offline = true: scheduled syncs are disabled");
         return None;
     }
-    let runner = ServerRunner::new(state.clone());
     let plans = runner.plans();
     let seed = clock::since_epoch().as_nanos() as u64 ^ u64::from(std::process::id());
     let scheduler = Scheduler::new(

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::{json, Admin};
 use crate::cache::inventory::{references, rfc3339, FillStatus, ImageDigests};
-use crate::cache::pins::{Pin, PinKey, PinnedImage};
+use crate::cache::pins::{Pin, PinKey, PinOwner, PinnedImage};
 use crate::error::{Error, ErrorCode};
 use crate::reference::{Digest, Name, Reference, Tag};
 use crate::route;
@@ -128,6 +128,7 @@ pub async fn pin(admin: &Arc<Admin>, segments: &[&str]) -> Result<Response<Body>
             manifests: digests.manifests,
             blobs: digests.blobs,
             pinned_at: crate::clock::now(),
+            set_by: PinOwner::Operator,
         },
     };
     let (cache, key, kept) = (state.cache.clone(), pin.key.clone(), pin.image.clone());

@@ -13,6 +13,12 @@
 //! The API: [`Cache::pin`], [`Cache::unpin`], [`Cache::pins`], [`Cache::is_pinned`].
 //! Resolving an image into its digests is the manifests service's job
 //! (`Manifests::resolve_image`).
+//!
+//! A pin records who set it ([`PinOwner`]): an operator (the admin API, `cache pin`) or a
+//! scheduled sync. A sync drops the pins it set for tags it no longer syncs
+//! ([`Cache::release_sync_pins`]); an operator's pin stays until an operator removes it,
+//! even when a sync re-pins its tag at a new digest. Pins of files written before the owner
+//! was recorded read as an operator's: nothing is released that sync may not have set.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -48,6 +54,21 @@ pub struct PinnedImage {
     /// When it was pinned.
     #[serde(with = "super::inventory::rfc3339")]
     pub pinned_at: SystemTime,
+    /// Who set it: only a sync's own pins are released when it stops syncing their tag.
+    #[serde(default)]
+    pub set_by: PinOwner,
+}
+
+/// Who set a pin.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PinOwner {
+    /// By hand (the admin API, `cache pin`): kept until an operator unpins it. The default,
+    /// so that a pin of unknown origin is never released by a sync.
+    #[default]
+    Operator,
+    /// A scheduled sync with `pin = true`, for a tag of its schedule.
+    Sync,
 }
 
 impl PinnedImage {
@@ -131,9 +152,17 @@ impl Cache {
     /// Pins `image` under `key` (replacing what `key` held: a moved tag's old digests are
     /// no longer kept unless another pin holds them), writes `pins.json`, and makes the
     /// index keep its digests. On a write error nothing changes.
-    pub fn pin(&self, key: PinKey, image: PinnedImage) -> io::Result<()> {
+    /// A sync re-pinning an operator's pin updates its digests but leaves it the operator's.
+    pub fn pin(&self, key: PinKey, mut image: PinnedImage) -> io::Result<()> {
         self.change_pins(|map| {
+            if map
+                .get(&key)
+                .is_some_and(|held| held.set_by == PinOwner::Operator)
+            {
+                image.set_by = PinOwner::Operator;
+            }
             map.insert(key, image);
+            true
         })
     }
 
@@ -141,8 +170,33 @@ impl Cache {
     /// (unless another pin holds them).
     pub fn unpin(&self, key: &PinKey) -> io::Result<bool> {
         let mut found = false;
-        self.change_pins(|map| found = map.remove(key).is_some())?;
+        self.change_pins(|map| {
+            found = map.remove(key).is_some();
+            found
+        })?;
         Ok(found)
+    }
+
+    /// Removes every pin a sync set whose key `scheduled` says no sync keeps any more; the
+    /// keys removed, in no order. Operators' pins are never removed. Decided under the pins'
+    /// lock, so a pin an operator sets meanwhile is not lost; nothing is written when
+    /// nothing goes.
+    pub fn release_sync_pins(
+        &self,
+        scheduled: impl Fn(&PinKey) -> bool,
+    ) -> io::Result<Vec<PinKey>> {
+        let mut released = Vec::new();
+        self.change_pins(|map| {
+            map.retain(|key, image| {
+                let keep = image.set_by == PinOwner::Operator || scheduled(key);
+                if !keep {
+                    released.push(key.clone());
+                }
+                keep
+            });
+            !released.is_empty()
+        })?;
+        Ok(released)
     }
 
     /// Every pin, ordered by upstream, name and reference.
@@ -168,14 +222,17 @@ impl Cache {
         self.index.is_pinned(digest)
     }
 
-    /// Applies `change` to the pins, writes the file, then hands the index the new set.
+    /// Applies `change` to the pins and, when it says it changed them, writes the file, then
+    /// hands the index the new set.
     fn change_pins(
         &self,
-        change: impl FnOnce(&mut HashMap<PinKey, PinnedImage>),
+        change: impl FnOnce(&mut HashMap<PinKey, PinnedImage>) -> bool,
     ) -> io::Result<()> {
         let mut map = self.pins.lock();
         let mut next = map.clone();
-        change(&mut next);
+        if !change(&mut next) {
+            return Ok(());
+        }
         let mut pins: Vec<Pin> = next
             .iter()
             .map(|(k, i)| Pin {
@@ -247,6 +304,7 @@ mod tests {
             blobs: vec![later.clone()],
             // Whole seconds: the file keeps times to the second.
             pinned_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            set_by: PinOwner::Operator,
         };
         cache.pin(key("1"), image.clone()).unwrap();
         assert_eq!(blob(2), later);
@@ -299,6 +357,7 @@ mod tests {
             manifests: vec![],
             blobs: vec![a.clone(), b.clone(), Digest::sha256_of(&vec![3u8; 1 << 20])],
             pinned_at: crate::clock::now(),
+            set_by: PinOwner::Operator,
         };
         cache.pin(key("big"), image).unwrap();
         let c = put(3);
@@ -336,5 +395,87 @@ mod tests {
             .err()
             .expect("a corrupt pins file refuses the start");
         assert!(e.to_string().contains("pins.json"), "{e}");
+    }
+
+    /// A pin of one blob, set by `set_by`.
+    fn image(n: u8, set_by: PinOwner) -> PinnedImage {
+        PinnedImage {
+            manifests: vec![],
+            blobs: vec![Digest::sha256_of(&[n])],
+            pinned_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            set_by,
+        }
+    }
+
+    #[test]
+    fn a_sync_releases_only_its_own_pins_that_are_no_longer_scheduled() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, _) = open(dir.path(), 1 << 30);
+        let file = dir.path().join(PINS_FILE);
+        // Nothing to release: nothing is written.
+        assert!(cache.release_sync_pins(|_| false).unwrap().is_empty());
+        assert!(!file.exists());
+        cache.pin(key("kept"), image(1, PinOwner::Sync)).unwrap();
+        cache.pin(key("dropped"), image(2, PinOwner::Sync)).unwrap();
+        cache
+            .pin(key("by-hand"), image(3, PinOwner::Operator))
+            .unwrap();
+        let released = cache
+            .release_sync_pins(|k| k.reference.to_string() == "kept")
+            .unwrap();
+        assert_eq!(released, vec![key("dropped")]);
+        assert!(!cache.is_pinned(&Digest::sha256_of(&[2])));
+        assert!(cache.is_pinned(&Digest::sha256_of(&[1])));
+        assert!(
+            cache.is_pinned(&Digest::sha256_of(&[3])),
+            "a hand pin stays"
+        );
+        drop(cache);
+        let (cache, _) = open(dir.path(), 1 << 30);
+        let left: Vec<(String, PinOwner)> = cache
+            .pins()
+            .into_iter()
+            .map(|p| (p.key.reference.to_string(), p.image.set_by))
+            .collect();
+        assert_eq!(
+            left,
+            [
+                ("by-hand".to_string(), PinOwner::Operator),
+                ("kept".to_string(), PinOwner::Sync)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_hand_pin_stays_the_operators_when_a_sync_re_pins_its_tag() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, _) = open(dir.path(), 1 << 30);
+        cache.pin(key("1"), image(1, PinOwner::Operator)).unwrap();
+        cache.pin(key("1"), image(2, PinOwner::Sync)).unwrap();
+        let pins = cache.pins();
+        assert_eq!(pins[0].image.blobs, [Digest::sha256_of(&[2])], "moved");
+        assert_eq!(pins[0].image.set_by, PinOwner::Operator);
+        assert!(cache.release_sync_pins(|_| false).unwrap().is_empty());
+        // An operator pinning a sync's pin makes it theirs.
+        cache.pin(key("2"), image(3, PinOwner::Sync)).unwrap();
+        cache.pin(key("2"), image(3, PinOwner::Operator)).unwrap();
+        assert!(cache.release_sync_pins(|_| false).unwrap().is_empty());
+        assert_eq!(cache.pins().len(), 2);
+    }
+
+    #[test]
+    fn a_pin_without_an_owner_in_the_file_is_an_operators() {
+        let dir = tempfile::tempdir().unwrap();
+        let digest = Digest::sha256_of(b"x");
+        let old = serde_json::json!({"version": 1, "pins": [{
+            "upstream": "docker.io", "name": "library/app", "reference": "1",
+            "manifests": [], "blobs": [digest.to_string()],
+            "pinned_at": "2023-11-14T22:13:20Z",
+        }]});
+        std::fs::write(dir.path().join(PINS_FILE), old.to_string()).unwrap();
+        let (cache, _) = open(dir.path(), 1 << 30);
+        assert_eq!(cache.pins()[0].image.set_by, PinOwner::Operator);
+        assert!(cache.release_sync_pins(|_| false).unwrap().is_empty());
+        assert!(cache.is_pinned(&digest));
     }
 }

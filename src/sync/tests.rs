@@ -287,3 +287,92 @@ async fn failures_are_retried_sooner_than_the_interval() {
     assert!(gaps[3] >= interval && gaps[3] <= interval + jitter_bound(interval));
     assert_eq!(runs(&metrics, "e0", "error"), 3);
 }
+
+fn sync_entry(tags: Option<&[&str]>, pattern: Option<&str>, pin: bool) -> SyncConfig {
+    SyncConfig {
+        image: "docker.io/library/app".into(),
+        tags: tags.map(|t| t.iter().map(|s| s.to_string()).collect()),
+        tag_pattern: pattern.map(String::from),
+        platforms: vec![],
+        interval: crate::config::HumanDuration(HOUR),
+        pin,
+    }
+}
+
+fn pin_key(upstream: &str, name: &str, reference: &str) -> PinKey {
+    PinKey {
+        upstream: upstream.into(),
+        name: Name::parse(name).unwrap(),
+        reference: Reference::parse(reference).unwrap(),
+    }
+}
+
+fn scope_of(config: &SyncConfig) -> Option<PinScope> {
+    PinScope::of(
+        config,
+        "docker.io".into(),
+        Name::parse("library/app").unwrap(),
+    )
+}
+
+#[test]
+fn a_scope_holds_the_pins_of_its_tags_in_its_repository_only() {
+    let listed = scope_of(&sync_entry(Some(&["1", "stable"]), None, true)).unwrap();
+    let held = |scope: &PinScope, up: &str, name: &str, reference: &str| {
+        scope.holds(&pin_key(up, name, reference))
+    };
+    assert!(held(&listed, "docker.io", "library/app", "1"));
+    assert!(held(&listed, "docker.io", "library/app", "stable"));
+    assert!(
+        !held(&listed, "docker.io", "library/app", "2"),
+        "not listed"
+    );
+    assert!(
+        !held(&listed, "ghcr.io", "library/app", "1"),
+        "another upstream"
+    );
+    assert!(
+        !held(&listed, "docker.io", "library/other", "1"),
+        "another repository"
+    );
+    let digest = crate::reference::Digest::sha256_of(b"x").to_string();
+    assert!(
+        !held(&listed, "docker.io", "library/app", &digest),
+        "by digest"
+    );
+
+    let pattern = scope_of(&sync_entry(None, Some(r"^1\.2[6-9]\."), true)).unwrap();
+    assert!(held(&pattern, "docker.io", "library/app", "1.27.1"));
+    assert!(!held(&pattern, "docker.io", "library/app", "1.25.0"));
+
+    assert!(
+        scope_of(&sync_entry(Some(&["1"]), None, false)).is_none(),
+        "pin = false"
+    );
+}
+
+#[test]
+fn a_sync_pin_is_scheduled_while_any_entry_holds_it() {
+    let scopes = [
+        scope_of(&sync_entry(Some(&["1"]), None, true)).unwrap(),
+        scope_of(&sync_entry(None, Some("^2"), true)).unwrap(),
+    ];
+    assert!(scheduled(
+        &scopes,
+        &pin_key("docker.io", "library/app", "1")
+    ));
+    assert!(scheduled(
+        &scopes,
+        &pin_key("docker.io", "library/app", "2.1")
+    ));
+    assert!(!scheduled(
+        &scopes,
+        &pin_key("docker.io", "library/app", "3")
+    ));
+    assert!(!scheduled(&[], &pin_key("docker.io", "library/app", "1")));
+    // A run narrows its entry to the tags it resolved: a pattern's tag gone upstream goes.
+    let mut ran = scopes[1].clone();
+    ran.tags = ScopeTags::Listed(vec![Tag::parse("2.1").unwrap()]);
+    assert!(ran.holds(&pin_key("docker.io", "library/app", "2.1")));
+    assert!(!ran.holds(&pin_key("docker.io", "library/app", "2.0")));
+}

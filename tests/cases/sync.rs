@@ -5,7 +5,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use ocicache::cache::pins::Pin;
+use ocicache::cache::pins::{Pin, PinOwner};
 use ocicache::config::{Config, HumanDuration, SyncConfig};
 use ocicache::prefetch::ImageRef;
 use ocicache::sync::{EntryStatus, Status};
@@ -13,7 +13,7 @@ use ocicache::warm::{warm, Progress};
 
 use crate::support::fake::{sha256, Fake, FakeImage, Fault};
 use crate::support::proxy::{config, toml_for, ChildProxy, Proxy};
-use crate::support::registry::http_request;
+use crate::support::registry::{http_request, random_bytes, Registry};
 use crate::support::wait_until;
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -368,4 +368,101 @@ fn offline_runs_no_sync() {
     });
     let logs = String::from_utf8_lossy(&child.terminate().stderr).into_owned();
     assert!(logs.contains("scheduled syncs started"), "{logs}");
+}
+
+/// Sync owns the pins it sets (against the real registry): a pattern's tag deleted upstream
+/// loses its pin at the entry's next run; a tag taken out of an entry's list, and the tags
+/// of an entry taken out of the configuration, lose theirs at the next start (offline
+/// here, so no run does it); a pin set by hand through the admin API stays through both.
+#[test]
+fn tags_no_longer_synced_lose_their_sync_pins_and_a_hand_pin_stays() {
+    let Some(reg) = Registry::start() else { return };
+    let push = |tag: &str, seed| reg.push_image("library/app", tag, &[random_bytes(5_000, seed)]);
+    let (one, two, hand) = (push("1", 1), push("2", 2), push("3", 3));
+    let (dot_zero, beta) = (push("1.0", 4), push("1.1-beta", 5));
+    let dir = tempfile::tempdir().unwrap();
+    let start = |entries: Vec<SyncConfig>, offline: bool| {
+        let mut c: Config = config(dir.path(), &[("docker.io", &reg.url(), true)]);
+        (c.sync, c.offline) = (entries, offline);
+        c.validate().expect("a valid configuration");
+        Proxy::start(c)
+    };
+    let owners = |p: &Proxy| -> Vec<(String, PinOwner)> {
+        let pins = p.state.cache.pins();
+        pins.iter()
+            .map(|p| (p.key.reference.to_string(), p.image.set_by))
+            .collect()
+    };
+    let runs_ended = |p: &Proxy, runs: u64| {
+        wait_until("every entry's run", Duration::from_secs(20), || {
+            status(p)
+                .entries
+                .iter()
+                .all(|e| e.runs >= runs && !e.running)
+        })
+    };
+    let pinned = |p: &Proxy, img: &crate::support::registry::PushedImage| {
+        let digest = |d: &str| d.parse::<ocicache::reference::Digest>().unwrap();
+        p.state.cache.is_pinned(&digest(&img.layer_digests[0]))
+    };
+    let sync = PinOwner::Sync;
+
+    let p = start(
+        vec![
+            entry("app", Some(&["1", "2"]), None, true),
+            entry("app", None, Some(r"^1\."), true),
+        ],
+        false,
+    );
+    runs_ended(&p, 1);
+    let (s, _, body) = http_request(
+        "PUT",
+        &format!("{}/api/v1/pins/docker.io/library/app/3", p.admin_url()),
+        &[],
+        b"",
+    );
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+    let all = |tags: &[(&str, PinOwner)]| -> Vec<(String, PinOwner)> {
+        tags.iter().map(|(t, o)| (t.to_string(), *o)).collect()
+    };
+    assert_eq!(
+        owners(&p),
+        all(&[
+            ("1", sync),
+            ("1.0", sync),
+            ("1.1-beta", sync),
+            ("2", sync),
+            ("3", PinOwner::Operator)
+        ])
+    );
+
+    // The pattern's tag deleted upstream: its pin goes at the entry's next run.
+    assert_eq!(
+        reg.delete_manifest("library/app", &beta.manifest_digest),
+        202
+    );
+    p.state.clock.advance(HOUR + ocicache::sync::JITTER_MAX);
+    runs_ended(&p, 2);
+    assert_eq!(status(&p).entries[1].last_result.as_deref(), Some("ok"));
+    assert_eq!(
+        owners(&p),
+        all(&[
+            ("1", sync),
+            ("1.0", sync),
+            ("2", sync),
+            ("3", PinOwner::Operator)
+        ])
+    );
+    assert!(!pinned(&p, &beta) && pinned(&p, &dot_zero));
+    p.stop();
+
+    // Tag 2 out of the list, the pattern's entry out of the configuration: at start.
+    let p = start(vec![entry("app", Some(&["1"]), None, true)], true);
+    wait_until("the start-up release", Duration::from_secs(10), || {
+        owners(&p).len() == 2
+    });
+    assert_eq!(owners(&p), all(&[("1", sync), ("3", PinOwner::Operator)]));
+    assert!(pinned(&p, &one) && pinned(&p, &hand));
+    assert!(!pinned(&p, &two) && !pinned(&p, &dot_zero));
+    assert_eq!(status(&p).entries[0].runs, 0, "offline: no run did it");
 }
