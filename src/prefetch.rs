@@ -160,6 +160,9 @@ pub struct ManifestDoc {
     pub config: Option<Descriptor>,
     #[serde(default)]
     pub layers: Vec<Descriptor>,
+    /// An artifact manifest's parts (`application/vnd.oci.artifact.manifest.v1+json`).
+    #[serde(default)]
+    pub blobs: Vec<Descriptor>,
 }
 
 impl ManifestDoc {
@@ -170,9 +173,10 @@ impl ManifestDoc {
             || !self.manifests.is_empty()
     }
 
-    /// The blobs of an image manifest: its config, then its layers.
+    /// The blobs of an image manifest: its config, then its layers (an artifact manifest's
+    /// `blobs` after them).
     pub fn blobs(&self) -> impl Iterator<Item = &Descriptor> {
-        self.config.iter().chain(self.layers.iter())
+        self.config.iter().chain(&self.layers).chain(&self.blobs)
     }
 }
 

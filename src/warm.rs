@@ -10,8 +10,9 @@
 //! committed; nothing reads its bytes. Progress goes to an optional watch channel; the result
 //! is the image's manifests and blobs: the set a pin keeps.
 //!
-//! `ocicache prefetch` does the same over HTTP from outside (`prefetch`); both read manifests
-//! with [`ManifestDoc`] and choose platforms with [`platform_wanted`].
+//! The walk from the reference to the blobs is the manifests service's
+//! (`Manifests::walk_image`), the same one a pin resolves with; `ocicache prefetch` does the
+//! same over HTTP from outside (`prefetch`).
 
 use std::sync::Arc;
 
@@ -20,10 +21,9 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::cache::Outcome;
-use crate::error::{Error, ErrorCode, UpstreamError};
-use crate::manifests::Manifest;
-use crate::prefetch::{platform_wanted, ImageRef, ManifestDoc};
-use crate::reference::{Digest, Name, Reference};
+use crate::error::{Error, ErrorCode};
+use crate::prefetch::ImageRef;
+use crate::reference::{Digest, Name};
 use crate::server::State;
 use crate::upstream::Upstream;
 
@@ -93,55 +93,23 @@ pub async fn warm(
     };
 
     // No `Accept`: every media type, as for a client that sends none (the upstream is asked
-    // with the full list), and the same resolutions as the admin API's.
-    let top = state
+    // with the full list), and the same walk as the admin API's pins.
+    let walked = state
         .manifests
-        .get(&up, &name, &image.reference, None)
+        .walk_image(&up, &name, &image.reference, platforms, || {
+            report(&|p| p.manifests += 1)
+        })
         .await?;
-    report(&|p| p.manifests += 1);
-    let stale = top.outcome == Outcome::Stale;
-    let top = top.value;
-    let mut manifests = vec![top.digest.clone()];
-    let mut images = Vec::new();
-    let doc = parse(&up, &top)?;
-    if doc.is_index(&top.media_type) {
-        for m in doc
-            .manifests
-            .iter()
-            .filter(|m| platform_wanted(platforms, m.platform.as_ref()))
-        {
-            let digest = Digest::parse(&m.digest)
-                .map_err(|e| protocol(&up, format!("index {}: {e}", top.digest)))?;
-            let child = state
-                .manifests
-                .get(&up, &name, &Reference::Digest(digest), None)
-                .await?
-                .value;
-            report(&|p| p.manifests += 1);
-            manifests.push(child.digest.clone());
-            images.push(parse(&up, &child)?);
-        }
-        if images.is_empty() {
-            return Err(Error::client(
-                ErrorCode::ManifestUnknown,
-                format!(
-                    "{}: no manifest for the platforms {platforms:?}",
-                    image.reference
-                ),
-            ));
-        }
-    } else {
-        images.push(doc);
+    if walked.index && walked.manifests.len() == 1 {
+        return Err(Error::client(
+            ErrorCode::ManifestUnknown,
+            format!(
+                "{}: no manifest for the platforms {platforms:?}",
+                image.reference
+            ),
+        ));
     }
-
-    let mut blobs: Vec<(Digest, u64)> = Vec::new();
-    for d in images.iter().flat_map(|doc| doc.blobs()) {
-        let digest =
-            Digest::parse(&d.digest).map_err(|e| protocol(&up, format!("manifest: {e}")))?;
-        if !blobs.iter().any(|(b, _)| *b == digest) {
-            blobs.push((digest, d.size));
-        }
-    }
+    let blobs = walked.blobs;
     report(&|p| {
         p.blobs_total = blobs.len() as u64;
         p.bytes_total = blobs.iter().map(|(_, s)| s).sum();
@@ -166,12 +134,12 @@ pub async fn warm(
     Ok(Warmed {
         upstream: up.name.clone(),
         name,
-        digest: top.digest.clone(),
-        manifests,
+        digest: walked.top.value.digest.clone(),
+        manifests: walked.manifests,
         blobs: blobs.into_iter().map(|(d, _)| d).collect(),
         fetched_bytes: size_of(true),
         cached_bytes: size_of(false),
-        stale,
+        stale: walked.top.outcome == Outcome::Stale,
     })
 }
 
@@ -199,13 +167,4 @@ async fn fill(
         p.send_modify(|p| p.blobs_done += 1);
     }
     Ok((size, fetched))
-}
-
-fn parse(up: &Upstream, m: &Manifest) -> Result<ManifestDoc, Error> {
-    serde_json::from_slice(&m.bytes)
-        .map_err(|e| protocol(up, format!("manifest {}: not a manifest: {e}", m.digest)))
-}
-
-fn protocol(up: &Upstream, message: String) -> Error {
-    Error::upstream(&up.name, UpstreamError::Protocol(message))
 }

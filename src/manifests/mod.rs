@@ -23,6 +23,7 @@ mod lists;
 mod referrers;
 mod tags;
 
+pub use image::Walked;
 pub use listing::CachedTag;
 
 use std::sync::Arc;

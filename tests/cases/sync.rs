@@ -466,3 +466,59 @@ fn tags_no_longer_synced_lose_their_sync_pins_and_a_hand_pin_stays() {
     assert!(pinned(&p, &one) && pinned(&p, &hand));
     assert_eq!(status(&p).entries[0].runs, 0, "offline: no run did it");
 }
+
+/// A pin (the admin API) and a warm (syncs, prefetch jobs) walk an image the same way: an
+/// index to every platform's manifest when no platform is asked for, then their configs and
+/// layers; an artifact manifest to its `blobs`. The warm fetches exactly what the pin keeps.
+#[test]
+fn a_pin_and_a_warm_walk_an_image_alike() {
+    let fake = Fake::start();
+    let img = fake.add_image("library/app", "1", &PLATFORMS, 1000, 8);
+    let parts = [fake.add_blob(b"part one"), fake.add_blob(b"part two")];
+    let artifact = serde_json::json!({
+        "mediaType": "application/vnd.oci.artifact.manifest.v1+json",
+        "artifactType": "application/vnd.example",
+        "blobs": parts.iter().map(|d| serde_json::json!({
+            "mediaType": "application/octet-stream", "digest": d, "size": 8,
+        })).collect::<Vec<_>>(),
+    });
+    let art = fake.add_manifest(
+        "library/app",
+        Some("art"),
+        "application/vnd.oci.artifact.manifest.v1+json",
+        &serde_json::to_vec(&artifact).unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let p = proxy(&fake, dir.path(), vec![]);
+    for (tag, manifests, blobs) in [
+        (
+            "1",
+            [&img.index[..]]
+                .into_iter()
+                .chain(img.manifests.iter().map(String::as_str))
+                .map(String::from)
+                .collect::<Vec<_>>(),
+            img.blobs.clone(),
+        ),
+        ("art", vec![art.clone()], parts.to_vec()),
+    ] {
+        let url = format!("{}/api/v1/pins/docker.io/library/app/{tag}", p.admin_url());
+        let (s, _, body) = http_request("PUT", &url, &[], b"");
+        assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+        let pin: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(pin["manifests"], serde_json::json!(manifests), "{tag}");
+        assert_eq!(pin["blobs"], serde_json::json!(blobs), "{tag}");
+
+        let image = ImageRef::parse(&format!("docker.io/library/app:{tag}")).unwrap();
+        let w = runtime()
+            .block_on(warm(&p.state, &image, &[], None))
+            .unwrap();
+        assert_eq!(
+            (strings(&w.manifests), strings(&w.blobs)),
+            (manifests, blobs)
+        );
+        for d in &w.blobs {
+            assert_eq!(fake.count("GET", &d.to_string()), 1, "{tag}: {d} fetched");
+        }
+    }
+}
