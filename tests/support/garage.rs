@@ -8,25 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A free port below Linux's ephemeral range (32768-60999), so that the `127.0.0.1:0`
-/// binds of other tests running meanwhile cannot take it before Garage binds it.
-fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    loop {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos() as u64
-            ^ (std::process::id() as u64) << 16
-            ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let port = 20_000 + (seed % 12_000) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
+use super::ports::free_port;
 
 const NODES: usize = 3;
 const REGION: &str = "garage";

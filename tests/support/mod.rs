@@ -2,6 +2,7 @@
 pub mod clients;
 pub mod fake;
 pub mod garage;
+pub mod ports;
 pub mod proxy;
 pub mod registry;
 

@@ -2,7 +2,6 @@
 //! where they are, the CI rule when one is missing, and what their processes need.
 
 use std::fs;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 
 /// True when the environment says we run under CI (`CI=true`, also `1`).
@@ -73,8 +72,8 @@ pub(crate) fn child_path_env() -> String {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bind port 0, read it, release it).
+/// A free TCP port on 127.0.0.1 for a server to bind from its configuration: below the
+/// ephemeral range, never given twice (see `support::ports`).
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().unwrap().port()
+    crate::support::ports::free_port()
 }
