@@ -136,10 +136,15 @@ impl Fetched {
 }
 
 impl Cache {
-    /// Starts a fill of `digest` from the body `fetch` yields. Called with the fills lock
-    /// held, after a miss on disk; the caller records the returned fill. The fill waits for
-    /// its turn (`max_fills`) before `fetch` is awaited; the deadline counts the wait.
-    pub(super) fn start_fill<F>(self: &Arc<Self>, digest: Digest, fetch: F) -> io::Result<Arc<Fill>>
+    /// Makes a fill of `digest` from the body `fetch` yields, and its task, which runs it once
+    /// spawned. Called with the fills lock held, after a miss on disk; the caller records the
+    /// returned fill, and spawns the task after the lock is released. The fill waits for its
+    /// turn (`max_fills`) before `fetch` is awaited; the deadline counts the wait.
+    pub(super) fn start_fill<F>(
+        self: &Arc<Self>,
+        digest: Digest,
+        fetch: F,
+    ) -> io::Result<(Arc<Fill>, Unspawned)>
     where
         F: Future<Output = Result<Fetched, Error>> + Send + 'static,
     {
@@ -165,8 +170,19 @@ impl Cache {
             committed: None,
             error: None,
         };
-        tokio::spawn(guard.run(fetch));
-        Ok(fill)
+        Ok((fill, Unspawned(Box::pin(guard.run(fetch)))))
+    }
+
+    /// A fill started and running at once, for tests that do not go through the map of
+    /// fills.
+    #[cfg(test)]
+    pub(super) fn spawn_fill<F>(self: &Arc<Self>, digest: Digest, fetch: F) -> Arc<Fill>
+    where
+        F: Future<Output = Result<Fetched, Error>> + Send + 'static,
+    {
+        let (fill, task) = self.start_fill(digest, fetch).unwrap();
+        task.spawn();
+        fill
     }
 
     async fn commit(
@@ -183,6 +199,19 @@ impl Cache {
             .map_err(io::Error::other)??;
         self.index.insert(digest.clone(), size);
         Ok(size)
+    }
+}
+
+/// A fill's task, made under the fills' lock and spawned after it is released: a runtime
+/// that is shutting down drops a task as it is spawned, on the spawning thread, and the
+/// guard's drop takes that lock to forget the fill (under the lock, that thread would wait
+/// for itself). Dropped unspawned, it drops the guard: the fill fails and is forgotten.
+#[must_use = "a fill runs only once its task is spawned"]
+pub(super) struct Unspawned(std::pin::Pin<Box<dyn Future<Output = ()> + Send>>);
+
+impl Unspawned {
+    pub(super) fn spawn(self) {
+        tokio::spawn(self.0);
     }
 }
 
@@ -717,7 +746,7 @@ mod tests {
         );
         assert!(text.contains("ocicache_fills_in_flight 0"), "{text}");
 
-        let body = futures_util::stream::iter(chunks(&data)).boxed();
+        let body = futures_util::StreamExt::boxed(futures_util::stream::iter(chunks(&data)));
         let src = cache
             .open_or_start(&d, || async move { Ok(fetched(len, body)) })
             .await
@@ -781,6 +810,44 @@ mod tests {
         assert_eq!(metrics.fills_queued.get(), 0);
     }
 
+    /// A fill started as the runtime shuts down (a sync or a prefetch asking when SIGTERM
+    /// lands): the runtime drops its task as it is spawned, on the spawning thread, and the
+    /// guard's clean-up must not wait for the fills' lock that the start holds. It once did,
+    /// and the server never exited.
+    #[test]
+    fn a_fill_started_as_the_runtime_shuts_down_fails_and_is_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            let (cache, _) = rt.block_on(async { cache(&path, 4) });
+            let dead = rt.handle().clone();
+            rt.shutdown_background();
+            let (data, d) = blob(1 << 20);
+            let len = data.len();
+            let body = futures_util::StreamExt::boxed(futures_util::stream::iter(chunks(&data)));
+            let other = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let src = other.block_on(async {
+                let _spawns_on_the_dead_runtime = dead.enter();
+                cache
+                    .open_or_start(&d, || async move { Ok(fetched(len, body)) })
+                    .await
+                    .unwrap()
+            });
+            let read = other.block_on(read_all(&src, len));
+            let _ = done.send((read.map(|b| b.len()), cache.fills_in_flight()));
+        });
+        let (read, in_flight) = finished
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the start returned (no deadlock)");
+        assert!(read.is_err(), "its reader gets an error: {read:?}");
+        assert_eq!(in_flight, 0, "the fill is forgotten");
+        assert_eq!(temp_files(dir.path()), 0, "the temp file is gone");
+    }
+
     /// A fill waiting for its turn is bounded by the fill deadline, like a running one.
     #[tokio::test(start_paused = true)]
     async fn a_queued_fill_fails_at_the_fill_deadline() {
@@ -788,8 +855,8 @@ mod tests {
         let (cache, metrics) = cache(dir.path(), 1);
         let never = || std::future::pending::<Result<Fetched, Error>>();
         let start = Instant::now();
-        let running = cache.start_fill(blob(10).1, never()).unwrap();
-        let queued = cache.start_fill(blob(11).1, never()).unwrap();
+        let running = cache.spawn_fill(blob(10).1, never());
+        let queued = cache.spawn_fill(blob(11).1, never());
         while metrics.fills_queued.get() != 1 {
             tokio::task::yield_now().await;
         }

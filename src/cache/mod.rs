@@ -416,13 +416,20 @@ impl Cache {
         if let Some(src) = self.local_hit(digest).await? {
             return Ok(src);
         }
+        let mut task = None;
         let fill = self.fills.join_or_start(digest, || {
             // A fill may have committed since we looked: check under the lock.
             if self.store.blob_path(digest).exists() {
-                return Ok(None);
+                return Ok::<_, io::Error>(None);
             }
-            self.start_fill(digest.clone(), source()).map(Some)
+            let (fill, unspawned) = self.start_fill(digest.clone(), source())?;
+            task = Some(unspawned);
+            Ok(Some(fill))
         })?;
+        // Outside the lock (see `Unspawned`).
+        if let Some(task) = task {
+            task.spawn();
+        }
         let Some(fill) = fill else {
             return match self.open_cached(digest).await? {
                 Some(src) => Ok(src),

@@ -221,9 +221,7 @@ mod tests {
             origin: Origin::Upstream { lease: None },
             source: "test".into(),
         };
-        let fill = cache
-            .start_fill(d.clone(), async move { Ok(fetched) })
-            .unwrap();
+        let fill = cache.spawn_fill(d.clone(), async move { Ok(fetched) });
         (tx, fill)
     }
 

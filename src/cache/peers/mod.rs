@@ -400,7 +400,7 @@ mod tests {
             source: "test".into(),
         };
         let wrong = Digest::sha256_of(b"another blob");
-        let fill = cache.start_fill(wrong, async move { Ok(fetched) }).unwrap();
+        let fill = cache.spawn_fill(wrong, async move { Ok(fetched) });
         let all_written = async {
             while !matches!(fill.progress(), crate::cache::Progress::Streaming { written, .. } if written == LEN as u64)
             {
