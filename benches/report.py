@@ -38,6 +38,8 @@ METRICS = [
     ("ctr_cold_s", "5 containerd pull, cold: s", False),
     ("ctr_warm_s", "5 containerd pull, warm: s", False),
     ("ctr_warm_upstream", "5 containerd warm: upstream requests", False),
+    ("cold_cpu_idle", "1 cold: server CPU s/GiB until idle", False),
+    ("cold_upstream_gets", "1 cold: upstream blob GETs", False),
 ]
 
 
