@@ -98,32 +98,27 @@ pub async fn handle(
         let what = format!("{} {}", method, req.uri().path());
         state.status.error(&what, e);
     }
-    state
-        .metrics
-        .requests
-        .get_or_create(&crate::metrics::RequestLabels {
-            route: route_label,
-            method: match method {
-                Method::GET => "GET",
-                Method::HEAD => "HEAD",
-                _ => "other",
-            },
-            status: status.as_u16(),
-        })
-        .inc();
+    state.metrics.request(&crate::metrics::RequestLabels {
+        route: route_label,
+        method: match method {
+            Method::GET => "GET",
+            Method::HEAD => "HEAD",
+            _ => "other",
+        },
+        status: status.as_u16(),
+    });
     let outcome = resp.extensions_mut().remove::<Outcome>();
-    state
-        .metrics
-        .request_duration
-        .get_or_create(&crate::metrics::RouteOutcomeLabels {
+    state.metrics.request_took(
+        &crate::metrics::RouteOutcomeLabels {
             route: route_label,
             outcome: match outcome {
                 Some(o) => o.as_str(),
                 None if status.is_client_error() || status.is_server_error() => "error",
                 None => "none",
             },
-        })
-        .observe(started.elapsed().as_secs_f64());
+        },
+        started.elapsed().as_secs_f64(),
+    );
     if let Some(o) = outcome {
         resp.headers_mut()
             .insert(X_CACHE, HeaderValue::from_static(o.x_cache()));
