@@ -34,10 +34,10 @@ pub async fn handle(
 ) -> Response<body::Logged> {
     let started = Instant::now();
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let endpoint = route::parse_path(&path);
+    let path = req.uri().path();
+    let endpoint = route::parse_path(path);
     // From here the request is logged even if the client leaves before it is answered.
-    let mut pending = body::Pending::new(peer, method.clone(), path, started);
+    let mut pending = body::Pending::new(peer, method.clone(), path.to_string(), started);
     let route_label = match &endpoint {
         Ok(Endpoint::Base) => "base",
         Ok(Endpoint::Manifest { .. }) => "manifest",
@@ -148,7 +148,7 @@ fn unsupported() -> Response<Body> {
 async fn dispatch(
     state: &Arc<State>,
     req: &Request<Incoming>,
-    endpoint: Endpoint,
+    endpoint: Endpoint<'_>,
     routed: &mut Option<Arc<Upstream>>,
 ) -> Result<Response<Body>> {
     let method = req.method();
@@ -169,22 +169,22 @@ async fn dispatch(
         Endpoint::Metrics => metrics(state),
         Endpoint::Upload => return Ok(unsupported()),
         Endpoint::Manifest { name, reference } => {
-            let target = target(&name)?;
-            let reference = route::reference(&reference)?;
+            let target = target(name)?;
+            let reference = route::reference(reference)?;
             manifest(state, req, &target, &reference).await?
         }
         Endpoint::Blob { name, digest } => {
-            let target = target(&name)?;
-            let digest = route::digest(&digest)?;
+            let target = target(name)?;
+            let digest = route::digest(digest)?;
             blob(state, req, &target, &digest).await?
         }
         Endpoint::Tags { name } => {
-            let t = target(&name)?;
-            tags(state, query, &name, &t, ns.as_deref()).await?
+            let t = target(name)?;
+            tags(state, query, name, &t, ns.as_deref()).await?
         }
         Endpoint::Referrers { name, digest } => {
-            let t = target(&name)?;
-            let digest = route::digest(&digest)?;
+            let t = target(name)?;
+            let digest = route::digest(digest)?;
             let up = &state.upstreams.0[t.upstream];
             let artifact_type = route::query_param(query, "artifactType");
             let ans = state
