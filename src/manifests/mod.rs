@@ -56,7 +56,11 @@ pub struct Manifest {
 
 impl Manifest {
     pub fn new(digest: Digest, media_type: String, bytes: Bytes) -> Manifest {
-        let mut headers = HeaderMap::with_capacity(4);
+        // Room for the four below and the ones every answer adds (API version, X-Cache,
+        // OCI-Namespace, Warning): with room for four, each answer's copy rebuilt its index
+        // to take the API version. (The copy of the entries still grows once: a cloned Vec
+        // keeps only its length.)
+        let mut headers = HeaderMap::with_capacity(8);
         let text = |s: &str| HeaderValue::from_str(s).ok();
         headers.insert(
             header::CONTENT_TYPE,
