@@ -6,7 +6,9 @@
 #   bash benches/compare.sh --quick    # 128 MiB blob, shorter wrk runs
 #
 # Options: --quick, --no-build (use the binary as it is), --keep (keep the data files, not
-# only the logs), --big-mib N (blob size), --cold-only (row 1 alone, then the table). Environment: OCICACHE_BIN (binary to test,
+# only the logs), --big-mib N (blob size), --cold-only (row 1 alone, then the table),
+# --manifests-only (rows 1 and 2 on an 8 MiB blob, seconds, then row 4 for ocicache and
+# nginx from disk alone, then the table). Environment: OCICACHE_BIN (binary to test,
 # default $CARGO_TARGET_DIR or target/, release), BENCH_DIR (parent of the temp dir).
 set -euo pipefail
 
@@ -15,6 +17,7 @@ BUILD=1
 KEEP=0
 BIG_MIB=""
 COLD_ONLY=0
+MANIFESTS_ONLY=0
 while (($#)); do
   case "$1" in
     --quick) QUICK=1 ;;
@@ -22,7 +25,8 @@ while (($#)); do
     --keep) KEEP=1 ;;
     --big-mib) BIG_MIB="$2"; shift ;;
     --cold-only) COLD_ONLY=1 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    --manifests-only) MANIFESTS_ONLY=1 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
@@ -33,6 +37,8 @@ BENCH="$REPO/benches"
 LAYER_MIB=4
 CLIENTS=20
 WARM_RUNS=5
+# Row 4 alone needs no big blob: seeding it and rows 1 and 2 then take seconds.
+if ((MANIFESTS_ONLY)); then : "${BIG_MIB:=8}"; fi
 if ((QUICK)); then
   : "${BIG_MIB:=128}"; WRK_DURATION=5s
 else
@@ -444,7 +450,9 @@ done
 
 # ---------------------------------------------------------------- 4. manifests under wrk
 echo "4. cached manifest under wrk -t2 -c64 -d$WRK_DURATION"
-for t in "${TARGETS[@]}"; do
+ROW4=("${TARGETS[@]}")
+((MANIFESTS_ONLY)) && ROW4=(ocicache nginx-disk)
+for t in "${ROW4[@]}"; do
   for kind in tag digest; do
     ref=$([ "$kind" = tag ] && echo v1 || echo "$LAYERS_MANIFEST")
     u="$(url_of "$t")/v2/library/layers/manifests/$ref"
@@ -466,6 +474,10 @@ for t in "${TARGETS[@]}"; do
     rec "${kind}_upstream" "$t" "$((n1 - n0))"
   done
 done
+if ((MANIFESTS_ONLY)); then
+  report
+  exit 0
+fi
 
 # ---------------------------------------------------------------- 3. 20 clients, same cold blob
 echo "3. $CLIENTS clients, the same cold blob at once (fresh cache each)"

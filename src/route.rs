@@ -9,25 +9,26 @@
 use crate::error::{Error, ErrorCode, Result};
 use crate::reference::{Digest, Name, Reference};
 
-/// An endpoint of the read API, with its repository name as the client wrote it.
+/// An endpoint of the read API, with its repository name as the client wrote it (parts of
+/// the request's path).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Endpoint {
+pub enum Endpoint<'a> {
     /// `/v2/`
     Base,
     Manifest {
-        name: String,
-        reference: String,
+        name: &'a str,
+        reference: &'a str,
     },
     Blob {
-        name: String,
-        digest: String,
+        name: &'a str,
+        digest: &'a str,
     },
     Tags {
-        name: String,
+        name: &'a str,
     },
     Referrers {
-        name: String,
-        digest: String,
+        name: &'a str,
+        digest: &'a str,
     },
     /// `/v2/<name>/blobs/uploads/...`: only ever written to.
     Upload,
@@ -38,8 +39,9 @@ pub enum Endpoint {
 }
 
 /// Splits the path into an endpoint; names and references are checked later, once the
-/// upstream (and with it the Docker Hub `library/` rule) is known.
-pub fn parse_path(path: &str) -> Result<Endpoint> {
+/// upstream (and with it the Docker Hub `library/` rule) is known. Nothing is allocated: the
+/// parts are slices of `path` (this runs on every request).
+pub fn parse_path(path: &str) -> Result<Endpoint<'_>> {
     match path {
         "/v2" | "/v2/" => return Ok(Endpoint::Base),
         "/metrics" => return Ok(Endpoint::Metrics),
@@ -52,52 +54,61 @@ pub fn parse_path(path: &str) -> Result<Endpoint> {
     if rest.len() > 1024 {
         return Err(Error::client(ErrorCode::NameInvalid, "path too long"));
     }
-    let parts: Vec<&str> = rest.split('/').collect();
-    let n = parts.len();
-    let name_of = |k: usize| -> Result<String> {
-        if k == 0 || parts[..k].iter().any(|p| p.is_empty()) {
-            return Err(Error::client(
-                ErrorCode::NameInvalid,
-                "invalid repository name",
-            ));
-        }
-        Ok(parts[..k].join("/"))
-    };
-    if n >= 3 && parts[n - 2] == "tags" && parts[n - 1] == "list" {
+    // The last two parts, and the name before them (`None` with fewer than three parts).
+    let (head, last) = rest.rsplit_once('/').unwrap_or(("", rest));
+    let tail = head.rsplit_once('/');
+    if let Some((name, "tags")) = tail.filter(|_| last == "list") {
         return Ok(Endpoint::Tags {
-            name: name_of(n - 2)?,
+            name: name_of(name)?,
         });
     }
-    if let Some(i) = parts.iter().rposition(|p| *p == "uploads") {
-        if i >= 2 && parts[i - 1] == "blobs" {
-            return Ok(Endpoint::Upload);
-        }
+    if is_upload(rest) {
+        return Ok(Endpoint::Upload);
     }
-    if n >= 3 {
-        let last = parts[n - 1].to_string();
-        match parts[n - 2] {
-            "manifests" => {
-                return Ok(Endpoint::Manifest {
-                    name: name_of(n - 2)?,
-                    reference: last,
-                })
-            }
-            "blobs" => {
-                return Ok(Endpoint::Blob {
-                    name: name_of(n - 2)?,
-                    digest: last,
-                })
-            }
-            "referrers" => {
-                return Ok(Endpoint::Referrers {
-                    name: name_of(n - 2)?,
-                    digest: last,
-                })
-            }
-            _ => {}
-        }
+    match tail {
+        Some((name, "manifests")) => Ok(Endpoint::Manifest {
+            name: name_of(name)?,
+            reference: last,
+        }),
+        Some((name, "blobs")) => Ok(Endpoint::Blob {
+            name: name_of(name)?,
+            digest: last,
+        }),
+        Some((name, "referrers")) => Ok(Endpoint::Referrers {
+            name: name_of(name)?,
+            digest: last,
+        }),
+        _ => Err(not_found()),
     }
-    Err(not_found())
+}
+
+/// `name` if none of its `/`-separated parts is empty. (Bytes, not `str::split`: its char
+/// searcher cost more than the rest of the parse on paths this short.)
+fn name_of(name: &str) -> Result<&str> {
+    let b = name.as_bytes();
+    let empty_part = b.first().map_or(true, |&c| c == b'/')
+        || b.last() == Some(&b'/')
+        || b.windows(2).any(|w| w[0] == b'/' && w[1] == b'/');
+    if empty_part {
+        return Err(Error::client(
+            ErrorCode::NameInvalid,
+            "invalid repository name",
+        ));
+    }
+    Ok(name)
+}
+
+/// Is the last `uploads` part of `rest` preceded by `blobs` and a name (a blob upload)?
+fn is_upload(rest: &str) -> bool {
+    let mut upload = false;
+    let mut before: [Option<&[u8]>; 2] = [None, None];
+    for part in rest.as_bytes().split(|&c| c == b'/') {
+        if part == b"uploads" {
+            upload = before[1] == Some(b"blobs") && before[0].is_some();
+        }
+        before = [before[1], Some(part)];
+    }
+    upload
 }
 
 /// The value of query parameter `key`, percent-decoded.
@@ -209,26 +220,26 @@ mod tests {
         assert_eq!(
             parse_path("/v2/library/nginx/manifests/1.27").unwrap(),
             Endpoint::Manifest {
-                name: "library/nginx".into(),
-                reference: "1.27".into()
+                name: "library/nginx",
+                reference: "1.27"
             }
         );
         assert_eq!(
             parse_path("/v2/a/blobs/b/blobs/sha256:x").unwrap(),
             Endpoint::Blob {
-                name: "a/blobs/b".into(),
-                digest: "sha256:x".into()
+                name: "a/blobs/b",
+                digest: "sha256:x"
             }
         );
         assert_eq!(
             parse_path("/v2/a/b/tags/list").unwrap(),
-            Endpoint::Tags { name: "a/b".into() }
+            Endpoint::Tags { name: "a/b" }
         );
         assert_eq!(
             parse_path("/v2/a/referrers/sha256:x").unwrap(),
             Endpoint::Referrers {
-                name: "a".into(),
-                digest: "sha256:x".into()
+                name: "a",
+                digest: "sha256:x"
             }
         );
         assert_eq!(
@@ -311,6 +322,100 @@ mod tests {
         assert_eq!(query_param(None, "ns"), None);
     }
 
+    /// The parser as it was before it stopped allocating: the path split into a vector, the
+    /// name joined again. The model `parse_path` is held to below, as `Debug` text.
+    fn parse_path_model(path: &str) -> Result<String> {
+        let fixed = match path {
+            "/v2" | "/v2/" => Some("Base"),
+            "/metrics" => Some("Metrics"),
+            "/healthz" => Some("Healthz"),
+            "/readyz" => Some("Readyz"),
+            _ => None,
+        };
+        if let Some(f) = fixed {
+            return Ok(f.to_string());
+        }
+        let not_found = || Error::client(ErrorCode::NameUnknown, "no such endpoint");
+        let rest = path.strip_prefix("/v2/").ok_or_else(not_found)?;
+        if rest.len() > 1024 {
+            return Err(Error::client(ErrorCode::NameInvalid, "path too long"));
+        }
+        let parts: Vec<&str> = rest.split('/').collect();
+        let n = parts.len();
+        let name_of = |k: usize| -> Result<String> {
+            if k == 0 || parts[..k].iter().any(|p| p.is_empty()) {
+                return Err(Error::client(
+                    ErrorCode::NameInvalid,
+                    "invalid repository name",
+                ));
+            }
+            Ok(parts[..k].join("/"))
+        };
+        if n >= 3 && parts[n - 2] == "tags" && parts[n - 1] == "list" {
+            return Ok(format!("Tags {{ name: {:?} }}", name_of(n - 2)?));
+        }
+        if let Some(i) = parts.iter().rposition(|p| *p == "uploads") {
+            if i >= 2 && parts[i - 1] == "blobs" {
+                return Ok("Upload".to_string());
+            }
+        }
+        if n >= 3 {
+            let (kind, field) = match parts[n - 2] {
+                "manifests" => ("Manifest", "reference"),
+                "blobs" => ("Blob", "digest"),
+                "referrers" => ("Referrers", "digest"),
+                _ => return Err(not_found()),
+            };
+            let name = name_of(n - 2)?;
+            return Ok(format!(
+                "{kind} {{ name: {name:?}, {field}: {:?} }}",
+                parts[n - 1]
+            ));
+        }
+        Err(not_found())
+    }
+
+    /// The parts the parser looks for, a name's and a reference's, and empty ones.
+    const PARTS: [&str; 10] = [
+        "a",
+        "b.c",
+        "",
+        "blobs",
+        "uploads",
+        "tags",
+        "list",
+        "manifests",
+        "referrers",
+        "sha256:x",
+    ];
+
+    /// `parse_path`'s answer and the model's for `path`, as comparable values.
+    fn both(path: &str) -> [std::result::Result<String, (http::StatusCode, String)>; 2] {
+        let show = |r: Result<String>| r.map_err(|e| (e.status(), e.to_string()));
+        [
+            show(parse_path(path).map(|e| format!("{e:?}"))),
+            show(parse_path_model(path)),
+        ]
+    }
+
+    /// Every path of up to five of [`PARTS`] parses as the model parses it.
+    #[test]
+    fn short_paths_parse_as_the_model_parses_them() {
+        let mut paths = vec![String::new()];
+        for _ in 0..5 {
+            let longer: Vec<String> = paths
+                .iter()
+                .flat_map(|p| PARTS.iter().map(move |part| format!("{p}/{part}")))
+                .collect();
+            for path in &longer {
+                let path = format!("/v2{path}");
+                let [got, model] = both(&path);
+                assert_eq!(got, model, "{path}");
+            }
+            paths = longer;
+        }
+    }
+
     mod props {
         use super::*;
         use proptest::prelude::*;
@@ -321,7 +426,7 @@ mod tests {
             #[test]
             fn any_path_routes_safely(path in "/v2/[a-zA-Z0-9./%_:-]{0,60}(/(manifests|blobs|tags|referrers)/[a-zA-Z0-9.:_-]{0,70})?", ns in proptest::option::of("[a-z0-9.:-]{0,20}")) {
                 if let Ok(Endpoint::Manifest { name, .. } | Endpoint::Blob { name, .. } | Endpoint::Tags { name } | Endpoint::Referrers { name, .. }) = parse_path(&path) {
-                    if let Ok(t) = resolve(&ups(), ns.as_deref(), &name) {
+                    if let Ok(t) = resolve(&ups(), ns.as_deref(), name) {
                         prop_assert!(t.upstream < 2);
                         prop_assert!(Name::parse(t.name.as_str()).is_ok());
                         prop_assert!(!t.name.as_str().split('/').any(|c| c == ".." || c == "." || c.is_empty()));
@@ -330,13 +435,22 @@ mod tests {
                 }
             }
 
+            /// Longer paths of [`PARTS`], behind any prefix, parse as the model parses them:
+            /// the same endpoint, or the same error.
+            #[test]
+            fn paths_parse_as_the_model_parses_them(parts in proptest::collection::vec(proptest::sample::select(PARTS.to_vec()), 0..12), prefix in proptest::sample::select(vec!["/v2/", "/v2", "/v1/", ""])) {
+                let path = format!("{prefix}{}", parts.join("/"));
+                let [got, model] = both(&path);
+                prop_assert_eq!(got, model, "{}", path);
+            }
+
             /// Valid names route back to themselves (with `library/` for Docker Hub).
             #[test]
             fn valid_names_round_trip(name in "[a-z0-9]{1,8}(/[a-z0-9]{1,8}){0,3}") {
                 let t = resolve(&ups(), Some("ghcr.io"), &name).unwrap();
                 prop_assert_eq!(t.name.as_str(), name.as_str());
                 let path = format!("/v2/{name}/manifests/latest");
-                prop_assert_eq!(parse_path(&path).unwrap(), Endpoint::Manifest { name: name.clone(), reference: "latest".into() });
+                prop_assert_eq!(parse_path(&path).unwrap(), Endpoint::Manifest { name: &name, reference: "latest" });
             }
         }
     }

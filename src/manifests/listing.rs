@@ -57,7 +57,7 @@ impl Manifests {
         shared: bool,
     ) -> Option<Digest> {
         let key: TagKey = (upstream.to_string(), name.clone(), tag.clone());
-        let record = self.tag_record(&key).await;
+        let record = self.tag_record(TagKeyRef::new(upstream, name, tag)).await;
         // The file first: a request in between reloads it no more.
         self.cache
             .remove_record(&tag_record_name(&key), shared)

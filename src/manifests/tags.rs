@@ -12,14 +12,22 @@ impl Manifests {
         tag: &Tag,
         accept: Option<&str>,
     ) -> Result<Answer<Arc<Manifest>>, Error> {
-        let key: TagKey = (up.name.clone(), name.clone(), tag.clone());
-        let record = self.tag_record(&key).await;
+        let record = self.tag_record(TagKeyRef::new(&up.name, name, tag)).await;
         let usable = match &record {
             Some(r) if accepts(accept, &r.media_type) => {
                 self.cached(&r.digest).await?.map(|m| (r.clone(), m))
             }
             _ => None,
         };
+        match &usable {
+            Some((r, m)) if !self.offline && self.clock.age(r.confirmed) < up.tag_ttl => {
+                self.metrics.hit("tag");
+                return Ok(Answer::hit(m.clone()));
+            }
+            _ => {}
+        }
+        // Past the hit: the owned key (three copies of strings) is made only from here.
+        let key: TagKey = (up.name.clone(), name.clone(), tag.clone());
         if self.offline {
             if let Some((_, m)) = usable {
                 return Ok(Answer::hit(m));
@@ -29,13 +37,6 @@ impl Manifests {
                 Some(m) => Ok(Answer::hit(m)),
                 None => Err(unknown_offline()),
             };
-        }
-        if let Some((r, m)) = &usable {
-            let age = self.clock.age(r.confirmed);
-            if age < up.tag_ttl {
-                self.metrics.hit("tag");
-                return Ok(Answer::hit(m.clone()));
-            }
         }
         self.metrics.miss("tag");
         let flight = (key.clone(), accept.unwrap_or_default().to_string());
@@ -129,11 +130,12 @@ impl Manifests {
         }
     }
 
-    pub(super) async fn tag_record(&self, key: &TagKey) -> Option<Arc<TagRecord>> {
-        if let Some(r) = self.tags.get(key) {
+    pub(super) async fn tag_record(&self, key: TagKeyRef<'_>) -> Option<Arc<TagRecord>> {
+        if let Some(r) = self.tags.get(&key) {
             return Some(r);
         }
-        let bytes = self.cache.record(&tag_record_name(key)).await?;
+        let key = key.to_owned();
+        let bytes = self.cache.record(&tag_record_name(&key)).await?;
         let record: Arc<TagRecord> = Arc::new(serde_json::from_slice(&bytes).ok()?);
         if (&record.upstream, &record.name, &record.tag) != (&key.0, &key.1, &key.2) {
             return None;

@@ -80,9 +80,16 @@ impl RequestLine {
     /// `INFO` otherwise (an error answer's cause included).
     fn write(self, sent: u64, end: End<'_>) {
         if let Some(out) = DIRECT.get() {
-            let mut line = String::with_capacity(256);
-            if self.format_direct(sent, &end, &mut line) {
-                out.write_line(line.as_bytes());
+            // Formatted in this thread's buffer, kept from line to line: nothing allocated.
+            let written = LINE.with_borrow_mut(|line| {
+                line.clear();
+                let direct = self.format_direct(sent, &end, line);
+                if direct {
+                    out.write_line(line);
+                }
+                direct
+            });
+            if written {
                 return;
             }
         }
@@ -113,6 +120,11 @@ impl RequestLine {
 /// Where request lines go without passing through `tracing` (see [`write_lines_to`]).
 static DIRECT: std::sync::OnceLock<crate::logbuf::Lines> = std::sync::OnceLock::new();
 
+thread_local! {
+    /// The request line being formatted on this thread for [`DIRECT`].
+    static LINE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(256));
+}
+
 /// From now on, a request line that the human format would write its own way (see
 /// [`LineFormat`]: `INFO`, no error, no span) is formatted here and appended to `lines`
 /// directly, the same bytes. For a log in the human format on an output without colours
@@ -129,7 +141,7 @@ impl RequestLine {
     /// The line as `LineFormat` writes it, into `out`, if it is one this path writes (at
     /// `INFO`, enabled, no error, outside any span, every string plain): else `false`, and
     /// `tracing` writes it.
-    fn format_direct(&self, sent: u64, end: &End<'_>, out: &mut String) -> bool {
+    fn format_direct(&self, sent: u64, end: &End<'_>, out: &mut Vec<u8>) -> bool {
         let upstream = self.routed.as_deref().map_or("-", |u| u.name.as_str());
         let cache = self.outcome.map_or("-", Outcome::as_str);
         if self.error.is_some()
@@ -145,32 +157,32 @@ impl RequestLine {
         let Some(time) = timestamp_now() else {
             return false;
         };
-        out.push_str(std::str::from_utf8(&time).expect("ascii"));
-        out.push_str("  INFO ");
-        out.push_str(TARGET);
-        out.push_str(": request peer=");
-        out.push_str(&self.peer);
-        out.push_str(" method=");
-        out.push_str(self.method.as_str());
-        out.push_str(" path=");
-        out.push_str(&self.path);
-        out.push_str(" status=");
+        out.extend_from_slice(&time);
+        out.extend_from_slice(b"  INFO ");
+        out.extend_from_slice(TARGET.as_bytes());
+        out.extend_from_slice(b": request peer=");
+        out.extend_from_slice(self.peer.as_bytes());
+        out.extend_from_slice(b" method=");
+        out.extend_from_slice(self.method.as_str().as_bytes());
+        out.extend_from_slice(b" path=");
+        out.extend_from_slice(self.path.as_bytes());
+        out.extend_from_slice(b" status=");
         push_u64(out, u64::from(self.status.as_u16()));
-        out.push_str(" bytes=");
+        out.extend_from_slice(b" bytes=");
         push_u64(out, sent);
-        out.push_str(" ms=");
+        out.extend_from_slice(b" ms=");
         push_u64(out, self.started.elapsed().as_millis() as u64);
-        out.push_str(" upstream=\"");
-        out.push_str(upstream);
-        out.push_str("\" cache=\"");
-        out.push_str(cache);
-        out.push_str("\" aborted=");
-        out.push_str(if matches!(end, End::Complete) {
-            "false"
+        out.extend_from_slice(b" upstream=\"");
+        out.extend_from_slice(upstream.as_bytes());
+        out.extend_from_slice(b"\" cache=\"");
+        out.extend_from_slice(cache.as_bytes());
+        out.extend_from_slice(b"\" aborted=");
+        out.extend_from_slice(if matches!(end, End::Complete) {
+            b"false"
         } else {
-            "true"
+            b"true"
         });
-        out.push('\n');
+        out.push(b'\n');
         true
     }
 }
@@ -181,9 +193,13 @@ fn plain(s: &str) -> bool {
         .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
 }
 
-/// `v` in decimal.
-fn push_u64(out: &mut String, v: u64) {
-    let mut digits = [0u8; 20];
+/// `v` in decimal, appended to `out`.
+fn push_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(decimal(v, &mut [0; 20]));
+}
+
+/// `v` in decimal, written at the end of `digits`.
+fn decimal(v: u64, digits: &mut [u8; 20]) -> &[u8] {
     let mut i = digits.len();
     let mut v = v;
     loop {
@@ -194,7 +210,7 @@ fn push_u64(out: &mut String, v: u64) {
             break;
         }
     }
-    out.push_str(std::str::from_utf8(&digits[i..]).expect("ascii digits"));
+    &digits[i..]
 }
 
 /// The line's target: the module that wrote it before it moved here, which operators' log
@@ -535,7 +551,10 @@ impl tracing::field::Visit for LineFields {
             return;
         }
         self.name(field.name());
-        push_u64(&mut self.out, value);
+        let mut digits = [0; 20];
+        let digits = decimal(value, &mut digits);
+        self.out
+            .push_str(std::str::from_utf8(digits).expect("ascii digits"));
     }
 
     fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
@@ -640,7 +659,7 @@ mod tests {
             .with_ansi(false)
             .event_format(LineFormat::new(tracing_subscriber::fmt::format()))
             .finish();
-        let mut direct = String::new();
+        let mut direct = Vec::new();
         tracing::subscriber::with_default(sub, || {
             let cases = [
                 (
@@ -704,13 +723,13 @@ mod tests {
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
         let formatted = comparable(&text);
         assert_eq!(formatted.lines().count(), 3, "{formatted}");
-        assert_eq!(comparable(&direct), formatted);
+        assert_eq!(comparable(std::str::from_utf8(&direct).unwrap()), formatted);
         // With no subscriber that wants INFO lines of this target, nothing is written.
         let quiet = tracing_subscriber::fmt()
             .with_max_level(tracing::Level::WARN)
             .finish();
         tracing::subscriber::with_default(quiet, || {
-            let mut none = String::new();
+            let mut none = Vec::new();
             assert!(!line(Method::GET, "/v2/", 200, None).format_direct(
                 0,
                 &End::Complete,

@@ -34,10 +34,10 @@ pub async fn handle(
 ) -> Response<body::Logged> {
     let started = Instant::now();
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let endpoint = route::parse_path(&path);
+    let path = req.uri().path();
+    let endpoint = route::parse_path(path);
     // From here the request is logged even if the client leaves before it is answered.
-    let mut pending = body::Pending::new(peer, method.clone(), path, started);
+    let mut pending = body::Pending::new(peer, method.clone(), path.to_string(), started);
     let route_label = match &endpoint {
         Ok(Endpoint::Base) => "base",
         Ok(Endpoint::Manifest { .. }) => "manifest",
@@ -98,32 +98,27 @@ pub async fn handle(
         let what = format!("{} {}", method, req.uri().path());
         state.status.error(&what, e);
     }
-    state
-        .metrics
-        .requests
-        .get_or_create(&crate::metrics::RequestLabels {
-            route: route_label,
-            method: match method {
-                Method::GET => "GET",
-                Method::HEAD => "HEAD",
-                _ => "other",
-            },
-            status: status.as_u16(),
-        })
-        .inc();
+    state.metrics.request(&crate::metrics::RequestLabels {
+        route: route_label,
+        method: match method {
+            Method::GET => "GET",
+            Method::HEAD => "HEAD",
+            _ => "other",
+        },
+        status: status.as_u16(),
+    });
     let outcome = resp.extensions_mut().remove::<Outcome>();
-    state
-        .metrics
-        .request_duration
-        .get_or_create(&crate::metrics::RouteOutcomeLabels {
+    state.metrics.request_took(
+        &crate::metrics::RouteOutcomeLabels {
             route: route_label,
             outcome: match outcome {
                 Some(o) => o.as_str(),
                 None if status.is_client_error() || status.is_server_error() => "error",
                 None => "none",
             },
-        })
-        .observe(started.elapsed().as_secs_f64());
+        },
+        started.elapsed().as_secs_f64(),
+    );
     if let Some(o) = outcome {
         resp.headers_mut()
             .insert(X_CACHE, HeaderValue::from_static(o.x_cache()));
@@ -153,7 +148,7 @@ fn unsupported() -> Response<Body> {
 async fn dispatch(
     state: &Arc<State>,
     req: &Request<Incoming>,
-    endpoint: Endpoint,
+    endpoint: Endpoint<'_>,
     routed: &mut Option<Arc<Upstream>>,
 ) -> Result<Response<Body>> {
     let method = req.method();
@@ -174,22 +169,22 @@ async fn dispatch(
         Endpoint::Metrics => metrics(state),
         Endpoint::Upload => return Ok(unsupported()),
         Endpoint::Manifest { name, reference } => {
-            let target = target(&name)?;
-            let reference = route::reference(&reference)?;
+            let target = target(name)?;
+            let reference = route::reference(reference)?;
             manifest(state, req, &target, &reference).await?
         }
         Endpoint::Blob { name, digest } => {
-            let target = target(&name)?;
-            let digest = route::digest(&digest)?;
+            let target = target(name)?;
+            let digest = route::digest(digest)?;
             blob(state, req, &target, &digest).await?
         }
         Endpoint::Tags { name } => {
-            let t = target(&name)?;
-            tags(state, query, &name, &t, ns.as_deref()).await?
+            let t = target(name)?;
+            tags(state, query, name, &t, ns.as_deref()).await?
         }
         Endpoint::Referrers { name, digest } => {
-            let t = target(&name)?;
-            let digest = route::digest(&digest)?;
+            let t = target(name)?;
+            let digest = route::digest(digest)?;
             let up = &state.upstreams.0[t.upstream];
             let artifact_type = route::query_param(query, "artifactType");
             let ans = state
