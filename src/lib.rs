@@ -73,5 +73,7 @@ pub mod route;
 pub mod server;
 pub mod status;
 pub mod sync;
+#[cfg(test)]
+mod test_logs;
 pub mod upstream;
 pub mod warm;

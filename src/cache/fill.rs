@@ -164,6 +164,7 @@ impl Cache {
             temp,
             committed: None,
             error: None,
+            timeline: Timeline::new(),
         };
         Ok((fill, Unspawned(Box::pin(guard.run(fetch)))))
     }
@@ -226,6 +227,35 @@ struct Guard {
     committed: Option<u64>,
     /// Set by `abort`: why the fill failed (`None` when dropped without either: a panic).
     error: Option<Error>,
+    timeline: Timeline,
+}
+
+/// When a fill got its turn and when its source answered (with a body or an error), counted
+/// from its start: logged with its end, since every client of the fill waits for that answer
+/// before its first byte.
+struct Timeline {
+    start: tokio::time::Instant,
+    turn: Option<Duration>,
+    answer: Option<Duration>,
+}
+
+impl Timeline {
+    fn new() -> Timeline {
+        Timeline {
+            start: tokio::time::Instant::now(),
+            turn: None,
+            answer: None,
+        }
+    }
+
+    fn now(&self) -> Option<Duration> {
+        Some(self.start.elapsed())
+    }
+}
+
+/// Milliseconds, for a log line.
+fn ms(d: Duration) -> u64 {
+    d.as_millis().try_into().unwrap_or(u64::MAX)
 }
 
 /// A gauge raised for as long as this lives (however the task holding it ends).
@@ -247,7 +277,7 @@ impl Drop for Raised<'_> {
 impl Guard {
     /// The fill's task: wait for a turn, fetch, stream, verify, commit, all within the
     /// fill's deadline.
-    async fn run<F>(self, fetch: F)
+    async fn run<F>(mut self, fetch: F)
     where
         F: Future<Output = Result<Fetched, Error>> + Send + 'static,
     {
@@ -261,17 +291,21 @@ impl Guard {
         }
     }
 
-    async fn work<F>(&self, fetch: F) -> Result<u64, Error>
+    async fn work<F>(&mut self, fetch: F) -> Result<u64, Error>
     where
         F: Future<Output = Result<Fetched, Error>> + Send + 'static,
     {
-        let (cache, digest) = (&self.cache, &self.digest);
+        let cache = self.cache.clone();
         let _turn = {
             let _queued = Raised::new(&cache.metrics.fills_queued);
             cache.turns.acquire().await.map_err(io::Error::other)?
         };
+        self.timeline.turn = self.timeline.now();
         let _running = Raised::new(&cache.metrics.fills_in_flight);
-        let mut fetched = fetch.await?;
+        let answer = fetch.await;
+        self.timeline.answer = self.timeline.now();
+        let mut fetched = answer?;
+        let digest = &self.digest;
         let origin = std::mem::replace(&mut fetched.origin, Origin::Shared);
         let from_shared = matches!(origin, Origin::Shared);
         let fed_by = match origin {
@@ -324,10 +358,12 @@ impl Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         let (cache, digest) = (&self.cache, &self.digest);
+        let t = &self.timeline;
+        let (ms, turn_ms, answer_ms) = (ms(t.start.elapsed()), t.turn.map(ms), t.answer.map(ms));
         let last = match (self.committed, self.error.take()) {
             (Some(size), _) => {
                 cache.metrics.fills_completed.inc();
-                tracing::info!(%digest, size, "fill committed");
+                tracing::info!(%digest, size, ms, turn_ms, answer_ms, "fill committed");
                 Progress::Done { size }
             }
             (None, error) => {
@@ -347,9 +383,9 @@ impl Drop for Guard {
                 match &e {
                     // The upstream does not have it: the client's mistake, not a fault.
                     e if e.is_client_side() => {
-                        tracing::debug!(%digest, error = %e, "fill failed")
+                        tracing::debug!(%digest, error = %e, ms, turn_ms, answer_ms, "fill failed")
                     }
-                    _ => tracing::warn!(%digest, error = %e, "fill failed"),
+                    _ => tracing::warn!(%digest, error = %e, ms, turn_ms, answer_ms, "fill failed"),
                 }
                 Progress::Failed(e)
             }
@@ -668,5 +704,40 @@ mod tests {
             (0, 0)
         );
         assert_eq!(temp_files(dir.path()), 0);
+    }
+
+    /// A fill's end is logged with when it got its turn and when its source answered, from
+    /// its start: here the second fill waits 3 s for the first one's turn, and each source
+    /// answers (with an error) 3 and 2 s after it was asked.
+    #[tokio::test(start_paused = true)]
+    async fn a_fill_logs_when_it_got_its_turn_and_its_answer() {
+        let (logs, _guard) = crate::test_logs::Logs::capture();
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, _) = cache(dir.path(), 1);
+        let answer_after = |secs| async move {
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+            Err::<Fetched, _>(Error::upstream("test", UpstreamError::Timeout))
+        };
+        let (first, second) = (blob(10).1, blob(11).1);
+        let fills = [
+            cache.spawn_fill(first.clone(), answer_after(3)),
+            cache.spawn_fill(second.clone(), answer_after(2)),
+        ];
+        for fill in &fills {
+            let mut rx = fill.progress.clone();
+            rx.wait_for(|p| matches!(p, Progress::Failed(_)))
+                .await
+                .unwrap();
+        }
+        let text = logs.text();
+        let line = |d: &Digest| {
+            text.lines()
+                .find(|l| l.contains("fill failed") && l.contains(&d.to_string()))
+                .unwrap_or_else(|| panic!("no line for {d} in {text}"))
+                .to_string()
+        };
+        let (one, two) = (line(&first), line(&second));
+        assert!(one.contains("ms=3000 turn_ms=0 answer_ms=3000"), "{one}");
+        assert!(two.contains("ms=5000 turn_ms=3000 answer_ms=5000"), "{two}");
     }
 }

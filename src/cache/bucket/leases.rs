@@ -746,13 +746,7 @@ mod tests {
             // A lease could be created, but not refreshed safely.
             (true, false, NO),
         ] {
-            let logs = Logs::default();
-            let _guard = tracing::subscriber::set_default(
-                tracing_subscriber::fmt()
-                    .with_writer(logs.clone())
-                    .with_ansi(false)
-                    .finish(),
-            );
+            let (logs, _guard) = crate::test_logs::Logs::capture();
             let store = TestStore::with_conditions(if_none_match, if_match);
             let t: Arc<Bucket> = tier(&store, LEASE_TTL, 1 << 30);
             let d = Digest::sha256_of(b"layer");
@@ -780,33 +774,6 @@ mod tests {
                     "{text}"
                 );
             }
-        }
-    }
-
-    /// Log lines, captured.
-    #[derive(Clone, Default)]
-    struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl Logs {
-        fn text(&self) -> String {
-            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-        }
-    }
-
-    impl std::io::Write for Logs {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
-        type Writer = Logs;
-        fn make_writer(&'a self) -> Logs {
-            self.clone()
         }
     }
 }
