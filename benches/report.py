@@ -35,6 +35,8 @@ METRICS = [
     ("digest_rps", "4 manifest by digest: req/s", True),
     ("digest_p99_ms", "4 manifest by digest: p99 ms", False),
     ("digest_upstream", "4 manifest by digest: upstream requests", False),
+    ("floor_rps", "4 floor, nginx return 200: req/s", True),
+    ("floor_p99_ms", "4 floor, nginx return 200: p99 ms", False),
     ("ctr_cold_s", "5 containerd pull, cold: s", False),
     ("ctr_warm_s", "5 containerd pull, warm: s", False),
     ("ctr_warm_upstream", "5 containerd warm: upstream requests", False),
@@ -165,7 +167,8 @@ def main():
                               None if None in (o, n, p99, up)
                               else o >= 0.8 * n and p99 < 2 and up == 0,
                               f"{fmt(o)} vs {fmt(n)} = {o / n:.2f}x, p99 {fmt(p99)} ms "
-                              f"(nginx from disk {fmt(get(f'{row}_p99_ms', 'nginx-disk'))}), "
+                              f"(nginx from disk {fmt(get(f'{row}_p99_ms', 'nginx-disk'))}, "
+                              f"harness floor {fmt(get('floor_p99_ms', 'nginx-disk'))}), "
                               f"{fmt(up)} upstream requests" if o and n else "-"))
     o = get("c20_rss_mib", "ocicache")
     results.append(target("peak RSS during the 20-client test < 48 MiB",
