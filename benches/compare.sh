@@ -6,7 +6,9 @@
 #   bash benches/compare.sh --quick    # 128 MiB blob, shorter wrk runs
 #
 # Options: --quick, --no-build (use the binary as it is), --keep (keep the data files, not
-# only the logs), --big-mib N (blob size), --cold-only (row 1 alone, then the table),
+# only the logs), --big-mib N (blob size), --cold-runs N (cold pulls per server, fresh
+# each, alternated; the row gives medians; default 3, 1 with --quick), --cold-only (row 1
+# alone, then the table),
 # --manifests-only (rows 1 and 2 on an 8 MiB blob, seconds, then row 4 for ocicache and
 # nginx from disk alone, then the table). Environment: OCICACHE_BIN (binary to test,
 # default $CARGO_TARGET_DIR or target/, release), BENCH_DIR (parent of the temp dir).
@@ -17,6 +19,7 @@ BUILD=1
 KEEP=0
 BIG_MIB=""
 COLD_ONLY=0
+COLD_RUNS=""
 MANIFESTS_ONLY=0
 while (($#)); do
   case "$1" in
@@ -25,8 +28,9 @@ while (($#)); do
     --keep) KEEP=1 ;;
     --big-mib) BIG_MIB="$2"; shift ;;
     --cold-only) COLD_ONLY=1 ;;
+    --cold-runs) COLD_RUNS="$2"; shift ;;
     --manifests-only) MANIFESTS_ONLY=1 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
@@ -40,9 +44,9 @@ WARM_RUNS=5
 # Row 4 alone needs no big blob: seeding it and rows 1 and 2 then take seconds.
 if ((MANIFESTS_ONLY)); then : "${BIG_MIB:=8}"; fi
 if ((QUICK)); then
-  : "${BIG_MIB:=128}"; WRK_DURATION=5s
+  : "${BIG_MIB:=128}"; WRK_DURATION=5s; : "${COLD_RUNS:=1}"
 else
-  : "${BIG_MIB:=1024}"; WRK_DURATION=10s
+  : "${BIG_MIB:=1024}"; WRK_DURATION=10s; : "${COLD_RUNS:=3}"
 fi
 MODE=$([ "$QUICK" = 1 ] && echo quick || echo full)
 ACCEPT="application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json"
@@ -323,6 +327,7 @@ rss_poller() { # rss_poller NAME OUT: peak VmRSS (KiB) while OUT.run exists
 
 now() { date +%s.%N; }
 calc() { python3 -c "print($1)"; }
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR] = $1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
 rec() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$RESULTS"; }
 
 url_of() { echo "http://127.0.0.1:${PORT[$1]}"; }
@@ -401,27 +406,43 @@ got=$(curl -sf -H "Accept: $ACCEPT" "$(url_of ocicache)/v2/library/layers/manife
 wait_upstream_quiet
 
 # ---------------------------------------------------------------- 1. cold, one client
-echo "1. cold blob, one client"
+# One pull is a coin toss on a shared VM (a server's pull has taken 3x its usual time, its
+# CPU with it, in one run of three): each server pulls COLD_RUNS times, from a fresh cache
+# each time, the servers alternated, and the row gives the medians.
+echo "1. cold blob, one client, $COLD_RUNS pulls each (fresh cache each, alternated; medians)"
+declare -A COLD_MBPS COLD_TTFB COLD_CPU COLD_IDLE COLD_GETS
+for round in $(seq "$COLD_RUNS"); do
+  for t in upstream ocicache regproxy nginx-cache; do
+    if ((round > 1)) && [ "$t" != upstream ]; then fresh "$t"; fi
+    n0=$(uplines)
+    c0=$(cpu_ticks "$t")
+    r=$(fetch "$(url_of "$t")$BLOB_PATH")
+    c1=$(cpu_ticks "$t")
+    # The registry in proxy mode streams the client's copy straight from the upstream,
+    # unverified, and stores the blob from a second download in the background, which goes
+    # on after the client has its last byte: its CPU until idle is what the cached GiB cost,
+    # and the next server's pull must not run beside it.
+    c2=$(wait_idle "$t")
+    wait_upstream_quiet
+    read -r gets _ < <(upstream_blob_gets "$n0" "$BLOB_PATH")
+    echo "  $t: $r (then idle after $(calc "($c2 - $c1) / $HZ") CPU-s more; upstream blob GETs: $gets)"
+    check_fetch "$t cold" "$r" || continue
+    set -- $r
+    COLD_MBPS[$t]+="$(calc "$2 / $4 / 1e6") "
+    COLD_TTFB[$t]+="$(calc "$3 * 1000") "
+    COLD_CPU[$t]+="$(calc "($c1 - $c0) / $HZ / $GIB") "
+    COLD_IDLE[$t]+="$(calc "($c2 - $c0) / $HZ / $GIB") "
+    COLD_GETS[$t]+="$gets "
+  done
+done
 for t in upstream ocicache regproxy nginx-cache; do
-  n0=$(uplines)
-  c0=$(cpu_ticks "$t")
-  r=$(fetch "$(url_of "$t")$BLOB_PATH")
-  c1=$(cpu_ticks "$t")
-  # The registry in proxy mode streams the client's copy straight from the upstream,
-  # unverified, and stores the blob from a second download in the background, which goes on
-  # after the client has its last byte: its CPU until idle is what the cached GiB cost, and
-  # the next server's pull must not run beside it.
-  c2=$(wait_idle "$t")
-  wait_upstream_quiet
-  read -r gets _ < <(upstream_blob_gets "$n0" "$BLOB_PATH")
-  echo "  $t: $r (then idle after $(calc "($c2 - $c1) / $HZ") CPU-s more; upstream blob GETs: $gets)"
-  check_fetch "$t cold" "$r" || continue
-  set -- $r
-  rec cold_mbps "$t" "$(calc "$2 / $4 / 1e6")"
-  rec cold_ttfb_ms "$t" "$(calc "$3 * 1000")"
-  rec cold_cpu "$t" "$(calc "($c1 - $c0) / $HZ / $GIB")"
-  rec cold_cpu_idle "$t" "$(calc "($c2 - $c0) / $HZ / $GIB")"
-  [ "$t" = upstream ] || rec cold_upstream_gets "$t" "$gets"
+  [ -n "${COLD_MBPS[$t]:-}" ] || continue
+  rec cold_mbps "$t" "$(median ${COLD_MBPS[$t]})"
+  rec cold_ttfb_ms "$t" "$(median ${COLD_TTFB[$t]})"
+  rec cold_cpu "$t" "$(median ${COLD_CPU[$t]})"
+  rec cold_cpu_idle "$t" "$(median ${COLD_IDLE[$t]})"
+  # The most GETs any pull cost, not a median: one pull with two downloads shows.
+  [ "$t" = upstream ] || rec cold_upstream_gets "$t" "$(printf '%s\n' ${COLD_GETS[$t]} | sort -g | tail -1)"
 done
 
 report() {

@@ -18,7 +18,7 @@ TITLES = {
 
 # key, label, higher is better?
 METRICS = [
-    ("cold_mbps", "1 cold, 1 client: MB/s", True),
+    ("cold_mbps", "1 cold, 1 client: MB/s (median of pulls)", True),
     ("cold_ttfb_ms", "1 cold, 1 client: TTFB ms", False),
     ("cold_cpu", "1 cold: server CPU s/GiB", False),
     ("warm_mbps", "2 warm, 1 client: MB/s (median of 5)", True),
