@@ -361,7 +361,7 @@ mod tests {
         let oci = "application/vnd.oci.image.manifest.v1+json";
         let bytes = Bytes::from_static(br#"{"schemaVersion":2,"layers":[]}"#);
         let d = Digest::sha256_of(&bytes);
-        cache.put_manifest(&d, bytes, oci).await.unwrap();
+        cache.put_manifest(&d, bytes, oci, true).await.unwrap();
         let record = Record::tag(
             "docker.io",
             &Name::parse("a/b").unwrap(),

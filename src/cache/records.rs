@@ -181,18 +181,20 @@ impl Cache {
         self.tiers.len() > 1
     }
 
-    /// Stores a verified manifest by digest (small: written whole): locally, then in the
-    /// tiers behind (in the background).
+    /// Stores a verified manifest by digest (small: written whole): locally, then, when
+    /// `share`, in the tiers behind (in the background).
     pub async fn put_manifest(
         &self,
         digest: &Digest,
         bytes: Bytes,
         media_type: &str,
+        share: bool,
     ) -> Result<(), Error> {
         self.tiers[0]
             .put_manifest(digest, bytes.clone(), media_type)
             .await?;
-        for tier in &self.tiers[1..] {
+        let behind = if share { &self.tiers[1..] } else { &[] };
+        for tier in behind {
             let tier = tier.clone();
             let (d, b, mt) = (digest.clone(), bytes.clone(), media_type.to_string());
             tokio::spawn(async move {

@@ -97,27 +97,31 @@ impl Manifests {
         accept: Option<&str>,
     ) -> Result<Arc<Manifest>, Error> {
         let m = self.fetch_upstream(up, name, reference, accept).await?;
-        self.record_if_tag(up, name, reference, &m).await;
+        self.record_if_tag(up, name, reference, &m, true).await;
         Ok(m)
     }
 
-    /// When `reference` is a tag: records that it points to `m` (on disk and in the bucket).
+    /// When `reference` is a tag: records that it points to `m` (on disk and, when `share`,
+    /// in the bucket).
     async fn record_if_tag(
         &self,
         up: &Arc<Upstream>,
         name: &Name,
         reference: &Reference,
         m: &Arc<Manifest>,
+        share: bool,
     ) {
         if let Reference::Tag(tag) = reference {
             let key = (up.name.clone(), name.clone(), tag.clone());
-            self.record_tag(&key, m).await;
+            self.record_tag(&key, m, share).await;
         }
     }
 
     /// With peers: `reference` as the replica responsible for it resolved it (so that one
     /// replica asks the upstream for all), verified and kept here, a tag recorded; `None`
     /// when this replica is responsible, or that replica failed (this one fetches then).
+    /// Kept and recorded on this replica's disk only: the responsible replica put both in
+    /// the bucket as it resolved them.
     pub(super) async fn resolved_by_peer(
         &self,
         up: &Arc<Upstream>,
@@ -142,11 +146,14 @@ impl Manifests {
             media_type,
             digest: claimed.and_then(|d| Digest::parse(&d).ok()),
         };
-        let m = self.keep_verified(up, name, reference, got).await.ok()?;
+        let m = self
+            .keep_verified(up, name, reference, got, false)
+            .await
+            .ok()?;
         if !accepts(accept, &m.media_type) {
             return None;
         }
-        self.record_if_tag(up, name, reference, &m).await;
+        self.record_if_tag(up, name, reference, &m, false).await;
         Some(m)
     }
 
@@ -159,17 +166,19 @@ impl Manifests {
         accept: Option<&str>,
     ) -> Result<Arc<Manifest>, Error> {
         let got = up.manifest(name, reference, accept, self.max_size).await?;
-        self.keep_verified(up, name, reference, got).await
+        self.keep_verified(up, name, reference, got, true).await
     }
 
     /// Verifies a manifest fetched for `reference` (from the upstream or a peer) against
-    /// the digest asked for or claimed, and stores it by digest.
+    /// the digest asked for or claimed, and stores it by digest (in the bucket too when
+    /// `share`).
     async fn keep_verified(
         &self,
         up: &Arc<Upstream>,
         name: &Name,
         reference: &Reference,
         got: UpstreamManifest,
+        share: bool,
     ) -> Result<Arc<Manifest>, Error> {
         let UpstreamManifest {
             bytes,
@@ -197,13 +206,13 @@ impl Manifests {
             .or_else(|| media_type_in(&bytes))
             .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".into());
         self.cache
-            .put_manifest(&digest, bytes.clone(), &media_type)
+            .put_manifest(&digest, bytes.clone(), &media_type, share)
             .await?;
         Ok(self.remember(&digest, media_type, bytes))
     }
 }
 
 /// The key of a manifest's fetch across replicas: whose lease, or which replica's.
-fn fetch_key(up: &Upstream, name: &Name, reference: &Reference) -> Digest {
+pub(super) fn fetch_key(up: &Upstream, name: &Name, reference: &Reference) -> Digest {
     Digest::sha256_of(format!("manifest\0{}\0{name}\0{reference}", up.name).as_bytes())
 }

@@ -548,4 +548,72 @@ mod tests {
         }
         assert_eq!(store.writes_under("mirror/tags/"), 1, "one tag record PUT");
     }
+
+    /// With peers, a manifest the replica responsible for it resolved is kept on this
+    /// replica's disk only: that replica put the manifest and the tag's record in the
+    /// bucket as it resolved them, and every asking replica used to PUT both again.
+    #[tokio::test]
+    async fn a_manifest_resolved_by_a_peer_is_not_put_in_the_bucket_again() {
+        use crate::cache::bucket::testing::{tier, TestStore};
+        use crate::cache::bucket::LEASE_TTL;
+        use std::sync::atomic::Ordering::SeqCst;
+        let store = TestStore::new();
+        let body: &'static [u8] = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
+        // The other replica's peer endpoint, and the upstream: both answer with the manifest.
+        let (other_url, other_gets) = one_manifest_upstream(body).await;
+        let (upstream_url, upstream_gets) = one_manifest_upstream(body).await;
+        let replica = |advertise: &str| {
+            let cfg = crate::config::PeersConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                advertise: format!("{advertise}/"),
+                secret: Some(crate::config::Secret("0123456789abcdef".into())),
+                secret_file: None,
+            };
+            let bucket = tier(&store, LEASE_TTL, 1 << 30);
+            crate::cache::peers::Peers::new(&cfg, bucket, Duration::from_secs(5), &Metrics::new())
+                .unwrap()
+        };
+        let (me, other) = (replica("http://127.0.0.1:9"), replica(&other_url));
+        other.beat().await;
+        me.beat().await;
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let cache = Cache::for_test(dir.path(), Some(tier(&store, LEASE_TTL, 1 << 30)));
+        cache.set_peers(me);
+        let config = crate::config::UpstreamConfig::new("docker.io", &upstream_url, true);
+        let up = Arc::new(Upstream::new(&config, metrics.clone()).unwrap());
+        let manifests = Manifests::new(cache.clone(), metrics, false, 1 << 20, Arc::default());
+        let name = Name::parse("library/x").unwrap();
+        // A tag the other replica is responsible for.
+        let tag = (0..100)
+            .map(|i| Reference::parse(&format!("t{i}")).unwrap())
+            .find(|t| {
+                cache
+                    .responsible_peer(&digest::fetch_key(&up, &name, t))
+                    .is_some()
+            })
+            .expect("one of 100 tags is the other replica's");
+
+        let written = store.writes_under("mirror/");
+        let answer = manifests.get(&up, &name, &tag, None).await.unwrap();
+        assert_eq!(answer.value.digest, Digest::sha256_of(body));
+        assert_eq!(
+            (other_gets.load(SeqCst), upstream_gets.load(SeqCst)),
+            (1, 0)
+        );
+        // The bucket's copies would be written in the background: let those tasks run.
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            store.writes_under("mirror/") - written,
+            0,
+            "nothing PUT by the asking replica"
+        );
+        // Kept here all the same: the next request is answered from this replica's disk.
+        let again = manifests.get(&up, &name, &tag, None).await.unwrap();
+        assert_eq!(again.value.digest, answer.value.digest);
+        assert_eq!(other_gets.load(SeqCst), 1, "not asked again");
+        assert!(cache.store.media_type(&answer.value.digest).is_some());
+    }
 }

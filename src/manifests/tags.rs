@@ -100,13 +100,13 @@ impl Manifests {
                 // HEAD first: the body only when the digest moved.
                 let moved_to = up.manifest_digest(name, tag, accept).await?;
                 if moved_to.as_ref() == Some(&record.digest) {
-                    self.record_tag(&key, cached).await;
+                    self.record_tag(&key, cached, true).await;
                     return Ok((cached.clone(), Outcome::Revalidated));
                 }
                 if let Some(d) = moved_to {
                     if let Some(m) = self.cached(&d).await? {
                         if accepts(accept, &m.media_type) {
-                            self.record_tag(&key, &m).await;
+                            self.record_tag(&key, &m, true).await;
                             return Ok((m, Outcome::Revalidated));
                         }
                     }
@@ -144,7 +144,9 @@ impl Manifests {
         Some(record)
     }
 
-    pub(super) async fn record_tag(&self, key: &TagKey, m: &Manifest) {
+    /// Records that the tag `key` points to `m`, confirmed now: in memory, on disk and, when
+    /// `share`, in the bucket.
+    pub(super) async fn record_tag(&self, key: &TagKey, m: &Manifest, share: bool) {
         let record = TagRecord {
             upstream: key.0.clone(),
             name: key.1.clone(),
@@ -154,7 +156,7 @@ impl Manifests {
             confirmed: self.clock.now(),
         };
         self.tags.insert(key.clone(), Arc::new(record.clone()));
-        self.persist_tag(key, &record, true).await;
+        self.persist_tag(key, &record, share).await;
     }
 
     /// Keeps a tag record on disk and, if `share`, in the bucket.
