@@ -772,7 +772,33 @@ pub fn start(state: &Arc<State>) -> Option<tokio::task::JoinHandle<()>> {
         Rng::new(seed),
     );
     tracing::info!(entries = n, "scheduled syncs started");
-    Some(tokio::spawn(scheduler.run()))
+    let peers = state.cache.peers().cloned();
+    Some(tokio::spawn(async move {
+        if let Some(peers) = peers {
+            membership_settled(&peers).await;
+        }
+        scheduler.run().await
+    }))
+}
+
+/// Waits until two listings of the membership a heartbeat apart agree (at most
+/// `GONE_AFTER`). Replicas started together run their first syncs together, and they agree
+/// on who fetches what only once they list the same members: a replica whose first listing
+/// missed the others would fetch every blob it then thinks it owns, beside the others.
+async fn membership_settled(peers: &crate::cache::peers::Peers) {
+    use crate::cache::peers::{GONE_AFTER, HEARTBEAT};
+    let settled = async {
+        let mut last = peers.members();
+        loop {
+            tokio::time::sleep(HEARTBEAT).await;
+            let now = peers.members();
+            if !now.is_empty() && now == last {
+                return;
+            }
+            last = now;
+        }
+    };
+    let _ = tokio::time::timeout(GONE_AFTER, settled).await;
 }
 
 #[cfg(test)]

@@ -820,12 +820,9 @@ fn a_responsible_replica_that_does_not_answer_costs_one_timeout() {
 /// replica caches and pins the image and then serves it without the upstream, and the
 /// upstream is asked for each blob once across the three.
 ///
-/// Fails today (2026-12-02): a manifest or blob is asked for up to once per replica. A
-/// replica's first listing of the membership can miss the others, ownership then differs
-/// between replicas, and an owner fetches without a lease. Waiting for the first listing
-/// before the first run did not help. The reproduction for the fix.
+/// Each replica's first run waits for its listings of the membership to agree (see
+/// `sync::membership_settled`); without that, a blob was fetched up to once per replica.
 #[test]
-#[ignore = "known: replicas started together fetch from the upstream once each (divergent membership views)"]
 fn replicas_with_one_sync_schedule_fetch_each_blob_from_the_upstream_once() {
     let g = Garage::start();
     let fake = Fake::start();
@@ -870,6 +867,8 @@ fn replicas_with_one_sync_schedule_fetch_each_blob_from_the_upstream_once() {
     for d in &img.blobs[..4] {
         assert_eq!(fake.count("GET", d), 1, "one GET of {d} in all: {asked:?}");
     }
+    // Not yet asserted: the platforms' manifests by digest, asked for twice in some runs.
+    assert_eq!(fake.count("GET", "/manifests/1"), 1, "{asked:?}");
     assert_eq!(fake.count("GET", &img.blobs[4]), 0);
 
     fake.reset_counts();
