@@ -376,3 +376,42 @@ fn a_sync_pin_is_scheduled_while_any_entry_holds_it() {
     assert!(ran.holds(&pin_key("docker.io", "library/app", "2.1")));
     assert!(!ran.holds(&pin_key("docker.io", "library/app", "2.0")));
 }
+
+/// With peers, the first run waits for the membership to settle: two listings a heartbeat
+/// apart that agree (here the second replica shows up in the second listing, so the third
+/// is the one that agrees), or `GONE_AFTER` when no listing ever comes.
+#[tokio::test(start_paused = true)]
+async fn the_first_run_waits_for_the_membership_to_settle() {
+    use crate::cache::bucket::testing::{tier, TestStore};
+    use crate::cache::bucket::LEASE_TTL;
+    use crate::cache::peers::{Peers, GONE_AFTER, HEARTBEAT};
+    let store = TestStore::new();
+    let replica = |url: &str| {
+        let cfg = crate::config::PeersConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            advertise: url.to_string(),
+            secret: Some(crate::config::Secret("0123456789abcdef".into())),
+            secret_file: None,
+        };
+        let bucket = tier(&store, LEASE_TTL, 1 << 30);
+        Peers::new(&cfg, bucket, Duration::from_secs(5), &Metrics::new()).unwrap()
+    };
+    let settling = |peers: Arc<Peers>| {
+        let t0 = tokio::time::Instant::now();
+        tokio::spawn(async move {
+            membership_settled(&peers).await;
+            t0.elapsed()
+        })
+    };
+    let (a, b) = (replica("http://a:1"), replica("http://b:1"));
+    let settled = settling(a.clone());
+    tokio::time::sleep(HEARTBEAT / 4).await;
+    a.beat().await; // a alone
+    tokio::time::sleep(HEARTBEAT).await;
+    b.beat().await;
+    a.beat().await; // a and b
+    assert_eq!(settled.await.unwrap(), HEARTBEAT * 3);
+
+    let never_listed = settling(replica("http://c:1"));
+    assert_eq!(never_listed.await.unwrap(), GONE_AFTER);
+}
