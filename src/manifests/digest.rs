@@ -45,6 +45,11 @@ impl Manifests {
         self.metrics.miss("manifest");
         self.digest_flights
             .run(digest.clone(), || async {
+                // A flight that ended while we looked (the bucket's answer takes a round
+                // trip) left its manifest in the hot set: one look there saves a second GET.
+                if let Some(m) = self.hot.get(digest) {
+                    return Ok(m);
+                }
                 let m = self
                     .fetch(up, name, &Reference::Digest(digest.clone()), accept)
                     .await?;
