@@ -327,6 +327,10 @@ rss_poller() { # rss_poller NAME OUT: peak VmRSS (KiB) while OUT.run exists
 
 now() { date +%s.%N; }
 calc() { python3 -c "print($1)"; }
+wrk_rps() { awk '/^Requests\/sec:/ {print $2}' "$1"; } # wrk_rps WRK_OUTPUT
+wrk_p99_ms() { # wrk_p99_ms WRK_OUTPUT: the 99th percentile of a --latency run, in ms
+  awk '$1 == "99%" {v = $2; if (v ~ /us$/) {sub(/us$/, "", v); v /= 1000} else if (v ~ /ms$/) {sub(/ms$/, "", v)} else if (v ~ /s$/) {sub(/s$/, "", v); v *= 1000}; print v}' "$1"
+}
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR] = $1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
 rec() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$RESULTS"; }
 
@@ -489,8 +493,8 @@ for t in "${ROW4[@]}"; do
     wrk -t2 -c64 -d"$WRK_DURATION" --latency -H "Accept: $ACCEPT" "$u" >"$out" 2>&1 || true
     wait_upstream_quiet
     n1=$(uplines)
-    rps=$(awk '/^Requests\/sec:/ {print $2}' "$out")
-    p99=$(awk '$1 == "99%" {v = $2; if (v ~ /us$/) {sub(/us$/, "", v); v /= 1000} else if (v ~ /ms$/) {sub(/ms$/, "", v)} else if (v ~ /s$/) {sub(/s$/, "", v); v *= 1000}; print v}' "$out")
+    rps=$(wrk_rps "$out")
+    p99=$(wrk_p99_ms "$out")
     bad=$(awk '/Non-2xx or 3xx responses:/ {print $5}' "$out")
     echo "  $t by $kind: ${rps:-?} req/s, p99 ${p99:-?} ms, upstream requests $((n1 - n0))${bad:+, NON-2XX $bad}"
     if [ -n "$bad" ] || [ -z "$rps" ]; then echo "  WARNING: see $out" >&2; continue; fi
@@ -505,8 +509,8 @@ done
 # moves: a p99 of row 4 is read against it.
 out="$WORK/wrk-floor.txt"
 wrk -t2 -c64 -d"$WRK_DURATION" --latency "$(url_of nginx-disk)/floor" >"$out" 2>&1 || true
-rps=$(awk '/^Requests\/sec:/ {print $2}' "$out")
-p99=$(awk '$1 == "99%" {v = $2; if (v ~ /us$/) {sub(/us$/, "", v); v /= 1000} else if (v ~ /ms$/) {sub(/ms$/, "", v)} else if (v ~ /s$/) {sub(/s$/, "", v); v *= 1000}; print v}' "$out")
+rps=$(wrk_rps "$out")
+p99=$(wrk_p99_ms "$out")
 echo "  floor (nginx return 200, ${FLOOR_BYTES} B): ${rps:-?} req/s, p99 ${p99:-?} ms"
 if [ -n "$rps" ] && [ -n "$p99" ]; then
   rec floor_rps nginx-disk "$rps"

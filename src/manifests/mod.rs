@@ -466,6 +466,9 @@ mod tests {
         }
     }
 
+    /// An image manifest with no layers, as the upstreams and peers below serve it.
+    const TINY_MANIFEST: &[u8] = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
+
     /// A registry of one manifest, answering every manifest request with it (HEAD without
     /// the body), counting GETs: just enough upstream for the manifests service.
     async fn one_manifest_upstream(
@@ -523,7 +526,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(Metrics::new());
         let cache = Cache::for_test(dir.path(), Some(tier(&store, LEASE_TTL, 1 << 30)));
-        let body: &'static [u8] = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
+        let body = TINY_MANIFEST;
         let (url, gets) = one_manifest_upstream(body).await;
         let config = crate::config::UpstreamConfig::new("docker.io", &url, true);
         let up = Arc::new(Upstream::new(&config, metrics.clone()).unwrap());
@@ -558,7 +561,7 @@ mod tests {
         use crate::cache::bucket::LEASE_TTL;
         use std::sync::atomic::Ordering::SeqCst;
         let store = TestStore::new();
-        let body: &'static [u8] = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
+        let body = TINY_MANIFEST;
         // The other replica's peer endpoint, and the upstream: both answer with the manifest.
         let (other_url, other_gets) = one_manifest_upstream(body).await;
         let (upstream_url, upstream_gets) = one_manifest_upstream(body).await;
@@ -626,7 +629,7 @@ mod tests {
         use crate::cache::bucket::LEASE_TTL;
         use std::sync::atomic::Ordering::SeqCst;
         let store = TestStore::new();
-        let body: &'static [u8] = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
+        let body = TINY_MANIFEST;
         let (url, gets) = one_manifest_upstream(body).await;
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(Metrics::new());

@@ -456,16 +456,14 @@ async fn write_response(
             let _ = sock.shutdown().await;
             return Ok(After::Close);
         }
-        Mode::Long => {
+        // The whole body and junk after it (`Long` announced half the length).
+        Mode::Long | Mode::Trailing(_) => {
+            let extra = match mode {
+                Mode::Trailing(n) => n,
+                _ => LONG_EXTRA,
+            };
             sock.write_all(body).await?;
-            sock.write_all(&junk(LONG_EXTRA)).await?;
-            sock.flush().await?;
-            let _ = sock.shutdown().await;
-            return Ok(After::Close);
-        }
-        Mode::Trailing(n) => {
-            sock.write_all(body).await?;
-            sock.write_all(&junk(n)).await?;
+            sock.write_all(&junk(extra)).await?;
             sock.flush().await?;
             let _ = sock.shutdown().await;
             return Ok(After::Close);
